@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up (venv, pinned CPU torch, the real ComfyUI, Chromium) and runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")"
+tools/setup_env.sh --browser
+exec .venv/bin/python -m pytest -q -rs "$@"

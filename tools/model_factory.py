@@ -1,0 +1,196 @@
+"""Real ComfyUI model objects from random weights, for the tests and the benchmark.
+
+No checkpoint can be downloaded here, so models are built with ComfyUI's own classes
+(`comfy.supported_models.*` → `BaseModel` → `ModelPatcher`) and filled with random weights:
+  tiny-sd15   SD1.5 architecture, 32 channels, context 64 (~1 M params; seconds on CPU)
+  tiny-sdxl   SDXL architecture (linear transformers, ADM 2816), 32 channels, context 64
+  small-sd15  the smallest shape ComfyUI still *detects* as SD1.5 (320 channels, one level, ~26 M params):
+              saved as safetensors so the real UNETLoader loads it over HTTP
+  sd15, sdxl  full size (860 M / 2.6 B params), for the GPU
+
+Weights are initialised by module type, never by parameter name: everything is filled with NaN first,
+then every GroupNorm/LayerNorm gets weight 1 and bias 0 and every conv/linear N(0, 1/fan_in) with bias 0,
+and a NaN left anywhere is an error. (A name-based init once left the ResBlock norms at zero: the UNet then
+outputs exactly 0 and every fidelity check passes vacuously.) `assert_alive` checks the result.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+_SD15 = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+         'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+         'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
+         'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
+         'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+         'use_temporal_attention': False, 'use_temporal_resblock': False}
+_SDXL = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+         'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+         'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
+         'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
+         'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+         'use_temporal_attention': False, 'use_temporal_resblock': False}
+_TINY = {'model_channels': 32, 'channel_mult': [1, 2], 'num_res_blocks': [1, 1], 'transformer_depth': [1, 1],
+         'transformer_depth_output': [1, 1, 1, 1], 'transformer_depth_middle': 1, 'context_dim': 64}
+
+MODEL_SPECS = {
+    "tiny-sd15": ("SD15", {**_SD15, **_TINY}),
+    "tiny-sdxl": ("SDXL", {**_SDXL, **_TINY, 'num_head_channels': 8}),
+    "small-sd15": ("SD15", {**_SD15, 'channel_mult': [1], 'num_res_blocks': [1], 'transformer_depth': [1],
+                            'transformer_depth_output': [1, 1], 'transformer_depth_middle': 1}),
+    "sd15": ("SD15", _SD15),
+    "sdxl": ("SDXL", _SDXL),
+}
+
+
+def _comfy():
+    from tools.comfy_host import import_comfy
+
+    import_comfy()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    return comfy
+
+
+def init_by_module_type(module: torch.nn.Module, seed: int = 0) -> None:
+    """NaN-fill, then initialise every parameter by the type of the module that owns it."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.fill_(float("nan"))
+        for sub in module.modules():
+            if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                if sub.weight is not None:
+                    sub.weight.fill_(1.0)
+                if sub.bias is not None:
+                    sub.bias.zero_()
+            elif isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)):
+                weight = sub.weight
+                fan_in = weight.shape[1:].numel()
+                noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32)
+                weight.copy_((noise / math.sqrt(fan_in)).to(weight.dtype))
+                if sub.bias is not None:
+                    sub.bias.zero_()
+        missed = [name for name, p in module.named_parameters() if torch.isnan(p).any()]
+        if missed:
+            raise RuntimeError(f"init_by_module_type left {len(missed)} parameters uninitialised, e.g. {missed[:5]}")
+
+
+def build_model(name: str = "tiny-sd15", dtype: torch.dtype = torch.float32, device=None, seed: int = 0,
+                check_alive: bool = True):
+    """A ComfyUI ModelPatcher of the named architecture with random (alive) weights."""
+    comfy = _comfy()
+    mm = comfy.model_management
+    family, unet_config = MODEL_SPECS[name]
+    config = getattr(comfy.supported_models, family)(copy.deepcopy(unet_config))
+    config.set_inference_dtype(dtype, None)
+    load_device = mm.get_torch_device() if device is None else torch.device(device)
+    offload_device = mm.unet_offload_device()
+    # Build and initialise where the weights will run (GPU init of 2.6 B params takes a second), then park
+    # them on the offload device as ComfyUI's own loaders do.
+    build_device = load_device if load_device.type == "cuda" else torch.device("cpu")
+    base = config.get_model({}, device=build_device)
+    base.diffusion_model.to(dtype)
+    init_by_module_type(base.diffusion_model, seed)
+    base = base.to(offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+    patcher.accel_factory_name = name  # lets benches and tests say which model they ran
+    if check_alive:
+        assert_alive(patcher)
+    return patcher
+
+
+def unet_inputs(patcher, batch: int = 1, height: int = 64, width: int = 64, tokens: int = 77, seed: int = 0,
+                device=None, dtype=None):
+    """Random UNet inputs (x, timesteps, context, y) shaped for this model, in pixels → latent /8."""
+    dm = patcher.model.diffusion_model
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    context_dim = _context_dim(dm)
+    x = torch.randn(batch, 4, height // 8, width // 8, generator=gen)
+    t = torch.full((batch,), 500.0)
+    context = torch.randn(batch, tokens, context_dim, generator=gen)
+    y = torch.randn(batch, dm.adm_in_channels, generator=gen) if getattr(dm, "num_classes", None) else None
+    dtype = dtype or dm.dtype
+    move = lambda v: None if v is None else v.to(device or patcher.load_device, dtype)  # noqa: E731
+    return move(x), t.to(device or patcher.load_device), move(context), move(y)
+
+
+def _context_dim(dm) -> int:
+    for module in dm.modules():
+        if hasattr(module, "to_k") and module.__class__.__name__ == "CrossAttention":
+            if module.to_k.in_features != module.to_q.in_features:
+                return module.to_k.in_features
+    return dm.input_blocks[0][0].weight.shape[0]  # never reached for SD models: they all cross-attend
+
+
+def context_dim(patcher) -> int:
+    return _context_dim(patcher.model.diffusion_model)
+
+
+def assert_alive(patcher, rel_low: float = 0.05, rel_high: float = 20.0) -> dict:
+    """The UNet must answer: a finite, non-zero output that moves ~proportionally when the input moves 1%."""
+    dm = patcher.model.diffusion_model
+    device = patcher.load_device
+    was = next(dm.parameters()).device
+    dm.to(device)
+    try:
+        with torch.no_grad():
+            x, t, context, y = unet_inputs(patcher, device=device)
+            out = dm(x, t, context=context, y=y).float()
+            out_moved = dm(x * 1.01, t, context=context, y=y).float()
+    finally:
+        dm.to(was)
+    mean_abs = out.abs().mean().item()
+    relative = ((out_moved - out).norm() / out.norm()).item() / 0.01 if mean_abs > 0 else 0.0
+    if not torch.isfinite(out).all() or mean_abs < 1e-4:
+        raise AssertionError(f"UNet is dead: output mean |x| = {mean_abs:.3g} (finite={bool(torch.isfinite(out).all())})")
+    if not rel_low <= relative <= rel_high:
+        raise AssertionError(f"UNet does not respond to its input: 1% input change moved the output {relative:.3g}%")
+    return {"mean_abs": mean_abs, "response": relative}
+
+
+def make_conditioning(patcher, batch: int = 1, tokens: int = 77, seed: int = 1, width: int = 64, height: int = 64):
+    """ComfyUI conditioning ([[tensor, dict]]) for positive and negative prompts, random but fixed by seed."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dim = context_dim(patcher)
+    sdxl = getattr(patcher.model.diffusion_model, "num_classes", None) is not None
+
+    def one():
+        extra = {}
+        if sdxl:
+            extra = {"pooled_output": torch.randn(batch, 1280, generator=gen), "width": width, "height": height}
+        return [[torch.randn(batch, tokens, dim, generator=gen), extra]]
+
+    return one(), one()
+
+
+def sample(patcher, steps: int = 6, cfg: float = 7.0, sampler: str = "euler", scheduler: str = "normal",
+           seed: int = 0, width: int = 64, height: int = 64, batch: int = 1, positive=None, negative=None,
+           tokens: int = 77, denoise: float = 1.0):
+    """Runs ComfyUI's real sampler (comfy.sample.sample) and returns the final latent (float32, CPU)."""
+    _comfy()
+    import comfy.sample
+
+    if positive is None:
+        positive, negative = make_conditioning(patcher, tokens=tokens, width=width, height=height)
+    latent = torch.zeros(batch, 4, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                              denoise=denoise, seed=seed, disable_pbar=True)
+    return out.float().cpu()
+
+
+def save_unet(patcher, path: Path) -> Path:
+    """Writes the UNet weights as safetensors in the layout ComfyUI's UNETLoader reads."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    safetensors.torch.save_file(state, str(path))
+    return path
