@@ -194,3 +194,20 @@ def save_unet(patcher, path: Path) -> Path:
     state = {k: v.detach().contiguous().cpu() for k, v in patcher.model.diffusion_model.state_dict().items()}
     safetensors.torch.save_file(state, str(path))
     return path
+
+
+_SD_VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+                    'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+
+
+def build_vae(seed: int = 0, device=None):
+    """The full SD/SDXL KL VAE (83 M params) with random weights, as ComfyUI's own comfy.sd.VAE object."""
+    _comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device(device or "cpu"):
+        autoencoder = AutoencoderKL(ddconfig=dict(_SD_VAE_DDCONFIG), embed_dim=4)
+    init_by_module_type(autoencoder, seed)
+    state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
+    return comfy.sd.VAE(sd=state)

@@ -1,0 +1,471 @@
+"""The main job: a side-by-side benchmark of accelerator stacks on the real ComfyUI sampler.
+
+One process, one model, one seed: the baseline (plain ComfyUI eager), ComfyUI's own TorchCompileModel
+path, and every accelerator stack available on this machine each sample the same latent; a table gives
+the end-to-end sampling time (median of N after a warm-up), the speed-up over eager, peak GPU memory,
+the first-run time (compile/build included) and the fidelity against eager (relative error and PSNR of
+the final latent). Results also go to JSON and a PNG bar chart.
+
+    python -m tools.bench                          # CPU: tiny SD1.5; CUDA: full SD1.5 512², 20 steps
+    python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
+    python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5
+    python -m tools.bench --checkpoint my.safetensors   # real weights: adds PSNR/SSIM of decoded images
+    python -m tools.bench --list                   # the stacks and whether they can run here
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tools.comfy_host import import_comfy, import_pack
+
+OUT_DIR = Path(__file__).resolve().parent.parent / "bench_out"
+
+
+@dataclass
+class Stack:
+    name: str
+    title: str
+    build: Callable  # (base ModelPatcher, context) -> patched ModelPatcher
+    requires: tuple = ()  # registry names that must be available
+    lossless: bool = True
+    gpu_only: bool = False
+    cpu_default: bool = True  # compile stacks cost minutes on CPU for no gain: only when asked for there
+
+
+def _backend(name: str, **options):
+    def build(model, ctx):
+        from comfy_accel.accelerators import registry
+
+        return registry.get(name).apply(model, {"fallback": "error", "node_id": None, "store": ctx.get("store"),
+                                                **options})
+    return build
+
+
+def _accelerator(name: str, **config):
+    def build(model, ctx):
+        from comfy_accel.accelerators import registry
+
+        spec = registry.get(name)
+        return spec.apply(model, spec.config(**config))
+    return build
+
+
+def _chain(*builders):
+    def build(model, ctx):
+        for builder in builders:
+            model = builder(model, ctx)
+        return model
+    return build
+
+
+def _comfy_torch_compile(model, ctx):
+    """ComfyUI's own TorchCompileModel node path (inductor), the baseline users know."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    clone = model.clone()
+    set_torch_compile_wrapper(clone, backend="inductor")
+    return clone
+
+
+def _comfy_torch_compile_cudagraphs(model, ctx):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    clone = model.clone()
+    set_torch_compile_wrapper(clone, backend="inductor", mode="reduce-overhead")
+    return clone
+
+
+STACKS = [
+    Stack("eager", "ComfyUI eager (baseline)", lambda m, c: m),
+    Stack("comfy-compile", "ComfyUI TorchCompileModel (inductor)", _comfy_torch_compile, cpu_default=False),
+    Stack("comfy-compile-cg", "ComfyUI TorchCompileModel, reduce-overhead", _comfy_torch_compile_cudagraphs,
+          gpu_only=True),
+    Stack("inductor", "Accelerate Model: inductor", _backend("inductor"), requires=("inductor",), cpu_default=False),
+    Stack("inductor+cudagraphs", "Accelerate Model: inductor+cudagraphs", _backend("inductor+cudagraphs"),
+          requires=("inductor+cudagraphs",), gpu_only=True),
+    Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
+    Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),
+    Stack("tensorrt", "Accelerate Model: tensorrt", _backend("tensorrt"), requires=("tensorrt",)),
+    Stack("cfg-cutoff-50", "CFG cutoff at 50%", _accelerator("cfg_cutoff", cutoff_percent=50.0),
+          requires=("cfg_cutoff",), lossless=False),
+    Stack("deepcache-3", "DeepCache interval 3", _accelerator("deepcache", cache_interval=3),
+          requires=("deepcache",), lossless=False),
+    Stack("compile+deepcache-3", "inductor+cudagraphs + DeepCache 3",
+          _chain(_accelerator("deepcache", cache_interval=3), _backend("inductor+cudagraphs")),
+          requires=("deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
+    Stack("compile+cutoff-50", "inductor+cudagraphs + CFG cutoff 50%",
+          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _backend("inductor+cudagraphs")),
+          requires=("cfg_cutoff", "inductor+cudagraphs"), lossless=False, gpu_only=True),
+    Stack("fastest", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50%",
+          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
+                 _backend("inductor+cudagraphs")),
+          requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
+]
+
+
+def stack_availability(stack: Stack, cuda: bool) -> tuple[bool, str]:
+    if stack.gpu_only and not cuda:
+        return False, "needs a CUDA GPU"
+    from comfy_accel.accelerators import registry
+
+    for name in stack.requires:
+        try:
+            availability = registry.get(name).available()
+        except KeyError as exc:
+            return False, str(exc).strip("'\"")
+        if not availability.ok:
+            return False, f"{name}: {availability.reason}"
+    return True, ""
+
+
+def latent_fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (out.float() - ref.float())
+    rel = (diff.norm() / ref.float().norm().clamp_min(1e-12)).item()
+    mse = diff.pow(2).mean().item()
+    span = (ref.max() - ref.min()).item()
+    psnr = float("inf") if mse == 0 else 20 * math.log10(span) - 10 * math.log10(mse)
+    return {"rel_err": rel, "psnr_db": psnr}
+
+
+def image_fidelity(img: torch.Tensor, ref: torch.Tensor) -> dict:
+    """PSNR and SSIM (11-px Gaussian window, per channel) of decoded images in [0, 1], NHWC."""
+    a, b = img.float().permute(0, 3, 1, 2), ref.float().permute(0, 3, 1, 2)
+    mse = (a - b).pow(2).mean().item()
+    psnr = float("inf") if mse == 0 else -10 * math.log10(mse)
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
+    blur = lambda t: torch.nn.functional.conv2d(t, window, groups=a.shape[1])  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
+    return {"image_psnr_db": psnr, "image_ssim": ssim.item()}
+
+
+def _sync(cuda: bool):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _release(cuda: bool):
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
+    from tools.model_factory import sample
+
+    row = {"stack": stack.name, "title": stack.title, "lossless": stack.lossless}
+    kwargs = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+                  width=args.width, height=args.height, batch=args.batch, positive=ctx["positive"],
+                  negative=ctx["negative"])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = stack.build(base, ctx)
+    latent = sample(model, **kwargs)
+    _sync(cuda)
+    row["first_run_s"] = time.perf_counter() - start
+    times = []
+    for _ in range(args.runs):
+        _sync(cuda)
+        start = time.perf_counter()
+        latent = sample(model, **kwargs)
+        _sync(cuda)
+        times.append(time.perf_counter() - start)
+    row["times_s"] = times
+    row["median_s"] = statistics.median(times)
+    row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    row["latent"] = latent
+    if ctx.get("vae") is not None:
+        row["image"] = ctx["vae"].decode(latent[:1].to(torch.float32)).float().cpu()
+    del model
+    return row
+
+
+def _vae_section(args, cuda: bool) -> list[dict]:
+    """Full KL VAE decode vs the Tiny VAE (TAESD) on the same latent: time and peak memory."""
+    rows = []
+    try:
+        from comfy_accel.accelerators import registry
+
+        spec = registry.get("taesd")
+        if not spec.available().ok:
+            return [{"stack": "vae", "skipped": spec.available().reason}]
+        from tools.model_factory import build_vae
+        from tools.taesd_factory import make_tiny_vae  # written with the Tiny VAE accelerator
+    except Exception as exc:  # the Tiny VAE lane may be absent in a partial checkout
+        return [{"stack": "vae", "skipped": f"Tiny VAE unavailable: {exc}"}]
+    family = "sdxl" if args.model.endswith("sdxl") else "sd15"
+    latent = torch.randn(1, 4, args.vae_size // 8, args.vae_size // 8, generator=torch.Generator().manual_seed(0))
+    for name, make in (("vae-full", lambda: build_vae()), ("vae-taesd", lambda: make_tiny_vae(family))):
+        vae = make()
+        vae.decode(latent)  # warm-up: loads weights to the device
+        _sync(cuda)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        times = []
+        for _ in range(max(args.runs, 3)):
+            start = time.perf_counter()
+            vae.decode(latent)
+            _sync(cuda)
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated() - base_mem) / 1e9 if cuda else None
+        rows.append({"stack": name, "median_s": statistics.median(times), "peak_decode_mem_gb": peak,
+                     "size": args.vae_size})
+        del vae
+        _release(cuda)
+    return rows
+
+
+def format_table(rows: list[dict], baseline: dict | None) -> str:
+    header = ("| stack | e2e median (s) | speed-up vs eager | peak VRAM (GB) | first run (s) | latent rel. err | "
+              "latent PSNR (dB) |")
+    lines = [header, "|" + "---|" * 7]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['stack']} | skipped: {row['skipped']} | | | | | |")
+            continue
+        if "error" in row:
+            lines.append(f"| {row['stack']} | failed: {row['error']} | | | | | |")
+            continue
+        speed = f"{baseline['median_s'] / row['median_s']:.2f}x" if baseline else "-"
+        mem = f"{row['peak_mem_gb']:.2f}" if row.get("peak_mem_gb") is not None else "-"
+        fid = row.get("fidelity", {})
+        rel = f"{fid['rel_err']:.2e}" if fid else "-"
+        psnr = ("inf" if fid and math.isinf(fid["psnr_db"]) else f"{fid['psnr_db']:.1f}") if fid else "-"
+        extra = ""
+        if "image_psnr_db" in fid:
+            extra = f" (image PSNR {fid['image_psnr_db']:.1f} dB, SSIM {fid['image_ssim']:.3f})"
+        lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "
+                     f"{mem} | {row['first_run_s']:.1f} | {rel} | {psnr}{extra} |")
+    return "\n".join(lines)
+
+
+def write_chart(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    done = [r for r in rows if "median_s" in r and "skipped" not in r and "error" not in r and "stack" in r
+            and not r["stack"].startswith("vae")]
+    if not done:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(done) + 1.5))
+    names = [r["stack"] for r in done][::-1]
+    values = [r["median_s"] for r in done][::-1]
+    bars = ax.barh(names, values, color=["#888" if n == "eager" else "#f5b301" for n in names])
+    base = next((r["median_s"] for r in done if r["stack"] == "eager"), None)
+    for bar, value in zip(bars, values):
+        label = f"{value:.3f}s" + (f"  {base / value:.2f}x" if base else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=8)
+    ax.set_xlabel("end-to-end sampling time, median (s) — lower is better")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlim(0, max(values) * 1.35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def environment(cuda: bool) -> dict:
+    import comfyui_version  # noqa: F401  (on sys.path after import_comfy)
+
+    env = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
+           "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+           "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="tiny-sd15 | tiny-sdxl | small-sd15 | sd15 | sdxl "
+                        "(default: sd15 with CUDA, tiny-sd15 on CPU)")
+    parser.add_argument("--checkpoint", default=None, help="a real checkpoint (.safetensors): its UNet, CLIP and VAE "
+                        "replace the random model; adds PSNR/SSIM of decoded images")
+    parser.add_argument("--prompt", default="a photo of a lighthouse on a cliff at sunset, detailed")
+    parser.add_argument("--stacks", default=None, help="comma-separated stack names (default: all that can run)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=7.0)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--scheduler", default="normal")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per stack after the warm-up")
+    parser.add_argument("--vae", action="store_true", help="also compare full VAE decode with the Tiny VAE")
+    parser.add_argument("--vae-size", type=int, default=1024)
+    parser.add_argument("--out", default=str(OUT_DIR))
+    parser.add_argument("--list", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
+    import_comfy()
+    import_pack()
+    cuda = torch.cuda.is_available()
+    if args.model is None:
+        args.model = "sd15" if cuda else "tiny-sd15"
+    default_size = {"sdxl": 1024, "sd15": 512}.get(args.model, 512 if cuda else 128)
+    args.width = args.width or default_size
+    args.height = args.height or default_size
+    args.runs = args.runs or (5 if cuda else 3)
+    if not cuda:
+        args.vae_size = min(args.vae_size, 256)
+
+    selected = args.stacks.split(",") if args.stacks else [s.name for s in STACKS if cuda or s.cpu_default]
+    not_default = [s.name for s in STACKS if s.name not in selected and not s.cpu_default and not args.stacks]
+    unknown = set(selected) - {s.name for s in STACKS}
+    if unknown:
+        print(f"unknown stack(s): {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in STACKS)}",
+              file=sys.stderr)
+        return 2
+    if args.list:
+        for stack in STACKS:
+            ok, reason = stack_availability(stack, cuda)
+            print(f"{stack.name:24s} {'ready' if ok else 'skip: ' + reason}")
+        return 0
+
+    from tools.model_factory import build_model, make_conditioning
+
+    dtype = torch.float16 if cuda else torch.float32
+    ctx: dict = {}
+    print(f"[bench] building {args.checkpoint or args.model} ({dtype}) ...", flush=True)
+    if args.checkpoint:
+        base, ctx["positive"], ctx["negative"], ctx["vae"] = _load_checkpoint(args)
+    else:
+        base = build_model(args.model, dtype=dtype)
+        ctx["positive"], ctx["negative"] = make_conditioning(base, width=args.width, height=args.height)
+    ctx["store"] = _bench_store(Path(args.out))
+    env = environment(cuda)
+    print(f"[bench] {env['device']} · torch {env['torch']} · ComfyUI {env['comfyui']} · {args.model} "
+          f"{args.width}x{args.height} · {args.steps} steps {args.sampler} cfg {args.cfg} · batch {args.batch}",
+          flush=True)
+
+    rows: list[dict] = []
+    baseline = None
+    for stack in STACKS:
+        if stack.name in not_default:
+            rows.append({"stack": stack.name, "skipped": "compiling on CPU takes minutes and gains nothing here; "
+                                                         f"add it with --stacks eager,{stack.name}"})
+        if stack.name not in selected:
+            continue
+        ok, reason = stack_availability(stack, cuda)
+        if not ok:
+            rows.append({"stack": stack.name, "skipped": reason})
+            print(f"[bench] {stack.name}: skipped ({reason})", flush=True)
+            continue
+        print(f"[bench] {stack.name}: running ...", flush=True)
+        try:
+            row = run_stack(stack, base, args, cuda, ctx)
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append({"stack": stack.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            _reset_compilers()
+            _release(cuda)
+            continue
+        if stack.name == "eager":
+            baseline = row
+        if baseline is not None:
+            row["fidelity"] = latent_fidelity(row["latent"], baseline["latent"])
+            if "image" in row and "image" in baseline:
+                row["fidelity"].update(image_fidelity(row["image"], baseline["image"]))
+        rows.append(row)
+        speed = f", {baseline['median_s'] / row['median_s']:.2f}x eager" if baseline else ""
+        print(f"[bench] {stack.name}: median {row['median_s']:.3f} s{speed}, first run {row['first_run_s']:.1f} s",
+              flush=True)
+        _reset_compilers()
+        _release(cuda)
+
+    vae_rows = _vae_section(args, cuda) if args.vae else []
+    table = format_table(rows, baseline)
+    print()
+    print(table)
+    if vae_rows:
+        print()
+        print("| VAE decode | median (s) | peak decode memory (GB) |")
+        print("|---|---|---|")
+        for r in vae_rows:
+            if "skipped" in r:
+                print(f"| {r['stack']} | skipped: {r['skipped']} | |")
+            else:
+                mem = f"{r['peak_decode_mem_gb']:.2f}" if r["peak_decode_mem_gb"] is not None else "-"
+                print(f"| {r['stack']} {r['size']}² | {r['median_s']:.3f} | {mem} |")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = {"environment": env, "settings": {k: v for k, v in vars(args).items() if k not in ("list",)},
+              "rows": [{k: v for k, v in r.items() if k not in ("latent", "image")} for r in rows],
+              "vae": vae_rows, "table_markdown": table}
+    json_path = out_dir / f"bench-{args.model}-{stamp}.json"
+    json_path.write_text(json.dumps(result, indent=2, default=str))
+    chart = write_chart(rows, out_dir / f"bench-{args.model}-{stamp}.png",
+                        f"{env['device']} · {args.model} {args.width}² · {args.steps} steps · torch {env['torch']}")
+    print(f"\n[bench] results: {json_path}" + (f", chart: {chart}" if chart else ""))
+    return 0
+
+
+def _reset_compilers():
+    """Each stack compiles from scratch and frees what it captured, so stacks do not share graphs or memory."""
+    try:
+        torch._dynamo.reset()
+    except Exception:
+        pass
+
+
+def _bench_store(out_dir: Path):
+    """The artifact cache the bench uses: COMFY_ACCEL_CACHE if set, else bench_out/accel_cache."""
+    try:
+        from comfy_accel.accelerators.cache import ArtifactStore, resolve_cache_root
+
+        return ArtifactStore(resolve_cache_root(host_default=out_dir / "accel_cache"))
+    except Exception:  # the cache lane absent in a partial checkout: backends then run without disk cache
+        return None
+
+
+def _load_checkpoint(args):
+    """A real checkpoint: its UNet, its CLIP for the prompt, its VAE for image fidelity."""
+    import comfy.sd
+
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
+
+    def encode(text):
+        tokens = clip.tokenize(text)
+        return [[*clip.encode_from_tokens(tokens, return_pooled=True, return_dict=False)[:1],
+                 {"pooled_output": clip.encode_from_tokens(tokens, return_pooled=True)[1],
+                  "width": args.width, "height": args.height}]]
+
+    return model, encode(args.prompt), encode("blurry, low quality"), vae
+
+
+if __name__ == "__main__":
+    sys.exit(main())
