@@ -135,8 +135,13 @@ def prepare() -> Path:
 def import_comfy(cpu: bool | None = None) -> Path:
     """Makes ComfyUI importable in this process (args parsing off; --cpu when there is no CUDA)."""
     path = prepare()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+    # ComfyUI's top-level modules (nodes, server, folder_paths) must win over this repo's own `nodes/`
+    # package, which `python -m` from the repo root or a PYTHONPATH entry would otherwise put first.
+    while str(path) in sys.path:
+        sys.path.remove(str(path))
+    sys.path.insert(0, str(path))
+    if "nodes" in sys.modules and not getattr(sys.modules["nodes"], "__file__", "").startswith(str(path)):
+        del sys.modules["nodes"]
     import comfy.options
 
     comfy.options.enable_args_parsing(False)
