@@ -96,3 +96,7 @@ def register(server) -> None:
             log.debug("send_sync failed", exc_info=True)
 
     events.add_listener(forward)
+
+    from .metadata import register as register_metadata  # "comfy_accel" entry in saved images
+
+    register_metadata(server)
