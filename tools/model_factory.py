@@ -3,7 +3,7 @@
 No checkpoint can be downloaded here, so models are built with ComfyUI's own classes
 (`comfy.supported_models.*` → `BaseModel` → `ModelPatcher`) and filled with random weights:
   tiny-sd15   SD1.5 architecture, 32 channels, context 64 (~1 M params; seconds on CPU)
-  tiny-sdxl   SDXL architecture (linear transformers, ADM 2816), 32 channels, context 64
+  tiny-sdxl   SDXL architecture (linear transformers, ADM 2816), 64 channels, context 64
   small-sd15  the smallest shape ComfyUI still *detects* as SD1.5 (320 channels, one level, ~26 M params):
               saved as safetensors so the real UNETLoader loads it over HTTP
   sd15, sdxl  full size (860 M / 2.6 B params), for the GPU
@@ -38,7 +38,8 @@ _TINY = {'model_channels': 32, 'channel_mult': [1, 2], 'num_res_blocks': [1, 1],
 
 MODEL_SPECS = {
     "tiny-sd15": ("SD15", {**_SD15, **_TINY}),
-    "tiny-sdxl": ("SDXL", {**_SDXL, **_TINY, 'num_head_channels': 8}),
+    # SDXL's config forces 64 channels per attention head, so its tiny variant needs 64 channels
+    "tiny-sdxl": ("SDXL", {**_SDXL, **_TINY, 'model_channels': 64}),
     "small-sd15": ("SD15", {**_SD15, 'channel_mult': [1], 'num_res_blocks': [1], 'transformer_depth': [1],
                             'transformer_depth_output': [1, 1], 'transformer_depth_middle': 1}),
     "sd15": ("SD15", _SD15),
