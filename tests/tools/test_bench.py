@@ -1,0 +1,28 @@
+"""The main job runs end to end on the CPU and writes its table, JSON and chart."""
+import json
+import subprocess
+import sys
+
+from tools.comfy_host import REPO_ROOT
+
+
+def test_bench_runs_side_by_side_and_writes_results(tmp_path):
+    cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50", "--steps", "4", "--runs", "2",
+           "--width", "64", "--height", "64", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "| eager | " in proc.stdout and "| cfg-cutoff-50 (lossy) | " in proc.stdout
+    result = json.loads(next(tmp_path.glob("bench-tiny-sd15-*.json")).read_text())
+    rows = {row["stack"]: row for row in result["rows"]}
+    assert rows["eager"]["fidelity"]["rel_err"] == 0.0
+    assert len(rows["eager"]["times_s"]) == 2
+    # the cutoff drops the uncond pass on 2 of 4 steps: a real but bounded change
+    assert 1e-4 < rows["cfg-cutoff-50"]["fidelity"]["rel_err"] < 0.5
+    assert list(tmp_path.glob("bench-tiny-sd15-*.png"))
+
+
+def test_bench_rejects_unknown_stacks(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tools.bench", "--stacks", "eager,warp", "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "unknown stack(s): warp" in proc.stderr
