@@ -1,0 +1,151 @@
+"""The WebUI panel → accelerator plan mapping (host-agnostic core), and the shim importing outside the WebUI."""
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT))  # as the WebUI shim does: the core is the top-level package `accelerators`
+
+from accelerators import settings as core_settings  # noqa: E402
+from accelerators.base import AcceleratorInputError, Availability, BackendUnavailable  # noqa: E402
+from accelerators.cfg_cutoff import CFGCutoffConfig  # noqa: E402
+from accelerators.webui_mapping import (AUTO_ORDER, cfg_cutoff_sigma, infotext_to_panel, panel_to_plan,  # noqa: E402
+                                        webui_settings_to_core)
+
+DEFAULT = core_settings.Settings()
+
+
+def availability_of(table):
+    """An availability answer like the registry's: None = not installed, else Availability(ok, reason)."""
+    return lambda name: table.get(name)
+
+
+EVERYTHING = availability_of({name: Availability(True, "ok here") for name in
+                              ("inductor", "inductor+cudagraphs", "onediff", "stable-fast", "tensorrt")})
+
+
+def test_disabled_panel_applies_nothing():
+    plan = panel_to_plan({"backend": "tensorrt", "deepcache": True}, settings=DEFAULT, availability=EVERYTHING)
+    assert plan.steps == [] and plan.infotext() == {}
+
+
+def test_full_panel_composes_in_design_order():
+    plan = panel_to_plan({"enabled": True, "backend": "inductor", "deepcache": True, "deepcache_interval": 4,
+                          "cfg_cutoff": True, "cfg_cutoff_percent": 70, "taesd": True},
+                         settings=DEFAULT, availability=EVERYTHING)
+    assert [s.accelerator for s in plan.steps] == ["cfg_cutoff", "deepcache", "inductor", "taesd"]
+    assert plan.step("cfg_cutoff").options == {"cutoff_percent": 70.0, "sigma_threshold": 0.0}
+    assert plan.step("deepcache").options["interval"] == 4
+    backend = plan.step("inductor")
+    assert backend.kind == "backend"
+    assert {k: backend.options[k] for k in ("dynamic", "fallback")} == {"dynamic": "buckets", "fallback": "eager"}
+    assert plan.infotext() == {"Accel backend": "inductor", "Accel CFG cutoff": "70%",
+                               "Accel DeepCache": "interval 4, depth 0", "Accel TAESD": "on"}
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"backend": "tensorrtx"}, "unknown backend 'tensorrtx'; choose one of: auto, eager, inductor"),
+    ({"cfg_cutoff_percent": 150}, "cfg_cutoff_percent must be between 0 and 100, got 150"),
+    ({"deepcache_interval": 0}, "deepcache_interval must be between 1 and 10, got 0"),
+    ({"deepcache_interval": 2.5}, "deepcache_interval must be a whole number"),
+    ({"fallback": "maybe"}, "unknown fallback policy 'maybe'; choose one of: eager, error"),
+    ({"enabled": "sometimes"}, "enabled must be on or off"),
+    ({"turbo": True}, "unknown accelerator panel field(s): turbo"),
+])
+def test_bad_panel_values_get_a_clear_message(values, fragment):
+    with pytest.raises(AcceleratorInputError) as err:
+        panel_to_plan({"enabled": True, **values}, settings=DEFAULT, availability=EVERYTHING)
+    assert fragment in str(err.value)
+
+
+def test_auto_uses_the_settings_default_then_the_first_available():
+    chosen = core_settings.Settings(default_backend="stable-fast")
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=chosen, availability=EVERYTHING)
+    assert plan.backend == "stable-fast" and "default backend from the settings" in plan.notes[0]
+
+    only_inductor = availability_of({"inductor": Availability(True, "gcc found"),
+                                     "inductor+cudagraphs": Availability(False, "needs a CUDA GPU")})
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=only_inductor)
+    assert plan.backend == "inductor" and AUTO_ORDER.index("inductor") > AUTO_ORDER.index("inductor+cudagraphs")
+    assert "auto: picked inductor (gcc found)" in plan.notes
+
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=availability_of({}))
+    assert plan.backend == "eager" and plan.steps == [] and any("running eager" in n for n in plan.notes)
+
+
+def test_missing_backend_falls_back_or_raises_by_policy():
+    no_trt = availability_of({"tensorrt": Availability(False, "tensorrt not installed (pip install tensorrt)")})
+    plan = panel_to_plan({"enabled": True, "backend": "tensorrt", "cfg_cutoff": True}, settings=DEFAULT,
+                         availability=no_trt)
+    assert plan.backend == "eager" and plan.requested_backend == "tensorrt"
+    assert [s.accelerator for s in plan.steps] == ["cfg_cutoff"]
+    assert plan.notes == ["backend tensorrt is unavailable: tensorrt not installed (pip install tensorrt); running eager"]
+    assert plan.infotext()["Accel requested"] == "tensorrt"
+    with pytest.raises(BackendUnavailable, match="tensorrt not installed"):
+        panel_to_plan({"enabled": True, "backend": "tensorrt", "fallback": "error"}, settings=DEFAULT,
+                      availability=no_trt)
+    with pytest.raises(BackendUnavailable, match="not part of this install"):
+        panel_to_plan({"enabled": True, "backend": "onediff"}, settings=core_settings.Settings(fallback_policy="error"),
+                      availability=availability_of({}))
+
+
+def test_infotext_round_trips_to_the_panel():
+    values = {"enabled": True, "backend": "inductor+cudagraphs", "deepcache": True, "deepcache_interval": 5,
+              "deepcache_depth": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False}
+    plan = panel_to_plan(values, settings=DEFAULT, availability=EVERYTHING)
+    back = infotext_to_panel(plan.infotext())
+    assert panel_to_plan(back, settings=DEFAULT, availability=EVERYTHING).infotext() == plan.infotext()
+    assert back["deepcache_interval"] == 5 and back["cfg_cutoff_percent"] == 65.0
+    with pytest.raises(AcceleratorInputError, match="unknown backend 'warp'"):
+        infotext_to_panel({"Accel backend": "warp"})
+    assert infotext_to_panel({"Steps": 20}) == {}
+
+
+@pytest.mark.parametrize("percent", [0, 25, 50, 60, 99, 100])
+def test_webui_cutoff_sigma_skips_the_same_steps_as_comfyui(percent):
+    """The WebUI skips the uncond when sigma < s_min_uncond; ComfyUI's cutoff decides per step: same steps."""
+    sigma_max, sigma_min, steps = 14.6, 0.03, 20
+    ramp = torch.linspace(0, 1, steps)
+    sigmas = torch.cat([(sigma_max ** (1 / 7) + ramp * (sigma_min ** (1 / 7) - sigma_max ** (1 / 7))) ** 7,
+                        torch.zeros(1)])  # a Karras schedule with its final 0, as both hosts build it
+    threshold = cfg_cutoff_sigma(sigmas.tolist(), percent)
+    comfy = CFGCutoffConfig(cutoff_percent=percent)
+    webui_skips = [float(s) < threshold for s in sigmas[:-1]]
+    comfy_skips = [comfy.uncond_skipped(s, sigmas) for s in sigmas[:-1]]
+    assert webui_skips == comfy_skips
+    assert sum(comfy_skips) == steps - round(steps * percent / 100)
+
+
+def test_webui_settings_are_validated_before_anything_is_applied():
+    mapped = webui_settings_to_core({"accel_cache_folder": " /data/accel ", "accel_cache_budget_gb": "12.5",
+                                     "accel_default_backend": "tensorrt", "accel_fallback_policy": "error"})
+    assert mapped == {"cache_root": "/data/accel", "settings": {"cache_budget_gb": 12.5,
+                                                                "default_backend": "tensorrt",
+                                                                "fallback_policy": "error"}}
+    before = core_settings.as_dict()
+    for values, fragment in (({"accel_cache_budget_gb": 0}, "cache_budget_gb must be a number between 0.1"),
+                             ({"accel_cache_budget_gb": "lots"}, "cache_budget_gb must be a number"),
+                             ({"accel_default_backend": "warp"}, "default_backend must be one of"),
+                             ({"accel_turbo": 1}, "unknown WebUI accelerator setting(s): accel_turbo")):
+        with pytest.raises(AcceleratorInputError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            webui_settings_to_core(values)
+    assert core_settings.as_dict() == before
+
+
+def test_shim_imports_outside_the_webui_and_maps_its_args():
+    """The WebUI loads scripts/*.py by path; without the WebUI the shim still imports and maps its panel."""
+    path = REPO_ROOT / "scripts" / "comfy_accel_webui.py"
+    spec = importlib.util.spec_from_file_location("comfy_accel_webui_shim", path)
+    shim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shim)
+    assert shim.IN_WEBUI is False
+    args = (True, "eager", True, 3, True, 50.0, True)  # the accordion's components, in order
+    assert shim.panel_values(args)["cfg_cutoff_percent"] == 50.0
+    plan = shim.plan_for(args)
+    assert plan.backend == "eager"
+    assert [s.accelerator for s in plan.steps] == ["cfg_cutoff", "deepcache", "taesd"]
+    with pytest.raises(AcceleratorInputError, match="unknown backend"):
+        shim.plan_for((True, "warp", False, 3, False, 50.0, False))
