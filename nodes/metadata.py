@@ -187,15 +187,3 @@ def register(server) -> None:
     _server = server
     server.add_on_prompt_handler(on_prompt)
     events.add_listener(_on_event)
-
-
-def read_png_metadata(path) -> dict | None:
-    """The "comfy_accel" entry of a PNG that ComfyUI saved, or None (used by the tests and the README)."""
-    import json
-
-    from PIL import Image
-
-    with Image.open(path) as image:
-        text = getattr(image, "text", None) or image.info
-        raw = text.get(PNG_KEY)
-    return json.loads(raw) if raw else None
