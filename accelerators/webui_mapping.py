@@ -23,8 +23,8 @@ PANEL_BACKENDS = ("auto", "eager", *BACKEND_NAMES)
 # "auto" takes the first available of these; engines (tensorrt) need an explicit build, so never implicit.
 AUTO_ORDER = ("inductor+cudagraphs", "stable-fast", "onediff", "inductor")
 DYNAMIC_MODES = ("buckets", "static", "dynamic")
-DEEPCACHE_INTERVAL = (1, 10)
-DEEPCACHE_DEPTH = (0, 12)
+DEEPCACHE_INTERVAL = (1, 100)   # the same ranges as accelerators/deepcache.py: DeepCacheConfig
+DEEPCACHE_BRANCH = (0, 11)
 INFOTEXT_PREFIX = "Accel"
 
 
@@ -36,7 +36,7 @@ class PanelValues:
     dynamic: str = "buckets"
     deepcache: bool = False
     deepcache_interval: int = 3
-    deepcache_depth: int = 0
+    deepcache_branch: int = 0
     cfg_cutoff: bool = False
     cfg_cutoff_percent: float = 60.0
     taesd: bool = False
@@ -86,8 +86,8 @@ class AccelPlan:
             out[f"{INFOTEXT_PREFIX} CFG cutoff"] = f"{cutoff.options['cutoff_percent']:g}%"
         deepcache = self.step("deepcache")
         if deepcache:
-            out[f"{INFOTEXT_PREFIX} DeepCache"] = (f"interval {deepcache.options['interval']}, "
-                                                   f"depth {deepcache.options['depth']}")
+            out[f"{INFOTEXT_PREFIX} DeepCache"] = (f"interval {deepcache.options['cache_interval']}, "
+                                                   f"branch {deepcache.options['cache_branch']}")
         if self.step("taesd"):
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
         return out
@@ -178,7 +178,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
                        settings_module.FALLBACK_POLICIES)
     use_deepcache = _as_bool("deepcache", panel.deepcache)
     interval = _as_int("deepcache_interval", panel.deepcache_interval, *DEEPCACHE_INTERVAL)
-    depth = _as_int("deepcache_depth", panel.deepcache_depth, *DEEPCACHE_DEPTH)
+    branch = _as_int("deepcache_branch", panel.deepcache_branch, *DEEPCACHE_BRANCH)
     use_cutoff = _as_bool("cfg_cutoff", panel.cfg_cutoff)
     cutoff_percent = check_range("cfg_cutoff_percent", panel.cfg_cutoff_percent, 0.0, 100.0)
     use_taesd = _as_bool("taesd", panel.taesd)
@@ -191,7 +191,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
         plan.steps.append(PlanStep("cfg_cutoff", "model", {"cutoff_percent": cutoff_percent,
                                                            "sigma_threshold": 0.0}))
     if use_deepcache:
-        plan.steps.append(PlanStep("deepcache", "model", {"interval": interval, "depth": depth}))
+        plan.steps.append(PlanStep("deepcache", "model", {"cache_interval": interval, "cache_branch": branch}))
 
     backend, notes = resolve_backend(requested, settings, availability)
     plan.notes.extend(notes)
@@ -235,7 +235,7 @@ def infotext_to_panel(params: dict) -> dict:
     if deepcache is not None:
         fields = dict(part.strip().split(" ", 1) for part in str(deepcache).split(",") if " " in part.strip())
         out["deepcache_interval"] = _as_int("deepcache_interval", fields.get("interval", 3), *DEEPCACHE_INTERVAL)
-        out["deepcache_depth"] = _as_int("deepcache_depth", fields.get("depth", 0), *DEEPCACHE_DEPTH)
+        out["deepcache_branch"] = _as_int("deepcache_branch", fields.get("branch", 0), *DEEPCACHE_BRANCH)
     out["taesd"] = params.get(f"{INFOTEXT_PREFIX} TAESD") == "on"
     return out
 

@@ -183,7 +183,7 @@ if IN_WEBUI:
                     backend = gr.Dropdown(label="Backend", choices=list(PANEL_BACKENDS), value=defaults.backend)
                 with gr.Row():
                     deepcache = gr.Checkbox(label="DeepCache", value=defaults.deepcache)
-                    interval = gr.Slider(label="DeepCache interval", minimum=1, maximum=10, step=1,
+                    interval = gr.Slider(label="DeepCache interval", minimum=1, maximum=20, step=1,
                                          value=defaults.deepcache_interval)
                 with gr.Row():
                     cutoff = gr.Checkbox(label="CFG cutoff", value=defaults.cfg_cutoff)

@@ -38,18 +38,19 @@ def test_full_panel_composes_in_design_order():
                          settings=DEFAULT, availability=EVERYTHING)
     assert [s.accelerator for s in plan.steps] == ["cfg_cutoff", "deepcache", "inductor", "taesd"]
     assert plan.step("cfg_cutoff").options == {"cutoff_percent": 70.0, "sigma_threshold": 0.0}
-    assert plan.step("deepcache").options["interval"] == 4
+    assert plan.step("deepcache").options == {"cache_interval": 4, "cache_branch": 0}
     backend = plan.step("inductor")
     assert backend.kind == "backend"
     assert {k: backend.options[k] for k in ("dynamic", "fallback")} == {"dynamic": "buckets", "fallback": "eager"}
     assert plan.infotext() == {"Accel backend": "inductor", "Accel CFG cutoff": "70%",
-                               "Accel DeepCache": "interval 4, depth 0", "Accel TAESD": "on"}
+                               "Accel DeepCache": "interval 4, branch 0", "Accel TAESD": "on"}
 
 
 @pytest.mark.parametrize("values, fragment", [
     ({"backend": "tensorrtx"}, "unknown backend 'tensorrtx'; choose one of: auto, eager, inductor"),
     ({"cfg_cutoff_percent": 150}, "cfg_cutoff_percent must be between 0 and 100, got 150"),
-    ({"deepcache_interval": 0}, "deepcache_interval must be between 1 and 10, got 0"),
+    ({"deepcache_interval": 0}, "deepcache_interval must be between 1 and 100, got 0"),
+    ({"deepcache_branch": 12}, "deepcache_branch must be between 0 and 11, got 12"),
     ({"deepcache_interval": 2.5}, "deepcache_interval must be a whole number"),
     ({"fallback": "maybe"}, "unknown fallback policy 'maybe'; choose one of: eager, error"),
     ({"enabled": "sometimes"}, "enabled must be on or off"),
@@ -94,7 +95,7 @@ def test_missing_backend_falls_back_or_raises_by_policy():
 
 def test_infotext_round_trips_to_the_panel():
     values = {"enabled": True, "backend": "inductor+cudagraphs", "deepcache": True, "deepcache_interval": 5,
-              "deepcache_depth": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False}
+              "deepcache_branch": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False}
     plan = panel_to_plan(values, settings=DEFAULT, availability=EVERYTHING)
     back = infotext_to_panel(plan.infotext())
     assert panel_to_plan(back, settings=DEFAULT, availability=EVERYTHING).infotext() == plan.infotext()

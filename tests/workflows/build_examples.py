@@ -40,11 +40,45 @@ def base(model_from: str, vae_from=("1", 2), prefix="comfy-accel/example", extra
     return nodes + list(extra or [])
 
 
+def accelerated(prefix, *pieces, vae_from=("1", 2)):
+    """The base workflow with `pieces` (id, type, widgets) chained on the MODEL between loader and sampler."""
+    extra, source = [], ("1", 0)
+    for node_id, node_type, widgets in pieces:
+        extra.append((node_id, node_type, widgets, {"model": source}))
+        source = (node_id, 0)
+    return base(source, vae_from=vae_from, prefix=f"comfy-accel/{prefix}", extra=extra)
+
+
+CUTOFF = ("10", "AccelCFGCutoff", {"cutoff_percent": 60.0, "sigma_threshold": 0.0})
+DEEPCACHE = ("11", "AccelDeepCache", {"cache_interval": 3, "cache_branch": 0, "start_percent": 0.0,
+                                      "end_percent": 100.0})
+COMPILE = ("12", "AccelAccelerateModel", {"backend": "inductor"})
+TINY_VAE = ("13", "AccelTinyVAE", {"vae_family": "auto"}, {"model": ("1", 0)})
+
 WORKFLOWS = {
     "cfg_cutoff": {
         "title": "CFG Cutoff: skip the negative prompt for the last 40% of the steps",
-        "nodes": base(("10", 0), prefix="comfy-accel/cfg_cutoff", extra=[
-            ("10", "AccelCFGCutoff", {"cutoff_percent": 60.0, "sigma_threshold": 0.0}, {"model": ("1", 0)})]),
+        "nodes": accelerated("cfg_cutoff", CUTOFF),
+    },
+    "deepcache": {
+        "title": "DeepCache: a full UNet pass every 3rd step, the shallow blocks in between",
+        "nodes": accelerated("deepcache", DEEPCACHE),
+    },
+    "tiny_vae": {
+        "title": "Tiny VAE: decode with TAESD (models/vae_approx/taesd_decoder.*)",
+        "nodes": accelerated("tiny_vae", vae_from=("13", 0)) + [TINY_VAE],
+    },
+    "accelerate_model": {
+        "title": "Accelerate Model: torch.compile (inductor) with the compiled graph kept in the artifact cache",
+        "nodes": accelerated("accelerate_model", COMPILE),
+    },
+    "tensorrt": {
+        "title": "TensorRT: build (or load from the cache) an engine, falling back to eager where TensorRT is missing",
+        "nodes": accelerated("tensorrt", ("12", "AccelAccelerateModel", {"backend": "tensorrt"})),
+    },
+    "fastest": {
+        "title": "Fastest: CFG cutoff + DeepCache + compiled UNet + Tiny VAE",
+        "nodes": accelerated("fastest", CUTOFF, DEEPCACHE, COMPILE, vae_from=("13", 0)) + [TINY_VAE],
     },
 }
 
