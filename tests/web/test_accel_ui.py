@@ -142,3 +142,77 @@ def test_panel_lists_every_accelerator_with_its_reason(server, browser):
         assert row["reason"] in cell.inner_text()
         assert ("✓" if row["available"] else "✗") in cell.inner_text()
     browser.shot("panel-accelerators")
+
+
+def compile_prompt() -> dict:
+    """Checkpoint → Accelerate Model (inductor) → KSampler, 64×64, 2 steps: one real CPU compile."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "12": {"class_type": "AccelAccelerateModel", "inputs": {"model": ["1", 0], "backend": "inductor"}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["12", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 7.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "accel_web/compile"}},
+    }
+
+
+def cache_ids(server) -> list[str]:
+    listing = server.get("/accel/cache")
+    entries = listing if isinstance(listing, list) else listing.get("entries", [])
+    return [e.get("id") for e in entries]
+
+
+def files_naming(root: Path, text: str) -> list[Path]:
+    return [p for p in root.rglob("*") if text in str(p.relative_to(root))]
+
+
+def test_compile_toast_cache_entry_badge_delete_and_clear(server, browser):
+    if "AccelAccelerateModel" not in server.get("/object_info"):
+        pytest.skip("needs the Accelerate Model node (AccelAccelerateModel), not in this install yet")
+    try:
+        before = set(cache_ids(server))
+    except Exception as exc:  # the cache routes answer 500 until accelerators/cache provides its api_* functions
+        pytest.skip(f"needs the artifact cache routes (GET /accel/cache failed: {exc})")
+    page = browser.open()
+    page.evaluate("async (p) => { await app.loadApiJson(p, 'compile.json'); await app.queuePrompt(0, 1); }",
+                  compile_prompt())
+    toast = page.locator(".p-toast-message", has_text="comfy-accel ·").first
+    toast.wait_for(timeout=120_000)  # during the compile
+    browser.shot("compile-toast")
+    wait_for(lambda: page.evaluate("() => { const s = window.comfyAccel.nodeStatus.get('12'); "
+                                   "return s && !s.text.startsWith('⏳') && s.text }"),
+             timeout=240, what="the Accelerate Model badge after sampling")
+    browser.shot("compile-badge", fit=True)
+    new = [i for i in cache_ids(server) if i not in before]
+    assert new, "the compile left no entry in the artifact cache"
+    cache_root = Path(server.cache_dir)
+    assert files_naming(cache_root, new[0]), f"entry {new[0]} not found under {cache_root}"
+
+    open_panel(page)
+    row = page.locator(f'[data-testid=accel-cache] tr[data-entry-id="{new[0]}"]')
+    row.wait_for(timeout=10_000)
+    browser.shot("panel-cache-entry")
+
+    # bad ids: a clear message, nothing on disk lost
+    import urllib.error
+
+    for bad, code in (("does-not-exist-0000", 404), ("..%2F..%2Fsettings.json", 400)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            server.request("DELETE", f"/accel/cache/{bad}")
+        assert err.value.code in (code, 400, 404) and err.value.read()
+    assert files_naming(cache_root, new[0])
+
+    row.locator(".accel-delete").click()
+    page.locator(".p-toast-message", has_text=f"Removed cache entry {new[0]}").wait_for(timeout=10_000)
+    wait_for(lambda: new[0] not in cache_ids(server), what="entry gone from the listing")
+    assert not files_naming(cache_root, new[0]), "the deleted entry is still on disk"
+    assert row.count() == 0 or not row.is_visible()
+
+    page.locator(".accel-clear").click()
+    page.get_by_role("button", name="Delete").last.click()  # the frontend's own confirmation dialog
+    wait_for(lambda: cache_ids(server) == [], what="cache cleared")
+    browser.shot("panel-cache-cleared")
