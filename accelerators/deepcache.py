@@ -116,7 +116,8 @@ class UNetSegments:
         self._embed_block = forward_timestep_embed
         self._timestep_embedding = timestep_embedding
         # transformer_index the host has reached when output block `split` starts (gligen-style patches
-        # read it); a cached step skips the deep blocks' increments, so it is restored from this count
+        # read it): a cached step skips the deep blocks' increments. Full steps record the exact value (see
+        # after_deep); this count is the fallback and a check for the shape tests.
         blocks = [*unet.input_blocks, *([unet.middle_block] if unet.middle_block is not None else []),
                   *unet.output_blocks[:self.split]]
         self.index_at_split = sum(isinstance(layer, SpatialTransformer) for block in blocks for layer in block)
@@ -295,14 +296,28 @@ class DeepCacheState:
         return None
 
     # -- the DIFFUSION_MODEL wrapper body ------------------------------------------------------------------
-    def forward(self, executor, x, timesteps, context, y, control, options, kwargs):
-        unet = executor.class_obj
+    def wrap(self, executor, x, timesteps, context, y, control, options, kwargs):
+        """DeepCache takes the place of the host's forward at the end of the wrapper chain: wrappers added
+        after it (inner ones) still run, around DeepCache's forward instead of the host's."""
+        from comfy.patcher_extension import WrapperExecutor
+
+        unet, host_forward = executor.class_obj, executor.original
+
+        def deepcache_forward(*args, **kw):
+            return self.forward(unet, host_forward, *args, **kw)
+
+        inner = WrapperExecutor.new_class_executor(deepcache_forward, unet, executor.wrappers, executor.idx + 1)
+        return inner.execute(x, timesteps, context, y, control, options, **kwargs)
+
+    def forward(self, unet, host_forward, x, timesteps=None, context=None, y=None, control=None,
+                transformer_options=None, **kwargs):
+        options = transformer_options if transformer_options is not None else {}
         reason = self._host_reason(unet, control, options, y)
         if reason:
             self.counts["host"] += 1
             events.notice("deepcache", f"{reason}: running full UNet steps", once_key=f"deepcache:{self.token}:"
                           f"{self.run}:{reason}", node_id=self.config.node_id)
-            return executor(x, timesteps, context, y, control, options, **kwargs)
+            return host_forward(x, timesteps, context, y, control, options, **kwargs)
         segments = self.segments_for(unet)
         segments.call = (options, kwargs.get("time_context"),
                          kwargs.get("num_video_frames", getattr(unet, "default_num_video_frames", None)),
@@ -367,7 +382,7 @@ def deepcache_wrappers(config: DeepCacheConfig):
     def deepcache_diffusion_model_wrapper(executor, x, timesteps=None, context=None, y=None, control=None,
                                           transformer_options=None, **kwargs):
         options = transformer_options if transformer_options is not None else {}
-        return state.forward(executor, x, timesteps, context, y, control, options, kwargs)
+        return state.wrap(executor, x, timesteps, context, y, control, options, kwargs)
 
     def deepcache_outer_sample_wrapper(executor, *args, **kwargs):
         return state.sample(executor, args, kwargs)

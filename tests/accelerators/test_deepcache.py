@@ -85,17 +85,17 @@ def test_start_and_end_percent_bound_the_cached_window(pack, tiny_sd15):
     assert deep == [0, 1, 2, 3, 6, 8, 9]
 
 
-def test_interval_three_stays_close(pack, tiny):
+def test_interval_three_stays_close(pack, tiny_sdxl):
     """Closer to the plain run than spending the same deep passes on a 3x shorter schedule; deeper branches
     and shorter intervals are closer still; cached predictions improve as the noise level falls."""
-    plain = sample(tiny, steps=9)
-    fewer_steps = sample(tiny, steps=3)
-    out, deep, calls = deep_calls(pack, tiny, steps=9, cache_interval=3)
+    plain = sample(tiny_sdxl, steps=9)
+    fewer_steps = sample(tiny_sdxl, steps=3)
+    out, deep, calls = deep_calls(pack, tiny_sdxl, steps=9, cache_interval=3)
     assert rel(out, plain) < rel(fewer_steps, plain)
     assert rel(out, plain) < 0.5
-    deeper, _, deeper_calls = deep_calls(pack, tiny, steps=9, cache_interval=3, cache_branch=3)
+    deeper, _, deeper_calls = deep_calls(pack, tiny_sdxl, steps=9, cache_interval=3, cache_branch=3)
     assert rel(deeper, plain) < rel(out, plain)
-    assert rel(sample(deepcache(pack, tiny, cache_interval=2), steps=9), plain) < rel(out, plain)
+    assert rel(sample(deepcache(pack, tiny_sdxl, cache_interval=2), steps=9), plain) < rel(out, plain)
     cached = [i for i in range(9) if i not in deep]
     assert all(deeper_calls[i]["error"] < calls[i]["error"] for i in cached)
     assert calls[cached[-1]]["error"] < calls[cached[0]]["error"] / 3
@@ -137,6 +137,25 @@ def test_two_evaluation_samplers_refresh_on_the_scheduled_steps(pack, tiny_sd15,
     assert len(calls) == 11 and deep == expected
     assert all(calls[i]["error"] == 0.0 for i in deep)
     assert rel(out, plain) < rel(sample(tiny_sd15, steps=6, sampler=sampler, cfg=1.0), plain)
+
+
+def test_wrappers_added_after_deepcache_still_run_around_it(pack, tiny_sd15):
+    """DeepCache stands in for the host forward at the end of the DIFFUSION_MODEL chain: a wrapper added
+    after it is not bypassed, on full and on cached calls alike."""
+    from comfy.patcher_extension import WrappersMP
+
+    reference = sample(deepcache(pack, tiny_sd15, cache_interval=3), steps=6)
+    model = deepcache(pack, tiny_sd15, cache_interval=3)
+    seen = []
+
+    def inner(executor, x, *args, **kwargs):
+        out = executor(x, *args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test.inner", inner)
+    assert torch.equal(sample(model, steps=6), reference)
+    assert len(seen) == 6
 
 
 # -- composition with the compile lane -------------------------------------------------------------------------
