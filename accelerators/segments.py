@@ -16,8 +16,12 @@ What a segment promises the compiler:
   `output_block_patch`, attention replacements) exactly as the host's forward would;
 - the same `name` always means the same `fn` for one model.
 
-What the compiler promises back: the tensors it returns stay valid until the next call of the same
-segment with the same shapes (DeepCache keeps the output of its deep segment across steps).
+What the compiler promises back: the tensors it returns stay valid until the end of the current UNet call
+(the segments of one call hand tensors to each other). DeepCache copies the deep feature it keeps across
+steps when a compiler is installed, so CUDA-graph output buffers may be reused by the next replay.
+
+Segment names are `deepcache.b<branch>.shallow_in|deep|shallow_out`; a compiler should key its cache on
+the name, the function's identity and the input shapes (CFG cutoff switches batch 2 → 1 once per run).
 """
 from __future__ import annotations
 
