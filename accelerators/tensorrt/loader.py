@@ -1,0 +1,499 @@
+"""Running the UNet through a TensorRT engine inside ComfyUI's official hooks.
+
+`attach(model, session)` clones the ModelPatcher and adds one `APPLY_MODEL` wrapper (key
+`comfy_accel.tensorrt`) that, for the duration of one `apply_model` call, swaps the BaseModel's
+`diffusion_model` for an `EngineUNet` (the pattern of ComfyUI's own torch.compile helper): the host's
+`_apply_model` still does every input conversion, and `EngineUNet.forward` either runs the engine or calls
+the real UNet. It runs the real UNet — eager, with one notice naming the reason, or an error under the
+`error` fallback policy — whenever an engine cannot give the host's result:
+  - a ControlNet (`control`), block/attention patches (FreeU's `output_block_patch`, ...), another
+    `DIFFUSION_MODEL` wrapper (DeepCache), an extra input the engine lacks;
+  - weights a refit cannot express (weight wrappers, scheduled hooks), or a LoRA on an engine without a
+    refit map (built elsewhere);
+  - a request outside every profile (when on-demand builds are off), TensorRT or CUDA missing.
+
+The engine's real device memory is reported to ComfyUI's memory manager through an additional model
+(`EngineResidency`): a ModelPatcher without weights whose size is the engine's, loaded with the UNet; when
+ComfyUI unloads it to make room, the engine is released, and it is reloaded from the cache on next use.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import events
+from ..base import AcceleratorInputError, BackendUnavailable, model_family
+from . import refit as refit_mod
+from .profiles import (EngineProfile, describe_request, envelope, profile_for_request, request_of, select_profile,
+                       validate_profiles)
+
+log = logging.getLogger("comfy_accel")
+ACCELERATOR = "tensorrt"
+WRAPPER_KEY = "comfy_accel.tensorrt"
+RESIDENCY_KEY = "comfy_accel.tensorrt"
+ENGINE_FILE = "unet.plan"
+REFIT_FILE = "refit_map.json"
+PROFILES_FILE = "profiles.json"
+# transformer_options entries ComfyUI itself puts there on every call (not patches a user added)
+_HOST_OPTION_KEYS = {"patches", "patches_replace", "wrappers", "callbacks"}
+# keyword inputs the SD/SDXL UNet forward can receive that the engine has no input for
+_SERVED_KWARGS = {"y"}
+
+
+# ---- what an engine cannot honour -------------------------------------------------------------------------
+def unsupported_call_reason(control, transformer_options: dict | None, kwargs: dict, own_wrapper_keys=()) -> str:
+    """Why this UNet call must run eager under a baked engine ('' when the engine can serve it)."""
+    if control is not None:
+        return "a ControlNet is applied (its residuals are not engine inputs)"
+    options = transformer_options or {}
+    patches = {k: v for k, v in (options.get("patches") or {}).items() if v}
+    if patches:
+        return f"block patches ({', '.join(sorted(patches))}, e.g. FreeU) cannot run inside a baked engine"
+    replaces = {k: v for k, v in (options.get("patches_replace") or {}).items() if v}
+    if replaces:
+        return f"attention replacements ({', '.join(sorted(replaces))}) cannot run inside a baked engine"
+    wrappers = (options.get("wrappers") or {}).get("diffusion_model") or {}
+    foreign = [key for key, fns in wrappers.items() if fns and key not in own_wrapper_keys]
+    if foreign:
+        return f"the UNet is wrapped by {', '.join(sorted(foreign))} (e.g. DeepCache), which a baked engine skips"
+    if options.get("optimized_attention_override") is not None:
+        return "an attention override is set (the engine has its own attention)"
+    extra = sorted(k for k, v in kwargs.items() if k not in _SERVED_KWARGS and v is not None)
+    if extra:
+        return f"the call has inputs the engine lacks ({', '.join(extra)})"
+    return ""
+
+
+# ---- memory reporting -------------------------------------------------------------------------------------
+class EngineResidency:
+    """Tells ComfyUI's memory manager what the session's engines occupy, and frees them when it unloads.
+
+    `patcher(...)` is a ModelPatcher without weights, added to the accelerated model as an additional model
+    (loaded and unloaded with it). Its size is the engines' bytes; its ON_DETACH callback releases them.
+    """
+
+    def __init__(self, release: Callable[[], None]):
+        import torch
+
+        self.module = torch.nn.Module()   # no parameters: the engine's memory is not torch's
+        self._release = release
+        self.nbytes = 0
+        self._patchers = []
+
+    def patcher(self, load_device, offload_device):
+        import weakref
+
+        from comfy.model_patcher import ModelPatcher
+        from comfy.patcher_extension import CallbacksMP
+
+        holder = ModelPatcher(self.module, load_device=load_device, offload_device=offload_device, size=self.nbytes)
+        holder.add_callback_with_key(CallbacksMP.ON_LOAD, RESIDENCY_KEY, self._on_load)
+        holder.add_callback_with_key(CallbacksMP.ON_DETACH, RESIDENCY_KEY, self._on_detach)
+        holder.add_callback_with_key(CallbacksMP.ON_CLONE, RESIDENCY_KEY, self._on_clone)
+        self._patchers.append(weakref.ref(holder))
+        return holder
+
+    def _on_clone(self, _old, new) -> None:
+        import weakref
+
+        self._patchers.append(weakref.ref(new))
+
+    def _on_load(self, patcher, *_args) -> None:
+        self.module.model_loaded_weight_memory = self.nbytes
+
+    def _on_detach(self, patcher, unpatch_all) -> None:
+        if unpatch_all:   # ComfyUI unloads it (a clone replacing it detaches with unpatch_all=False)
+            self._release()
+            self.set_bytes(0)
+
+    def set_bytes(self, nbytes: int) -> None:
+        """The engines now live on the device: their size, as every holder clone reports it."""
+        self.nbytes = int(nbytes)
+        self._patchers = [ref for ref in self._patchers if ref() is not None]
+        for ref in self._patchers:
+            holder = ref()
+            if nbytes:
+                holder.size = int(nbytes)
+        self.module.model_loaded_weight_memory = int(nbytes)
+
+
+# ---- one accelerated model's engines ------------------------------------------------------------------------
+@dataclass
+class EngineRecord:
+    """An engine this session can use: where it comes from and, once loaded, the live engine."""
+    source: str                         # cache entry id or file path
+    profiles: list[EngineProfile]
+    refit_map: refit_mod.RefitMap | None
+    load_plan: Callable[[], bytes]
+    engine: object = None               # engine.TensorRTEngine when loaded
+    state: refit_mod.RefitState = field(default_factory=refit_mod.RefitState)
+
+
+@dataclass
+class TensorRTOptions:
+    fallback: str = "eager"
+    node_id: str | None = None
+    profiles: list | None = None            # explicit profiles for on-demand builds
+    preset: str | None = None               # or a preset name
+    dynamic: str = "buckets"                # on-demand builds: "static" at the request, else ranges around it
+    build_on_demand: bool = True
+    optimization_level: int = 3
+
+
+class TensorRTSession:
+    """Engines for one accelerated model (shared by its clones, e.g. a LoRA loaded after the node)."""
+
+    def __init__(self, options: TensorRTOptions, get_store: Callable | None = None,
+                 engines: list[EngineRecord] | None = None, builder: Callable | None = None):
+        self.options = options
+        self.get_store = get_store
+        self.records: list[EngineRecord] = list(engines or [])
+        self.builder = builder            # (session, patcher, unet, profiles) -> EngineRecord
+        self.lock = threading.RLock()
+        self.residency = EngineResidency(self.release_engines)
+        self.failed_builds: dict[str, str] = {}
+
+    # -- fallback ----------------------------------------------------------------------------------------
+    def fallback(self, reason: str, run_eager: Callable):
+        if self.options.fallback == "error":
+            raise BackendUnavailable(f"tensorrt: {reason}")
+        events.notice(ACCELERATOR, f"{reason}; running eager", once_key=f"{ACCELERATOR}:{id(self)}:{reason}",
+                      node_id=self.options.node_id)
+        return run_eager()
+
+    # -- engines -----------------------------------------------------------------------------------------
+    def release_engines(self) -> None:
+        with self.lock:
+            for record in self.records:
+                if record.engine is not None:
+                    record.engine.release()
+                    record.engine = None
+                    record.state.reset()   # a reloaded plan holds the base weights again
+
+    def live_bytes(self) -> int:
+        return sum(r.engine.nbytes for r in self.records if r.engine is not None)
+
+    def find(self, request: dict):
+        """(record, profile index, '') of the tightest engine profile covering the request, or (None, None, why)."""
+        best, reasons = None, []
+        for record in self.records:
+            index, profile, reason = select_profile(record.profiles, request)
+            if index is None:
+                reasons.append(reason)
+                continue
+            if best is None or profile.volume() < best[2].volume():
+                best = (record, index, profile)
+        if best:
+            return best[0], best[1], ""
+        if not self.records:
+            return None, None, f"no TensorRT engine for this model covers {describe_request(request)} yet"
+        return None, None, reasons[0] if len(reasons) == 1 else "; ".join(reasons)
+
+    def profiles_to_build(self, request: dict) -> list[EngineProfile]:
+        if self.options.profiles:
+            chosen = validate_profiles(self.options.profiles)
+        elif self.options.preset:
+            from .profiles import preset
+
+            chosen = preset(self.options.preset)
+        else:
+            chosen = []
+        if chosen and select_profile(chosen, request)[0] is not None:
+            return chosen
+        return profile_for_request(request, dynamic=self.options.dynamic != "static")
+
+    def engine_for(self, request: dict, patcher, unet):
+        """(record, profile index, '') ready to run for this request — built or loaded if needed — or a reason."""
+        with self.lock:
+            record, index, reason = self.find(request)
+            if record is None:
+                if not self.options.build_on_demand or self.builder is None:
+                    return None, None, reason + " (build one with the Build TensorRT Engine node)"
+                profiles = self.profiles_to_build(request)
+                build_id = json.dumps([p.as_dict() for p in profiles], sort_keys=True)
+                if build_id in self.failed_builds:
+                    return None, None, self.failed_builds[build_id]
+                events.notice(ACCELERATOR, f"building an engine for {envelope_text(profiles)} "
+                              f"(first use; takes minutes, then cached)", level="info", node_id=self.options.node_id)
+                try:
+                    record = self.builder(self, patcher, unet, profiles)
+                except BackendUnavailable as exc:
+                    self.failed_builds[build_id] = str(exc)
+                    return None, None, str(exc)
+                self.records.append(record)
+                index, _, reason = select_profile(record.profiles, request)
+                if index is None:
+                    return None, None, reason
+            if record.engine is None:
+                from .engine import TensorRTEngine
+
+                record.engine = TensorRTEngine.load(record.load_plan(), record.profiles, device=_device_of(unet))
+                record.profiles = record.engine.profiles
+                self.residency.set_bytes(self.live_bytes())
+            return record, index, ""
+
+    def sync_weights(self, record: EngineRecord, patcher) -> str:
+        """Refits the engine to the patcher's live weights; returns a reason when it cannot."""
+        why = refit_mod.unsupported_weight_changes(patcher)
+        if why:
+            return why
+        if record.refit_map is None:
+            if refit_mod.patched_keys(patcher):
+                return (f"the engine {record.source} has no refit map (built elsewhere), so the model's LoRA/"
+                        f"weight patches cannot be applied to it")
+            return ""
+        desired = refit_mod.desired_state(record.refit_map, patcher)
+        changed, restore = record.state.plan(desired)
+        if not changed and not restore:
+            return ""
+        if not record.engine.refittable:
+            return f"the engine {record.source} was built without REFIT, so LoRA cannot be applied to it"
+        dtype = {n: record.engine.input_dtype(n) for n in record.engine.input_names}.get("x")
+        device = record.engine.device
+        values = refit_mod.live_weights(patcher, changed | restore, record.refit_map, dtype=dtype, device=device)
+        record.engine.refit(values, lambda missing: refit_mod.live_weights(
+            patcher, {n for n in missing if n in record.refit_map.entries}, record.refit_map, dtype=dtype,
+            device=device))
+        record.state.commit(desired)
+        events.notice(ACCELERATOR, f"refitted {len(changed)} weights"
+                      + (f", restored {len(restore)} to base" if restore else "") + " (no rebuild)",
+                      level="info", node_id=self.options.node_id)
+        return ""
+
+
+def envelope_text(profiles) -> str:
+    env = envelope(profiles)
+    return (f"batch {env['batch'][0]}..{env['batch'][1]}, {env['width'][0]}..{env['width'][1]}×"
+            f"{env['height'][0]}..{env['height'][1]} px, {env['tokens'][0]}..{env['tokens'][1]} tokens")
+
+
+def _device_of(unet):
+    return next(unet.parameters()).device
+
+
+def _availability():
+    from . import available
+
+    return available()
+
+
+# ---- the UNet stand-in and the wrapper ---------------------------------------------------------------------
+def _engine_unet_class():
+    import torch
+
+    class EngineUNet(torch.nn.Module):
+        """Stands in for `diffusion_model` during one apply_model call: runs the engine or the real UNet."""
+
+        def __init__(self, unet, session: TensorRTSession, patcher):
+            super().__init__()
+            object.__setattr__(self, "unet", unet)   # not a submodule: the swap must not re-parent the UNet
+            self.session = session
+            self.patcher = patcher
+
+        @property
+        def dtype(self):
+            return self.unet.dtype
+
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+            def eager():
+                return self.unet(x, timesteps, context=context, y=y, control=control,
+                                 transformer_options=transformer_options, **kwargs)
+
+            session = self.session
+            ready = _availability()
+            if not ready:
+                return session.fallback(ready.reason, eager)
+            reason = unsupported_call_reason(control, transformer_options, kwargs)
+            if reason:
+                return session.fallback(reason, eager)
+            request = request_of(x.shape, context.shape if context is not None else None)
+            record, index, reason = session.engine_for(request, self.patcher, self.unet)
+            if record is None:
+                return session.fallback(reason, eager)
+            reason = session.sync_weights(record, self.patcher)
+            if reason:
+                return session.fallback(reason, eager)
+            inputs = {"x": x, "timesteps": timesteps, "context": context}
+            if "y" in record.engine.input_names:
+                if y is None:
+                    return session.fallback("the engine expects an ADM input y (SDXL) but the call has none", eager)
+                inputs["y"] = y
+            out = record.engine.run(index, inputs)
+            return out.to(x.dtype)
+
+    return EngineUNet
+
+
+def tensorrt_wrapper_factory(session: TensorRTSession, own_patcher):
+    engine_unet = _engine_unet_class()
+
+    def tensorrt_apply_model_wrapper(executor, *args, **kwargs):
+        base_model = executor.class_obj
+        unet = base_model.diffusion_model
+        patcher = getattr(base_model, "current_patcher", None) or own_patcher
+        base_model.diffusion_model = engine_unet(unet, session, patcher)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            base_model.diffusion_model = unet
+
+    return tensorrt_apply_model_wrapper
+
+
+def attach(model, session: TensorRTSession):
+    """A clone of `model` whose UNet runs through the session's engines (never mutates `model`)."""
+    from comfy.patcher_extension import WrappersMP
+
+    patched = model.clone()
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, tensorrt_wrapper_factory(session, patched))
+    patched.set_additional_models(RESIDENCY_KEY, [session.residency.patcher(model.load_device, model.offload_device)])
+    return patched
+
+
+# ---- engines in the artifact store ---------------------------------------------------------------------------
+def base_state(patcher) -> dict:
+    """{key: base tensor} of the UNet without patches (the cache key's weights)."""
+    return {k: v[0][0] for k, v in patcher.get_key_patches(refit_mod.PREFIX).items()}
+
+
+def engine_key(signature, weights: str, profiles, settings, dtype: str):
+    """The artifact key of an engine: TensorRT version, GPU (name + compute capability via the store's
+    device fields), profiles, build settings, UNet signature and base-weights fingerprint."""
+    from ..cache import ArtifactKey
+    from .engine import trt_version
+
+    profile = dict(envelope(profiles))
+    for i, p in enumerate(profiles):   # exact profiles (and opts) in the id; coverage uses the envelope
+        for dim, (low, opt, high) in p.as_dict().items():
+            profile[f"p{i}_{dim}"] = [low, high]
+            profile[f"p{i}_{dim}_opt"] = [opt, opt]
+    return ArtifactKey.build(accelerator=ACCELERATOR, options={"build": settings.as_key()},
+                             model_config=signature.as_dict(), weights=weights, profile=profile, dtype=dtype,
+                             extra_versions={"tensorrt": trt_version()})
+
+
+def record_from_entry(entry) -> EngineRecord:
+    from .profiles import profile_from_dict
+
+    profiles = [profile_from_dict(p) for p in json.loads(entry.read_bytes(PROFILES_FILE))]
+    refit_map = refit_mod.RefitMap.from_json(entry.read_bytes(REFIT_FILE)) if REFIT_FILE in entry.files else None
+    return EngineRecord(source=entry.id[:12], profiles=profiles, refit_map=refit_map,
+                        load_plan=lambda: entry.read_bytes(ENGINE_FILE))
+
+
+def record_from_file(path: str | Path) -> EngineRecord:
+    """An engine built elsewhere (a .engine/.plan/.trt file). A `<file>.refit_map.json` beside it enables refit."""
+    path = Path(path)
+    if not path.is_file():
+        raise AcceleratorInputError(f"TensorRT engine file {path} does not exist")
+    side = path.with_name(path.name + ".refit_map.json")
+    refit_map = refit_mod.RefitMap.from_json(side.read_text()) if side.is_file() else None
+    return EngineRecord(source=path.name, profiles=[], refit_map=refit_map, load_plan=path.read_bytes)
+
+
+def build_into_store(session: TensorRTSession, patcher, unet, profiles, on_progress=None, node_id=None,
+                     settings=None) -> EngineRecord:
+    """Exports the UNet, builds a refittable engine and stores it (engine + refit map + profiles, no ONNX).
+
+    Reuses an engine already in the store for the same key. Raises BackendUnavailable with the reason.
+    """
+    import tempfile
+
+    from ..cache import weights_fingerprint
+    from .engine import BuildSettings, build_engine
+    from .export import export_onnx, signature_of_unet
+
+    settings = settings or BuildSettings(optimization_level=session.options.optimization_level)
+    signature = signature_of_unet(unet, model_family(patcher))
+    dtype = str(next(unet.parameters()).dtype).removeprefix("torch.")
+    base = base_state(patcher)
+    key = engine_key(signature, weights_fingerprint(base), profiles, settings, "float16" if settings.fp16 else dtype)
+    store = session.get_store() if session.get_store else None
+
+    def build(folder: Path) -> dict:
+        with tempfile.TemporaryDirectory(prefix="comfy-accel-onnx-") as onnx_dir:
+            in_place = set(getattr(patcher, "backup", {})) | set(getattr(patcher, "hook_backup", {}))
+            exported = export_onnx(unet, onnx_dir, profiles[0], family=signature.family,
+                                   base_weights={k: base[k] for k in in_place if k in base})
+            cache = _timing_cache(store)
+            plan, new_cache = build_engine(
+                exported.path, exported.input_names, profiles,
+                lambda p: p.tensor_shapes(signature.context_dim, signature.adm_channels, signature.in_channels),
+                settings, timing_cache=cache, node_id=node_id, on_progress=on_progress)
+        (folder / ENGINE_FILE).write_bytes(plan)
+        (folder / REFIT_FILE).write_text(exported.refit_map.to_json())
+        (folder / PROFILES_FILE).write_text(json.dumps([p.as_dict() for p in profiles]))
+        _save_timing_cache(store, new_cache)
+        return {"profiles": [p.describe() for p in profiles], "refit_weights": len(exported.refit_map)}
+
+    try:
+        if store is None:
+            import tempfile as _tmp
+
+            folder = Path(_tmp.mkdtemp(prefix="comfy-accel-trt-"))
+            build(folder)
+            plan = (folder / ENGINE_FILE).read_bytes()
+            refit_map = refit_mod.RefitMap.from_json((folder / REFIT_FILE).read_text())
+            events.notice(ACCELERATOR, "no artifact store given: the engine lives in memory only", level="info",
+                          node_id=node_id)
+            return EngineRecord(source="memory", profiles=list(profiles), refit_map=refit_map, load_plan=lambda: plan)
+        result = store.get_or_build(key, build)
+    except BackendUnavailable:
+        raise
+    except Exception as exc:  # export/build errors become a reason to run eager
+        raise BackendUnavailable(f"TensorRT engine build failed: {type(exc).__name__}: {exc}") from exc
+    if result.entry is None:
+        raise BackendUnavailable(result.reason)
+    return record_from_entry(result.entry)
+
+
+def _timing_cache_key():
+    from ..cache import ArtifactKey
+    from .engine import trt_version
+
+    return ArtifactKey.build(accelerator="tensorrt-timing-cache", extra_versions={"tensorrt": trt_version()})
+
+
+def _timing_cache(store) -> bytes | None:
+    if store is None:
+        return None
+    entry = store.get(_timing_cache_key())
+    return entry.read_bytes("timing.cache") if entry is not None else None
+
+
+def _save_timing_cache(store, data: bytes) -> None:
+    if store is not None and data:
+        try:
+            store.put(_timing_cache_key(), {"timing.cache": data})
+        except Exception as exc:  # the cache is an optimisation: never fail a build over it
+            log.warning("[comfy-accel] tensorrt: could not save the timing cache: %s", exc)
+
+
+def cached_records(store, patcher) -> list[EngineRecord]:
+    """Engines already in the store for this model's base weights, this TensorRT version and this GPU."""
+    if store is None:
+        return []
+    from ..cache import environment_fields, weights_fingerprint
+    from .engine import trt_version
+    from .export import unet_signature
+
+    signature = unet_signature(patcher)
+    fingerprint = weights_fingerprint(base_state(patcher))
+    device, version = environment_fields()["device"], trt_version()
+    records = []
+    for entry in store.entries():
+        fields = entry.key_fields
+        if (fields.get("accelerator") != ACCELERATOR or fields.get("weights") != fingerprint
+                or fields.get("model_config") != signature.as_dict() or fields.get("device") != device
+                or (fields.get("versions") or {}).get("tensorrt") != version):
+            continue
+        try:
+            records.append(record_from_entry(entry))
+        except Exception as exc:
+            log.warning("[comfy-accel] tensorrt: skipping unreadable engine %s: %s", entry.id[:12], exc)
+    return records

@@ -1,0 +1,160 @@
+"""Nodes "Build TensorRT Engine" and "Load TensorRT Engine": MODEL → MODEL whose UNet runs in TensorRT.
+
+Build exports the UNet, builds a refittable fp16 engine for the chosen profiles (ComfyUI progress bar,
+shared timing cache) into the artifact cache, and returns the model running through it. Load takes an
+engine from the cache (built here earlier, by either host) or a file from models/tensorrt built elsewhere.
+LoRAs loaded after either node are applied by refit; FreeU, ControlNet and other block patches run eager
+with a one-line reason.
+"""
+from __future__ import annotations
+
+from ..accelerators.base import AcceleratorInputError, BackendUnavailable
+from ..accelerators.tensorrt import apply, available
+from ..accelerators.tensorrt.profiles import make_profile, preset, preset_names
+from .common import CATEGORY, record_in_model
+
+CUSTOM = "custom (min/opt/max below)"
+ENGINE_FOLDER = "tensorrt"
+ENGINE_EXTENSIONS = {".engine", ".plan", ".trt"}
+
+
+def _store():
+    from .cache_store import comfy_store
+
+    return comfy_store()
+
+
+def _engine_files() -> list[str]:
+    import folder_paths
+
+    if ENGINE_FOLDER not in folder_paths.folder_names_and_paths:
+        import os
+
+        folder_paths.folder_names_and_paths[ENGINE_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, ENGINE_FOLDER)], ENGINE_EXTENSIONS)
+    return folder_paths.get_filename_list(ENGINE_FOLDER)
+
+
+def _cached_engines() -> dict[str, str]:
+    """{label: entry id} of the engines in the artifact cache."""
+    try:
+        entries = _store().entries()
+    except Exception:  # no cache yet (or the cache lane absent): nothing to list
+        return {}
+    out = {}
+    for entry in entries:
+        if entry.accelerator == "tensorrt":
+            fields = entry.key_fields
+            gpu = (fields.get("device") or {}).get("name", "?")
+            family = (fields.get("model_config") or {}).get("family", "?")
+            profiles = "; ".join((entry.meta or {}).get("profiles", []))[:80]
+            out[f"cache:{entry.id[:12]} {family} {gpu} {profiles}"] = entry.id
+    return out
+
+
+def _range(prefix: str, default: tuple, low: int, high: int, step: int) -> dict:
+    return {f"{prefix}_{k}": ("INT", {"default": v, "min": low, "max": high, "step": step})
+            for k, v in zip(("min", "opt", "max"), default)}
+
+
+class BuildTensorRTEngine:
+    DESCRIPTION = ("Builds a refittable fp16 TensorRT engine of the UNet for the chosen shapes (minutes the first "
+                   "time, then cached) and returns the model running through it. LoRAs loaded after this node are "
+                   "applied by refit, without a rebuild.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "profile": ([*preset_names(), CUSTOM], {"default": preset_names()[0],
+                                                    "tooltip": "Shapes the engine serves. Presets hold a batch-1 "
+                                                               "profile (CFG cutoff) and a batch 2-4 profile (CFG)."}),
+            "static": ("BOOLEAN", {"default": False, "tooltip": "custom only: one shape (the opt values)"}),
+            **_range("batch", (1, 2, 4), 1, 64, 1),
+            **_range("height", (512, 512, 768), 64, 4096, 8),
+            **_range("width", (512, 512, 768), 64, 4096, 8),
+            **_range("tokens", (77, 77, 154), 1, 924, 1),
+            "optimization_level": ("INT", {"default": 3, "min": 0, "max": 5,
+                                           "tooltip": "TensorRT builder effort; 5 tunes longest"}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "engine_id")
+    FUNCTION = "build"
+    CATEGORY = CATEGORY
+
+    @staticmethod
+    def profiles(profile, static, **ranges):
+        if profile != CUSTOM:
+            return preset(profile)
+        triples = {dim: (ranges[f"{dim}_min"], ranges[f"{dim}_opt"], ranges[f"{dim}_max"])
+                   for dim in ("batch", "height", "width", "tokens")}
+        if static:
+            triples = {dim: (t[1], t[1], t[1]) for dim, t in triples.items()}
+        return [make_profile(**triples)]
+
+    def build(self, model, profile, static, optimization_level=3, unique_id=None, **ranges):
+        import comfy.model_management
+        import comfy.utils
+
+        from ..accelerators.tensorrt.engine import BuildSettings
+        from ..accelerators.tensorrt.export import unet_signature
+        from ..accelerators.tensorrt.loader import TensorRTSession, build_into_store
+        from ..accelerators.tensorrt import parse_options
+
+        profiles = self.profiles(profile, static, **ranges)
+        unet_signature(model)  # a non-UNet model fails before any work, with the reason
+        ready = available()
+        if not ready:
+            raise BackendUnavailable(f"Build TensorRT Engine: {ready.reason}")
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        bar = comfy.utils.ProgressBar(100)
+        options = {"fallback": "eager", "node_id": unique_id, "get_store": _store,
+                   "optimization_level": optimization_level, "profiles": [p.as_dict() for p in profiles]}
+        session = TensorRTSession(parse_options(options), get_store=_store)
+        record = build_into_store(session, model, model.model.diffusion_model, profiles,
+                                  on_progress=lambda share, _phase: bar.update_absolute(int(share * 100), 100),
+                                  node_id=unique_id, settings=BuildSettings(optimization_level=optimization_level))
+        bar.update_absolute(100, 100)
+        out = apply(model, options, engines=[record])
+        record_in_model(out, "tensorrt", {"engine": record.source, "profiles": [p.describe() for p in profiles]})
+        return (out, record.source)
+
+
+class LoadTensorRTEngine:
+    DESCRIPTION = ("Runs the UNet through a TensorRT engine from the cache or from models/tensorrt (built "
+                   "elsewhere, same input names x/timesteps/context/y). Requests outside its profiles, ControlNet "
+                   "and block patches run eager with a reason.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        choices = [*_cached_engines(), *_engine_files()] or ["(no engines yet)"]
+        return {"required": {
+            "model": ("MODEL",),
+            "engine": (choices, {"tooltip": "cache:<id> entries were built by Build TensorRT Engine"}),
+            "fallback": (["eager", "error"], {"default": "eager"}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, engine, fallback="eager", unique_id=None):
+        import folder_paths
+
+        cached = _cached_engines()
+        if engine in cached:
+            target = cached[engine]
+        elif engine in _engine_files():
+            target = folder_paths.get_full_path_or_raise(ENGINE_FOLDER, engine)
+        else:
+            raise AcceleratorInputError(f"TensorRT engine {engine!r} is neither in the cache nor in models/tensorrt")
+        out = apply(model, {"fallback": fallback, "node_id": unique_id, "get_store": _store, "engine": target,
+                            "build_on_demand": False})
+        record_in_model(out, "tensorrt", {"engine": engine})
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"AccelBuildTensorRTEngine": BuildTensorRTEngine, "AccelLoadTensorRTEngine": LoadTensorRTEngine}
+NODE_DISPLAY_NAME_MAPPINGS = {"AccelBuildTensorRTEngine": "Build TensorRT Engine",
+                              "AccelLoadTensorRTEngine": "Load TensorRT Engine"}
