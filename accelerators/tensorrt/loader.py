@@ -18,6 +18,7 @@ ComfyUI unloads it to make room, the engine is released, and it is reloaded from
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -148,11 +149,15 @@ class TensorRTSession:
     """Engines for one accelerated model (shared by its clones, e.g. a LoRA loaded after the node)."""
 
     def __init__(self, options: TensorRTOptions, get_store: Callable | None = None,
-                 engines: list[EngineRecord] | None = None, builder: Callable | None = None):
+                 engines: list[EngineRecord] | None = None, builder: Callable | None = None,
+                 engine_loader: Callable | None = None, check_available: Callable | None = None):
         self.options = options
         self.get_store = get_store
         self.records: list[EngineRecord] = list(engines or [])
         self.builder = builder            # (session, patcher, unet, profiles) -> EngineRecord
+        # (plan bytes, profiles, device) -> engine; TensorRTEngine.load unless a test runs another runtime
+        self.engine_loader = engine_loader
+        self.check_available = check_available or _availability
         self.lock = threading.RLock()
         self.residency = EngineResidency(self.release_engines)
         self.failed_builds: dict[str, str] = {}
@@ -229,9 +234,12 @@ class TensorRTSession:
                 if index is None:
                     return None, None, reason
             if record.engine is None:
-                from .engine import TensorRTEngine
+                loader = self.engine_loader
+                if loader is None:
+                    from .engine import TensorRTEngine
 
-                record.engine = TensorRTEngine.load(record.load_plan(), record.profiles, device=_device_of(unet))
+                    loader = TensorRTEngine.load
+                record.engine = loader(record.load_plan(), record.profiles, device=_device_of(unet))
                 record.profiles = record.engine.profiles
                 self.residency.set_bytes(self.live_bytes())
             return record, index, ""
@@ -288,11 +296,21 @@ def _engine_unet_class():
     class EngineUNet(torch.nn.Module):
         """Stands in for `diffusion_model` during one apply_model call: runs the engine or the real UNet."""
 
-        def __init__(self, unet, session: TensorRTSession, patcher):
+        def __init__(self, unet, session: TensorRTSession, patcher, owner):
             super().__init__()
             object.__setattr__(self, "unet", unet)   # not a submodule: the swap must not re-parent the UNet
+            object.__setattr__(self, "owner", owner)  # the BaseModel whose diffusion_model this stands in for
             self.session = session
             self.patcher = patcher
+
+        @contextlib.contextmanager
+        def real_unet(self):
+            """The real UNet back in place while ComfyUI's state_dict is read (weights for refit or build)."""
+            self.owner.diffusion_model = self.unet
+            try:
+                yield
+            finally:
+                self.owner.diffusion_model = self
 
         @property
         def dtype(self):
@@ -304,18 +322,21 @@ def _engine_unet_class():
                                  transformer_options=transformer_options, **kwargs)
 
             session = self.session
-            ready = _availability()
+            ready = session.check_available()
             if not ready:
                 return session.fallback(ready.reason, eager)
             reason = unsupported_call_reason(control, transformer_options, kwargs)
             if reason:
                 return session.fallback(reason, eager)
             request = request_of(x.shape, context.shape if context is not None else None)
-            record, index, reason = session.engine_for(request, self.patcher, self.unet)
-            if record is None:
-                return session.fallback(reason, eager)
-            reason = session.sync_weights(record, self.patcher)
-            if reason:
+            try:
+                with self.real_unet():
+                    record, index, reason = session.engine_for(request, self.patcher, self.unet)
+                    if record is not None:
+                        reason = session.sync_weights(record, self.patcher)
+            except BackendUnavailable as exc:   # an engine that fails to load or refit: eager, with the reason
+                record, reason = None, str(exc)
+            if record is None or reason:
                 return session.fallback(reason, eager)
             inputs = {"x": x, "timesteps": timesteps, "context": context}
             if "y" in record.engine.input_names:
@@ -335,7 +356,7 @@ def tensorrt_wrapper_factory(session: TensorRTSession, own_patcher):
         base_model = executor.class_obj
         unet = base_model.diffusion_model
         patcher = getattr(base_model, "current_patcher", None) or own_patcher
-        base_model.diffusion_model = engine_unet(unet, session, patcher)
+        base_model.diffusion_model = engine_unet(unet, session, patcher, base_model)
         try:
             return executor(*args, **kwargs)
         finally:
