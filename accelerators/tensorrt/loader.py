@@ -454,12 +454,10 @@ def build_into_store(session: TensorRTSession, patcher, unet, profiles, on_progr
 
     try:
         if store is None:
-            import tempfile as _tmp
-
-            folder = Path(_tmp.mkdtemp(prefix="comfy-accel-trt-"))
-            build(folder)
-            plan = (folder / ENGINE_FILE).read_bytes()
-            refit_map = refit_mod.RefitMap.from_json((folder / REFIT_FILE).read_text())
+            with tempfile.TemporaryDirectory(prefix="comfy-accel-trt-") as scratch:
+                build(Path(scratch))
+                plan = (Path(scratch) / ENGINE_FILE).read_bytes()
+                refit_map = refit_mod.RefitMap.from_json((Path(scratch) / REFIT_FILE).read_text())
             events.notice(ACCELERATOR, "no artifact store given: the engine lives in memory only", level="info",
                           node_id=node_id)
             return EngineRecord(source="memory", profiles=list(profiles), refit_map=refit_map, load_plan=lambda: plan)
