@@ -1,0 +1,76 @@
+"""Worker processes for the cache's cross-process tests (run as `python -m tests.cache.workers CMD ...`).
+
+build ROOT COUNT_FILE GO_FILE READY_FILE
+                                touch READY_FILE, wait for GO_FILE, then get_or_build the test key; each build
+                                appends a line to COUNT_FILE and takes 0.5 s; prints {"status", "built", "reason",
+                                "id", "payload_sha256"}
+slow-writer ROOT READY_FILE     start building, write half a payload, touch READY_FILE, then sleep (to be killed)
+hold-lock ROOT ID READY_FILE    hold the key's build lock until stdin closes
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from accelerators.cache import ArtifactStore
+from accelerators.cache.files import KeyLock
+from tests.cache.cache_helpers import make_key
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+def _wait_for(path: Path, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {path}")
+        time.sleep(0.01)
+
+
+def build(root: str, count_file: str, go_file: str, ready_file: str) -> None:
+    store = ArtifactStore(root)
+
+    def build_fn(folder: Path) -> None:
+        with open(count_file, "a") as handle:
+            handle.write(f"built by {os.getpid()}\n")
+        time.sleep(0.5)  # long enough that the other process is surely waiting on the lock
+        (folder / "graph.bin").write_bytes(PAYLOAD)
+
+    Path(ready_file).touch()
+    _wait_for(Path(go_file))
+    result = store.get_or_build(make_key(), build_fn, lock_timeout=30)
+    entry = result.entry
+    print(json.dumps({"status": result.status, "built": result.built, "reason": result.reason,
+                      "id": entry.id if entry else None,
+                      "payload_sha256": hashlib.sha256(entry.read_bytes("graph.bin")).hexdigest() if entry else None}))
+
+
+def slow_writer(root: str, ready_file: str) -> None:
+    store = ArtifactStore(root)
+
+    def build_fn(folder: Path) -> None:
+        with open(folder / "graph.bin", "wb") as handle:
+            handle.write(PAYLOAD[: len(PAYLOAD) // 2])
+            handle.flush()
+            Path(ready_file).touch()
+            time.sleep(60)  # killed here
+            handle.write(PAYLOAD[len(PAYLOAD) // 2:])
+
+    store.get_or_build(make_key(), build_fn)
+
+
+def hold_lock(root: str, artifact_id: str, ready_file: str) -> None:
+    lock = KeyLock(Path(root) / "locks" / f"{artifact_id}.lock")
+    assert lock.acquire(timeout=10)
+    Path(ready_file).touch()
+    sys.stdin.read()  # until the test closes our stdin
+    lock.release()
+
+
+if __name__ == "__main__":
+    command, *args = sys.argv[1:]
+    {"build": build, "slow-writer": slow_writer, "hold-lock": hold_lock}[command](*args)
