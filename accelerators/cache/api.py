@@ -10,10 +10,27 @@ import threading
 from pathlib import Path
 
 from .environment import resolve_cache_root
+from .live import LiveObjectCache
 from .store import DEFAULT_BUDGET_BYTES, ArtifactStore
 
 _stores: dict[Path, ArtifactStore] = {}
 _stores_lock = threading.Lock()
+_live: LiveObjectCache | None = None
+
+
+def live_objects() -> LiveObjectCache:
+    """The process-wide cache of live compiled objects (CUDA graphs, engines), within the memory budget of
+    the settings; hosts release an unloaded model's objects from it."""
+    global _live
+    from .. import settings
+
+    budget = int(settings.get_settings().memory_budget_gb * 1e9)
+    with _stores_lock:
+        if _live is None:
+            _live = LiveObjectCache(budget)
+        elif _live.budget_bytes != budget:
+            _live.set_budget(budget)
+        return _live
 
 
 def default_store(root: str | os.PathLike | None = None, budget_bytes: float | None = None) -> ArtifactStore:

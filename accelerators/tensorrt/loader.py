@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -161,12 +162,14 @@ class TensorRTSession:
         self.lock = threading.RLock()
         self.residency = EngineResidency(self.release_engines)
         self.failed_builds: dict[str, str] = {}
+        # dedupes this session's notices; not id(self), which a later session can reuse after this one is freed
+        self.token = uuid.uuid4().hex
 
     # -- fallback ----------------------------------------------------------------------------------------
     def fallback(self, reason: str, run_eager: Callable):
         if self.options.fallback == "error":
             raise BackendUnavailable(f"tensorrt: {reason}")
-        events.notice(ACCELERATOR, f"{reason}; running eager", once_key=f"{ACCELERATOR}:{id(self)}:{reason}",
+        events.notice(ACCELERATOR, f"{reason}; running eager", once_key=f"{ACCELERATOR}:{self.token}:{reason}",
                       node_id=self.options.node_id)
         return run_eager()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_defaults_come_from_this_process():
 
 def test_host_version_is_part_of_the_key(monkeypatch):
     monkeypatch.setattr(environment, "_host", None)
+    monkeypatch.delitem(sys.modules, "comfyui_version", raising=False)  # an imported ComfyUI names itself
     before = ArtifactKey.build(accelerator="inductor")
     set_host_version("comfyui", "0.3.75")
     after = ArtifactKey.build(accelerator="inductor")

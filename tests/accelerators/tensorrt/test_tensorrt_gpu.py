@@ -58,7 +58,7 @@ def test_lora_is_refitted_and_removed(pack, gpu_model, store):
     import comfy.sd
 
     from comfy_accel.accelerators.tensorrt import apply
-    from test_tensorrt_refit import TARGETS, make_lora
+    from tests.lora import TARGETS, make_lora
 
     accelerated = apply(gpu_model, {"fallback": "error", "store": store})
     lora_sd = {k: v.half() for k, v in make_lora(gpu_model, TARGETS).items()}

@@ -169,7 +169,7 @@ def rel(a, b):
 def lora_for(model, strength):
     import comfy.sd
 
-    from test_tensorrt_refit import TARGETS, make_lora
+    from tests.lora import TARGETS, make_lora
 
     return comfy.sd.load_lora_for_models(model, None, make_lora(model, TARGETS), strength, 0.0)[0]
 
@@ -208,7 +208,7 @@ def test_request_outside_every_profile_runs_eager_with_the_reason(pack, engine_m
 def test_lora_after_the_node_is_refitted_and_removed_again(pack, engine_model, engine_record):
     import comfy.model_management
 
-    from test_tensorrt_refit import BIAS_DIFF, TARGETS
+    from tests.lora import BIAS_DIFF, TARGETS
 
     record = engine_record()
     accelerated, _ = accelerate(engine_model, record, node_id="n4")

@@ -1,0 +1,677 @@
+"""Running the UNet through a compiled callable inside ComfyUI's official hooks: what every compile backend
+(inductor, inductor+cudagraphs, OneDiff, Stable Fast) shares.
+
+`attach(model, session)` clones the ModelPatcher and adds one `APPLY_MODEL` wrapper (key
+`comfy_accel.compile`) that swaps the BaseModel's `diffusion_model` for a `CompiledUNet` stand-in for the
+duration of one `apply_model` call (the pattern of ComfyUI's own torch.compile helper: never a lasting object
+patch, so LoRA loaders keep matching keys). The stand-in decides per call:
+
+- DeepCache wraps the UNet → the real UNet runs (DeepCache's block loop stays Python) and DeepCache's three
+  segments go through this session's segment compiler (`segments.py`): each compiled, and graph-captured,
+  once per shape;
+- another `DIFFUSION_MODEL` wrapper, a backend that failed, a shape the dynamic-shape policy refuses → eager,
+  with one notice saying why (or an error under the `error` fallback policy);
+- otherwise the compiled UNet, and with CUDA graphs a replay of the graph captured for this shape bucket.
+
+LoRA: the clone updates weights in place (`ModelPatcher.weight_inplace_update`, the host's own switch), so
+a LoRA loaded before or after the node changes the very tensors the compiled code and the captured graphs
+read: no recompile, no re-capture. When the tensors move anyway (ComfyUI offloaded and reloaded the model,
+another clone loaded it the copying way) the graphs are re-captured on the next run, in well under a second.
+
+Compiled artifacts go to the shared artifact cache after the first compile of a shape bucket and are loaded
+before the first compile in a new process (`Compiler.save_artifacts` / `load_artifacts`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import events
+from .base import AcceleratorInputError, BackendUnavailable, model_family
+from .segments import COMPILER_KEY
+
+log = logging.getLogger("comfy_accel")
+WRAPPER_KEY = "comfy_accel.compile"
+DEEPCACHE_WRAPPER_KEY = "comfy_accel.deepcache"
+FALLBACKS = ("eager", "error")
+DYNAMIC = ("buckets", "static", "dynamic")
+MODES = ("default", "max-autotune")
+MAX_BUCKETS = 8
+# patches whose functions depend only on the tensors they are given (no per-step Python state), so a CUDA
+# graph captured with them replays them faithfully. Others run compiled, without a graph.
+GRAPH_SAFE_PATCH_MODULES = ("comfy_extras.nodes_freelunch",)
+
+
+@dataclass
+class CompileOptions:
+    backend: str
+    mode: str = "default"           # default | max-autotune (longer compile, tuned GEMMs/convolutions)
+    dynamic: str = "buckets"        # buckets: one static graph per shape, at most MAX_BUCKETS; static: the
+    #                                 first shape only; dynamic: one shape-generic graph
+    fallback: str = "eager"
+    cuda_graphs: bool = False
+    node_id: str | None = None
+    max_buckets: int = MAX_BUCKETS
+
+
+def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
+    """Validates the Accelerate Model options; raises AcceleratorInputError naming the bad value."""
+    options = dict(options or {})
+    fallback = options.get("fallback") or "eager"
+    if fallback not in FALLBACKS:
+        raise AcceleratorInputError(f"fallback must be 'eager' or 'error'; got {fallback!r}")
+    dynamic = options.get("dynamic") or "buckets"
+    if dynamic not in DYNAMIC:
+        raise AcceleratorInputError(f"dynamic must be one of {', '.join(DYNAMIC)}; got {dynamic!r}")
+    mode = options.get("mode") or "default"
+    if mode not in MODES:
+        raise AcceleratorInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    limit = options.get("max_buckets", MAX_BUCKETS)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 64:
+        raise AcceleratorInputError(f"max_buckets must be a whole number 1..64; got {limit!r}")
+    node_id = options.get("node_id")
+    return CompileOptions(backend=backend, mode=mode, dynamic=dynamic, fallback=fallback, cuda_graphs=cuda_graphs,
+                          node_id=None if node_id is None else str(node_id), max_buckets=limit)
+
+
+class Compiler:
+    """What a backend provides. Subclasses override `compile_module` and `compile_function`; the artifact
+    methods are optional (a backend without portable artifacts recompiles in a new process)."""
+
+    name = "compiler"
+    artifact_accelerator: str | None = None   # the cache key's accelerator name for warm-restart artifacts
+    freezes_python = False   # a tracer (TorchScript) bakes the forward's Python: graph-unsafe calls run eager
+
+    def __init__(self, options: CompileOptions):
+        self.options = options
+        self.compile_events: list[dict] = []   # one per backend compile, appended by the backend
+
+    def compile_module(self, unet) -> Callable:
+        raise NotImplementedError
+
+    def compile_function(self, fn: Callable, name: str) -> Callable:
+        raise NotImplementedError
+
+    def artifact_options(self) -> dict:
+        return {"mode": self.options.mode, "dynamic": self.options.dynamic}
+
+    def save_artifacts(self) -> bytes | None:
+        return None
+
+    def load_artifacts(self, blob: bytes) -> str:
+        return ""
+
+    def cache_counters(self) -> dict:
+        return {}
+
+
+# ---- shape buckets ------------------------------------------------------------------------------------------
+def bucket_of(x, context, y) -> tuple:
+    """(batch, latent height, latent width, tokens, y width, dtype, device): what a static graph is built for."""
+    tokens = int(context.shape[1]) if context is not None and context.dim() >= 2 else 0
+    return (int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1]), tokens,
+            int(y.shape[-1]) if y is not None else 0, str(x.dtype).removeprefix("torch."), str(x.device))
+
+
+def segment_bucket(name: str, unet_bucket: tuple) -> tuple:
+    """A DeepCache segment's bucket: the segment's name and the UNet call's bucket."""
+    return (name, unet_bucket)
+
+
+def _unet_bucket(bucket: tuple) -> tuple:
+    return bucket[1] if isinstance(bucket[0], str) else bucket
+
+
+def bucket_kind(bucket: tuple) -> str:
+    return bucket[0] if isinstance(bucket[0], str) else "unet"
+
+
+def describe_bucket(bucket: tuple) -> str:
+    batch, h, w, tokens = _unet_bucket(bucket)[:4]
+    shape = f"batch {batch}, {w * 8}×{h * 8} px, {tokens} tokens"
+    return f"{bucket[0]} at {shape}" if isinstance(bucket[0], str) else shape
+
+
+def bucket_profile(bucket: tuple) -> dict:
+    batch, h, w, tokens = _unet_bucket(bucket)[:4]
+    return {"batch": batch, "height": h * 8, "width": w * 8, "tokens": tokens}
+
+
+# ---- what compiled code (and a graph) can honour -------------------------------------------------------------
+def foreign_unet_wrappers(transformer_options: dict) -> list[str]:
+    wrappers = (transformer_options.get("wrappers") or {}).get("diffusion_model") or {}
+    return sorted(k for k, fns in wrappers.items() if fns and k != DEEPCACHE_WRAPPER_KEY)
+
+
+def has_deepcache(transformer_options: dict) -> bool:
+    wrappers = (transformer_options.get("wrappers") or {}).get("diffusion_model") or {}
+    return bool(wrappers.get(DEEPCACHE_WRAPPER_KEY))
+
+
+def _patch_functions(transformer_options: dict):
+    for name, fns in (transformer_options.get("patches") or {}).items():
+        for fn in fns or ():
+            yield name, fn
+    for name, table in (transformer_options.get("patches_replace") or {}).items():
+        for where, fn in (table or {}).items():
+            yield f"{name}{where}", fn
+
+
+def patch_signature(transformer_options: dict) -> tuple:
+    """Identifies the patches in effect: a graph captured with one set is replayed only with the same set."""
+    return tuple((name, id(fn)) for name, fn in _patch_functions(transformer_options))
+
+
+def graph_unsafe_reason(control, transformer_options: dict, kwargs: dict) -> str:
+    """Why this call must not replay a captured graph ('' when it may)."""
+    if control is not None:
+        return "a ControlNet is applied (its residuals change every step)"
+    for name, fn in _patch_functions(transformer_options):
+        module = getattr(fn, "__module__", "") or ""
+        if not module.startswith(GRAPH_SAFE_PATCH_MODULES):
+            return f"the {name} patch from {module or 'an unknown module'} may keep per-step state"
+    extra = sorted(k for k, v in kwargs.items() if v is not None)
+    if extra:
+        return f"the call has extra inputs ({', '.join(extra)})"
+    override = transformer_options.get("optimized_attention_override")
+    if override is not None and override is not sdpa_attention_override:
+        return "an attention override is set"
+    return ""
+
+
+def sdpa_attention_override(func, *args, **kwargs):
+    """ComfyUI's attention override hook, pointing at its own SDPA attention (see use_compile_friendly_attention)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+_CHUNKED_ATTENTION = ("attention_sub_quad", "attention_split")
+
+
+def use_compile_friendly_attention(transformer_options: dict) -> None:
+    """Under compilation, ComfyUI's memory-chunked attentions (its CPU / low-memory defaults) ask psutil for free
+    memory inside every attention call: a graph break per call and a chunking that changes between runs. Where
+    the host chose one of them and no node set an override, this call uses the host's own SDPA attention through
+    the official `optimized_attention_override` hook: the same math, one graph."""
+    if transformer_options.get("optimized_attention_override") is not None:
+        return
+    from comfy.ldm.modules import attention
+
+    chosen = getattr(attention.optimized_attention, "__name__", "")
+    if chosen in _CHUNKED_ATTENTION:
+        transformer_options["optimized_attention_override"] = sdpa_attention_override
+
+
+def weights_signature(unet) -> tuple:
+    """Where the UNet's tensors live: a captured graph reads these addresses."""
+    return tuple(t.data_ptr() for t in unet.parameters()) + tuple(t.data_ptr() for t in unet.buffers())
+
+
+# ---- CUDA graphs ----------------------------------------------------------------------------------------------
+class CapturedCall:
+    """One CUDA graph of `fn(*static_inputs)`: replay copies the inputs into place and returns the static outputs."""
+
+    def __init__(self, fn: Callable, inputs: tuple, pool, warmup: int = 2):
+        import torch
+
+        self.inputs = tuple(t.clone() for t in inputs)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):  # compiles (first time), autotunes and settles the allocator off the graph
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_reserved()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn(*self.inputs)
+        self.nbytes = max(0, torch.cuda.memory_reserved() - before) + sum(
+            t.numel() * t.element_size() for t in self.inputs)
+
+    def __call__(self, *inputs):
+        for static, value in zip(self.inputs, inputs):
+            if static.data_ptr() != value.data_ptr():
+                static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+    def release(self) -> None:
+        self.graph = None
+        self.outputs = None
+        self.inputs = ()
+
+
+class GraphSet:
+    """The captured graphs of one session, in the process-wide live-object cache (freed with the model)."""
+
+    def __init__(self, session: "CompileSession"):
+        self.session = session
+        self.pool = None
+        self.keys: set = set()
+
+    def _cache(self):
+        from .cache.api import live_objects
+
+        return live_objects()
+
+    def get(self, key):
+        return self._cache().get((self.session.token, key))
+
+    def capture(self, key, fn: Callable, inputs: tuple) -> CapturedCall:
+        import torch
+
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        captured = CapturedCall(fn, inputs, self.pool)
+        self.keys.add(key)
+        self._cache().put((self.session.token, key), captured, captured.nbytes,
+                          on_evict=lambda k, obj: self._evicted(k, obj))
+        return captured
+
+    def _evicted(self, key, captured: CapturedCall) -> None:
+        self.keys.discard(key[1])
+        captured.release()
+
+    def release(self) -> int:
+        token = self.session.token
+        dropped = self._cache().release_matching(lambda k: isinstance(k, tuple) and k and k[0] == token)
+        self.keys.clear()
+        self.pool = None
+        return len(dropped)
+
+    @property
+    def nbytes(self) -> int:
+        cache = self._cache()
+        return sum(getattr(cache.get((self.session.token, k)), "nbytes", 0) for k in list(self.keys))
+
+
+# ---- the session: one accelerated model (shared by its clones) ----------------------------------------------------
+@dataclass
+class _Bucket:
+    compiled: bool = False
+    failed: str = ""
+    seconds: float = 0.0
+    saved: bool = False
+
+
+@dataclass
+class CompileSession:
+    compiler: Compiler
+    options: CompileOptions
+    get_store: Callable | None = None
+    model_config: dict = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self):
+        self.lock = threading.RLock()
+        self.module_compiled: dict[int, Callable] = {}
+        self.functions: dict[tuple, Callable] = {}
+        self.buckets: dict[tuple, _Bucket] = {}
+        self.refused: dict[tuple, str] = {}
+        self.failed: str = ""
+        self.graphs = GraphSet(self) if self.options.cuda_graphs else None
+        self.weights_seen: tuple | None = None
+        self.last_run_marker = None
+        self.loaded_entries: set[str] = set()
+        self.calls = {"compiled": 0, "graph": 0, "eager": 0, "segments": 0}
+        # set by the stand-in for each DeepCache call, read by the segment compiler during it
+        self.segment_call: tuple = ({}, None, "no graphs")   # (transformer_options, UNet bucket, graph reason)
+
+    # -- diagnostics -----------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.options.backend
+
+    def notice(self, message: str, level: str = "warning", once: str | None = None) -> None:
+        events.notice(self.name, message, level=level, node_id=self.options.node_id,
+                      once_key=None if once is None else f"{self.name}:{self.token}:{once}")
+
+    def fallback(self, reason: str, run_eager: Callable):
+        if self.options.fallback == "error":
+            raise BackendUnavailable(f"{self.name}: {reason}")
+        self.notice(f"{reason}; running eager", once=reason)
+        self.calls["eager"] += 1
+        return run_eager()
+
+    # -- shape policy ----------------------------------------------------------------------------------------
+    def admit(self, bucket: tuple) -> str:
+        """'' when this bucket may run compiled, else why not (static policy, too many buckets)."""
+        if bucket in self.buckets:
+            return self.buckets[bucket].failed
+        kind = bucket_kind(bucket)
+        known = [b for b, state in self.buckets.items() if not state.failed and bucket_kind(b) == kind]
+        if self.options.dynamic == "static" and known:
+            return (f"{describe_bucket(bucket)} differs from the compiled shape {describe_bucket(known[0])} "
+                    f"and the dynamic-shape policy is 'static'")
+        if self.options.dynamic == "buckets" and len(known) >= self.options.max_buckets:
+            return (f"{describe_bucket(bucket)} would be shape bucket {len(known) + 1}, over the limit of "
+                    f"{self.options.max_buckets} (use dynamic shapes for many sizes)")
+        return ""
+
+    # -- warm restart ----------------------------------------------------------------------------------------
+    def artifact_key(self, bucket: tuple):
+        from .cache import ArtifactKey
+
+        accelerator = self.compiler.artifact_accelerator
+        if accelerator is None:
+            return None
+        profile = {} if self.options.dynamic == "dynamic" else bucket_profile(bucket)
+        options = {**self.compiler.artifact_options(), "part": bucket_kind(bucket)}
+        unet_bucket = _unet_bucket(bucket)
+        return ArtifactKey.build(accelerator=accelerator, options=options, model_config=self.model_config,
+                                 profile=profile, dtype=unet_bucket[5], device=unet_bucket[6])
+
+    def _store(self):
+        if self.get_store is None:
+            return None
+        try:
+            return self.get_store()
+        except Exception as exc:  # no cache folder (read-only disk, ...): compile without it
+            self.notice(f"artifact cache unavailable ({exc}); compiling without warm restart", once="no-store")
+            return None
+
+    def load_warm_artifacts(self, bucket: tuple) -> None:
+        store = self._store()
+        key = self.artifact_key(bucket) if store is not None else None
+        if key is None:
+            return
+        lookup = store.lookup(key)
+        if lookup.entry is None:
+            reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
+            self.notice(f"cache miss for {describe_bucket(bucket)}: {'; '.join(reasons) or lookup.reason}; "
+                        f"compiling", level="info")
+            return
+        if lookup.entry.id in self.loaded_entries:
+            return
+        blob = (lookup.entry.path / "compiled.bin").read_bytes()
+        info = self.compiler.load_artifacts(blob)
+        self.loaded_entries.add(lookup.entry.id)
+        self.notice(f"warm start: compiled artifacts for {describe_bucket(bucket)} loaded from the cache "
+                    f"(entry {lookup.entry.id[:12]}{', ' + info if info else ''})", level="info")
+
+    def save_warm_artifacts(self, bucket: tuple) -> None:
+        store = self._store()
+        key = self.artifact_key(bucket) if store is not None else None
+        if key is None:
+            return
+        blob = self.compiler.save_artifacts()
+        if not blob:
+            return
+        try:
+            entry = store.put(key, {"compiled.bin": blob}, meta={
+                "family": self.model_config.get("family", "?"), "backend": self.name,
+                "profile": describe_bucket(bucket), "seconds": round(self.buckets[bucket].seconds, 1)})
+            self.loaded_entries.add(entry.id)
+        except Exception as exc:  # a full disk must not fail the image
+            self.notice(f"could not store compiled artifacts: {exc}", once="store-failed")
+
+    # -- the compiled callables ------------------------------------------------------------------------------
+    def compiled_module(self, unet) -> Callable:
+        with self.lock:
+            found = self.module_compiled.get(id(unet))
+            if found is None:
+                found = self.module_compiled[id(unet)] = self.compiler.compile_module(unet)
+            return found
+
+    def compiled_function(self, name: str, fn: Callable) -> Callable:
+        key = (name, id(getattr(fn, "__func__", fn)), id(getattr(fn, "__self__", None)))
+        with self.lock:
+            found = self.functions.get(key)
+            if found is None:
+                found = self.functions[key] = self.compiler.compile_function(fn, name)
+            return found
+
+    def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable):
+        """Runs `run()` for a bucket, with compile progress, diagnostics and artifacts on its first use."""
+        state = self.buckets.get(bucket)
+        if state is not None and state.compiled:
+            before = len(self.compiler.compile_events)
+            out = run()
+            if len(self.compiler.compile_events) != before:
+                self.explain_recompile(bucket)
+            return out
+        state = self.buckets.setdefault(bucket, _Bucket())
+        task = f"compiling the UNet ({self.name}) for {describe_bucket(bucket)}"
+        events.progress(task, 0, 1, accelerator=self.name, node_id=self.options.node_id)
+        started = time.monotonic()
+        counters = self.compiler.cache_counters()
+        try:
+            self.load_warm_artifacts(bucket)
+            out = run()
+        except Exception as exc:
+            state.failed = f"compiling for {describe_bucket(bucket)} failed ({type(exc).__name__}: {exc})"
+            log.debug("compile failure", exc_info=True)
+            events.progress(task, 1, 1, accelerator=self.name, node_id=self.options.node_id, done=True,
+                            message="failed")
+            return self.fallback(state.failed, run_eager)
+        state.compiled, state.seconds = True, time.monotonic() - started
+        after = self.compiler.cache_counters()
+        reused = {k: after.get(k, 0) - counters.get(k, 0) for k in after}
+        detail = f" ({', '.join(f'{k} {v}' for k, v in reused.items() if v)})" if any(reused.values()) else ""
+        events.progress(task, 1, 1, accelerator=self.name, node_id=self.options.node_id, done=True,
+                        message=f"{state.seconds:.1f} s{detail}")
+        self.notice(f"compiled for {describe_bucket(bucket)} in {state.seconds:.1f} s{detail}", level="info")
+        self.save_warm_artifacts(bucket)
+        return out
+
+    def explain_recompile(self, bucket: tuple) -> None:
+        reason = self.compiler.last_recompile_reason() if hasattr(self.compiler, "last_recompile_reason") else ""
+        self.notice(f"recompiled for {describe_bucket(bucket)}: {reason or 'a guard failed'}", level="info")
+
+    # -- graphs ----------------------------------------------------------------------------------------------
+    def check_weights(self, unet, transformer_options: dict) -> None:
+        """Once per sampling run: graphs captured over tensors that moved since are dropped (re-captured)."""
+        marker = transformer_options.get("sample_sigmas")
+        if marker is not None and marker is self.last_run_marker:
+            return
+        self.last_run_marker = marker
+        current = weights_signature(unet)
+        if self.weights_seen is not None and current != self.weights_seen and self.graphs.keys:
+            dropped = self.graphs.release()
+            self.notice(f"the UNet's weights moved (offload/reload or a copying LoRA load): re-capturing "
+                        f"{dropped} CUDA graph(s)", level="info")
+        self.weights_seen = current
+
+    def release(self) -> None:
+        """ComfyUI unloads the model: free the graphs (compiled code stays; it holds no device memory)."""
+        if self.graphs is not None and self.graphs.keys:
+            freed = self.graphs.nbytes
+            count = self.graphs.release()
+            self.notice(f"model unloaded: released {count} CUDA graph(s), {freed / 2**20:.0f} MiB", level="info")
+        self.weights_seen = None
+
+    # -- the segment compiler DeepCache calls ----------------------------------------------------------------
+    def segment_compiler(self) -> Callable:
+        def compile_segment(name: str, fn: Callable, *tensors):
+            options, unet_bucket, graph_reason = self.segment_call
+            bucket = segment_bucket(name, unet_bucket)
+
+            def eager():
+                return fn(*tensors)
+
+            reason = self.admit(bucket)
+            if reason:
+                return self.fallback(reason, eager)
+            self.calls["segments"] += 1
+            compiled = self.compiled_function(name, fn)
+            if self.graphs is None or graph_reason:
+                return self.run_bucket(bucket, lambda: compiled(*tensors), eager)
+            key = (bucket, patch_signature(options))
+
+            def replay():
+                captured = self.graphs.get(key)
+                if captured is None:
+                    captured = self.graphs.capture(key, compiled, tensors)
+                return captured(*tensors)
+
+            return self.run_bucket(bucket, replay, eager)
+
+        return compile_segment
+
+
+# ---- the UNet stand-in and the wrapper ------------------------------------------------------------------------
+_stand_in_class = None
+
+
+def _compiled_unet_class():
+    global _stand_in_class
+    if _stand_in_class is not None:
+        return _stand_in_class
+    import torch
+
+    class CompiledUNet(torch.nn.Module):
+        """Stands in for `diffusion_model` during one apply_model call: compiled, graph-replayed or eager."""
+
+        def __init__(self, unet, session: CompileSession):
+            super().__init__()
+            object.__setattr__(self, "unet", unet)   # not a submodule: the swap must not re-parent the UNet
+            object.__setattr__(self, "session", session)
+
+        @property
+        def dtype(self):
+            return self.unet.dtype
+
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                    **kwargs):
+            unet, session = self.unet, self.session
+
+            def eager():
+                return unet(x, timesteps, context=context, y=y, control=control,
+                            transformer_options=transformer_options, **kwargs)
+
+            if session.failed:
+                return session.fallback(session.failed, eager)
+            bucket = bucket_of(x, context, y)
+            if has_deepcache(transformer_options):
+                return self.forward_segments(eager, bucket, control, transformer_options, kwargs)
+            foreign = foreign_unet_wrappers(transformer_options)
+            if foreign:
+                return session.fallback(f"the UNet is wrapped by {', '.join(foreign)}, whose step logic compiled "
+                                        f"code could freeze", eager)
+            reason = session.admit(bucket)
+            if reason:
+                return session.fallback(reason, eager)
+            use_compile_friendly_attention(transformer_options)
+            graph_reason = graph_unsafe_reason(control, transformer_options, kwargs) if session.graphs else ""
+            if session.graphs is not None and not graph_reason:
+                return session.run_bucket(bucket, lambda: self.replay(bucket, x, timesteps, context, y,
+                                                                      transformer_options), eager)
+            if graph_reason and session.compiler.freezes_python:
+                return session.fallback(graph_reason, eager)
+            if graph_reason:
+                session.notice(f"CUDA graphs off for these calls: {graph_reason}; running compiled",
+                               level="info", once=graph_reason)
+            compiled = session.compiled_module(unet)
+            session.calls["compiled"] += 1
+            return session.run_bucket(bucket, lambda: compiled(
+                x, timesteps, context=context, y=y, control=control, transformer_options=transformer_options,
+                **kwargs), eager)
+
+        def replay(self, bucket, x, timesteps, context, y, transformer_options):
+            session, unet = self.session, self.unet
+            session.check_weights(unet, transformer_options)
+            key = (bucket, patch_signature(transformer_options))
+            captured = session.graphs.get(key)
+            if captured is None:
+                compiled = session.compiled_module(unet)
+                # the options the graph is captured with: no per-run tensors (sigmas) kept alive by it
+                options = {k: v for k, v in transformer_options.items()
+                           if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
+                if y is None:
+                    def call(x_, t_, c_):
+                        return compiled(x_, t_, context=c_, transformer_options=dict(options))
+                    inputs = (x, timesteps, context)
+                else:
+                    def call(x_, t_, c_, y_):
+                        return compiled(x_, t_, context=c_, y=y_, transformer_options=dict(options))
+                    inputs = (x, timesteps, context, y)
+                captured = session.graphs.capture(key, call, inputs)
+                session.weights_seen = weights_signature(unet)
+            session.calls["graph"] += 1
+            out = captured(x, timesteps, context) if y is None else captured(x, timesteps, context, y)
+            return out.clone()  # the next replay overwrites the static output
+
+        def forward_segments(self, eager, bucket, control, transformer_options, kwargs):
+            session = self.session
+            if control is not None:
+                return session.fallback("a ControlNet is applied under DeepCache", eager)
+            use_compile_friendly_attention(transformer_options)
+            graph_reason = "no graphs"
+            if session.graphs is not None:
+                session.check_weights(self.unet, transformer_options)
+                graph_reason = graph_unsafe_reason(None, transformer_options, kwargs)
+                if graph_reason:
+                    session.notice(f"CUDA graphs off for these calls: {graph_reason}; running compiled",
+                                   level="info", once=graph_reason)
+            session.segment_call = (transformer_options, bucket, graph_reason)
+            transformer_options[COMPILER_KEY] = session.segment_compiler()
+            out = eager()
+            # a graph's static output is overwritten by its next replay: hand the sampler its own copy
+            return out.clone() if not graph_reason else out
+
+    _stand_in_class = CompiledUNet
+    return CompiledUNet
+
+
+def compile_wrapper_factory(session: CompileSession) -> Callable:
+    def compile_wrapper(executor, *args, **kwargs):
+        base = executor.class_obj
+        unet = base.diffusion_model
+        if isinstance(unet, _compiled_unet_class()):  # nested (a second Accelerate Model): the outer one runs
+            return executor(*args, **kwargs)
+        base.diffusion_model = _compiled_unet_class()(unet, session)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            base.diffusion_model = unet
+    compile_wrapper.comfy_accel_session = session
+    return compile_wrapper
+
+
+def attach(model, session: CompileSession):
+    """A clone of `model` whose UNet runs through `session` (weights patched in place, graphs freed on unload)."""
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    patched = model.clone()
+    # the host's own switch: LoRA/weight patches are copied into the existing tensors instead of replacing
+    # them, so compiled code and captured graphs keep reading the live weights
+    patched.weight_inplace_update = True
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, compile_wrapper_factory(session))
+
+    def on_detach(_patcher, unpatch_all):
+        if unpatch_all:
+            session.release()
+
+    patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    patched.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
+    return patched
+
+
+def session_of(model) -> CompileSession | None:
+    """The compile session attached to a ModelPatcher (for tests, the UI and diagnostics)."""
+    for fn in (getattr(model, "wrappers", {}) or {}).get("apply_model", {}).get(WRAPPER_KEY, []):
+        session = getattr(fn, "comfy_accel_session", None)
+        if session is not None:
+            return session
+    return None
+
+
+def model_config_fields(model) -> dict:
+    """The architecture fields of a ComfyUI model for the artifact key (JSON-able)."""
+    base = getattr(model, "model", None)
+    config = getattr(getattr(base, "model_config", None), "unet_config", None) or {}
+    fields = {"family": model_family(model)}
+    for key, value in sorted(config.items()):
+        if isinstance(value, (int, float, str, bool, list, tuple, type(None))):
+            fields[key] = list(value) if isinstance(value, tuple) else value
+        else:
+            fields[key] = str(value)
+    return fields
+

@@ -1,0 +1,204 @@
+"""The `inductor` and `inductor+cudagraphs` backends: torch.compile of the UNet, with our own CUDA graphs.
+
+- `inductor`: `torch.compile` of the whole UNet (or of DeepCache's segments), one static graph per shape
+  bucket (or one dynamic graph), through a backend that counts compiles and hands the graph to inductor's
+  `compile_fx` (the same path as `backend="inductor"`).
+- `inductor+cudagraphs`: the same compiled UNet, captured as one CUDA graph per shape bucket and replayed:
+  the UNet call is then one launch instead of hundreds of kernel launches and guard checks. We capture
+  ourselves (`compiled_unet.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
+  copied in place) needs neither a recompile nor a re-record, and the graphs are freed when ComfyUI unloads.
+
+Warm restart: after a bucket's first compile, torch's portable compile-cache artifacts
+(`torch.compiler.save_cache_artifacts`: inductor's FX-graph, AOTAutograd and autotuning caches) are stored in
+the shared artifact cache; a new process loads them (`load_cache_artifacts`) before its first compile, so
+inductor generates and autotunes no kernel again — only dynamo's trace of the Python remains. Chosen over
+AOTInductor packages because those bake a fixed signature (no transformer_options patches, no DeepCache
+segments) and need an export step per shape; these artifacts key on the graph, not the weights, so one
+entry serves every checkpoint of the architecture.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+
+from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, require_sd_unet
+from .compiled_unet import CompileSession, Compiler, attach, model_config_fields, parse_options
+
+INDUCTOR = "inductor"
+INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
+RECOMPILE_LIMIT = 16   # dynamo's per-function limit: buckets × (batch 1, 2) with room to spare
+# inductor settings for the UNet on a GPU: 1×1 convolutions as matmuls (cuBLAS beats cuDNN there), and
+# coordinate-descent tuning of the pointwise/reduction kernels (GroupNorm+SiLU dominate after the GEMMs)
+GPU_DEFAULT_CONFIG = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True}
+MODE_CONFIG = {"default": {}, "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}
+
+
+def available() -> Availability:
+    try:
+        import torch  # noqa: F401
+        import torch._inductor  # noqa: F401
+    except Exception as exc:
+        return Availability(False, f"torch.compile unavailable: {exc}")
+    gpu = cuda_available()
+    if gpu:
+        if not _has_module("triton"):
+            return Availability(False, "triton not installed (inductor needs it on a GPU)")
+        return Availability(True, f"inductor on {gpu.reason}")
+    if sys.platform == "win32" and not shutil.which("cl"):
+        return Availability(False, "inductor on the CPU needs a C++ compiler (MSVC cl.exe) on PATH")
+    compiler = next((c for c in ("cc", "gcc", "clang", "g++", "c++") if shutil.which(c)), None)
+    if compiler is None:
+        return Availability(False, "inductor on the CPU needs a C/C++ compiler (gcc or clang) on PATH")
+    return Availability(True, f"inductor on the CPU ({compiler})")
+
+
+def available_cudagraphs() -> Availability:
+    gpu = cuda_available()
+    if not gpu:
+        return Availability(False, gpu.reason)
+    base = available()
+    if not base:
+        return base
+    return Availability(True, f"inductor + CUDA graphs on {gpu.reason}")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class InductorCompiler(Compiler):
+    name = INDUCTOR
+    artifact_accelerator = INDUCTOR
+
+    def __init__(self, options):
+        super().__init__(options)
+        import torch
+
+        self.config_patches = dict(MODE_CONFIG[options.mode])
+        if torch.cuda.is_available():
+            self.config_patches = {**GPU_DEFAULT_CONFIG, **self.config_patches}
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        elif limit is None and torch._dynamo.config.cache_size_limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.cache_size_limit = RECOMPILE_LIMIT
+
+    def _backend(self, label: str):
+        from torch._inductor.compile_fx import compile_fx
+
+        def backend(graph_module, example_inputs):
+            shapes = [tuple(t.shape) for t in example_inputs if hasattr(t, "shape")][:4]
+            self.compile_events.append({"what": label, "inputs": shapes})
+            return compile_fx(graph_module, example_inputs, config_patches=self.config_patches)
+
+        return backend
+
+    def _dynamic(self):
+        return {"dynamic": True} if self.options.dynamic == "dynamic" else {"dynamic": False}
+
+    def compile_module(self, unet):
+        import torch
+
+        return torch.compile(unet, backend=self._backend("unet"), **self._dynamic())
+
+    def compile_function(self, fn, name):
+        import torch
+
+        return torch.compile(fn, backend=self._backend(name), **self._dynamic())
+
+    def artifact_options(self) -> dict:
+        return {"mode": self.options.mode, "dynamic": self.options.dynamic,
+                "inductor_config": dict(sorted(self.config_patches.items()))}
+
+    def save_artifacts(self) -> bytes | None:
+        import torch
+
+        saved = torch.compiler.save_cache_artifacts()
+        return saved[0] if saved else None
+
+    def load_artifacts(self, blob: bytes) -> str:
+        import torch
+
+        info = torch.compiler.load_cache_artifacts(blob)
+        if info is None:
+            return "nothing loaded"
+        counts = {name: len(getattr(info, name, []) or []) for name in ("inductor_artifacts", "autotune_artifacts",
+                                                                        "aot_autograd_artifacts")}
+        return ", ".join(f"{v} {k.replace('_artifacts', '')}" for k, v in counts.items() if v)
+
+    def cache_counters(self) -> dict:
+        from torch._dynamo.utils import counters
+
+        return {"kernels compiled": counters["inductor"]["fxgraph_cache_miss"],
+                "graphs from cache": counters["inductor"]["fxgraph_cache_hit"]}
+
+    def last_recompile_reason(self) -> str:
+        from torch._dynamo.utils import guard_failures
+
+        reasons = [r for failures in guard_failures.values() for r in failures]
+        if not reasons:
+            return ""
+        last = reasons[-1]
+        return str(getattr(last, "reason", last)).strip().splitlines()[0][:200]
+
+
+def _apply(model, options, cuda_graphs: bool):
+    options = dict(options or {})
+    backend = INDUCTOR_CUDAGRAPHS if cuda_graphs else INDUCTOR
+    parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
+    require_sd_unet(model, backend)
+    ready = available_cudagraphs() if cuda_graphs else available()
+    if not ready:
+        if parsed.fallback == "error":
+            raise BackendUnavailable(f"{backend}: {ready.reason}")
+        from . import events
+
+        events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
+        return model.clone()
+    session = CompileSession(InductorCompiler(parsed), parsed, get_store=store_getter(options),
+                             model_config=model_config_fields(model))
+    return attach(model, session)
+
+
+def store_getter(options: dict):
+    """options["get_store"] (a callable) or options["store"] (an ArtifactStore or None) as a callable."""
+    if callable(options.get("get_store")):
+        return options["get_store"]
+    store = options.get("store")
+    return (lambda: store) if store is not None else None
+
+
+def apply(model, options: dict | None = None):
+    """A clone whose UNet runs compiled by inductor (eager with a reason where it cannot)."""
+    return _apply(model, options, cuda_graphs=False)
+
+
+def apply_cudagraphs(model, options: dict | None = None):
+    """A clone whose UNet runs compiled by inductor and replayed as CUDA graphs, one per shape bucket."""
+    return _apply(model, options, cuda_graphs=True)
+
+
+@dataclass
+class CompileConfig:
+    mode: str = "default"         # "max-autotune": tuned GEMMs/convolutions, minutes more to compile
+    dynamic: str = "buckets"      # buckets | static | dynamic
+    fallback: str = "eager"
+
+
+ACCELERATOR_SPECS = [
+    AcceleratorSpec(name=INDUCTOR, title="torch.compile (inductor)",
+                    description="Compiles the UNet with inductor, one graph per shape bucket; compiled kernels are "
+                                "kept in the artifact cache for a warm restart. LoRA-safe (weights patched in place).",
+                    config=CompileConfig, available=available, apply=apply, kind="backend", order=20),
+    AcceleratorSpec(name=INDUCTOR_CUDAGRAPHS, title="torch.compile + CUDA graphs",
+                    description="The inductor-compiled UNet replayed as one CUDA graph per shape bucket (batch 1 and "
+                                "2 for CFG cutoff); a LoRA change needs no recompile or re-capture.",
+                    config=CompileConfig, available=available_cudagraphs, apply=apply_cudagraphs, kind="backend",
+                    order=10),
+]

@@ -1,0 +1,52 @@
+"""Node "Accelerate Model": MODEL → MODEL whose UNet runs through the chosen compile backend or engine."""
+from __future__ import annotations
+
+from ..accelerators.accelerate import NODE_BACKENDS, accelerate
+from ..accelerators.compiled_unet import DYNAMIC, MODES
+from .common import CATEGORY, record_in_model
+
+
+def _store():
+    from .cache_store import comfy_store
+
+    return comfy_store()
+
+
+class AccelerateModel:
+    DESCRIPTION = ("Runs the UNet compiled: torch.compile (inductor), the same replayed as CUDA graphs, OneDiff, "
+                   "Stable Fast or TensorRT. The first run of each shape compiles (progress in a toast), later "
+                   "runs and restarts reuse the artifact cache. LoRA, FreeU, CFG Cutoff and DeepCache keep "
+                   "working around it; a backend missing here runs eager and says why.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "backend": (list(NODE_BACKENDS), {"default": "auto", "tooltip":
+                        "auto: the fastest backend available here; default: the one chosen in the settings "
+                        "(Accel → Default backend); eager: none (for A/B comparisons)."}),
+        }, "optional": {
+            "mode": (list(MODES), {"default": "default", "tooltip":
+                     "max-autotune tunes GEMMs and convolutions: minutes more to compile, a little faster."}),
+            "dynamic": (list(DYNAMIC), {"default": "buckets", "tooltip":
+                        "buckets: one compiled graph per resolution/batch/prompt length (up to 8); static: the "
+                        "first shape only, others eager; dynamic: one shape-generic graph."}),
+            "fallback": (["default", "eager", "error"], {"default": "default", "tooltip":
+                         "When the backend cannot serve a run: eager runs unaccelerated and says why; error "
+                         "fails the prompt; default follows the settings."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "accelerate"
+    CATEGORY = CATEGORY
+
+    def accelerate(self, model, backend="auto", mode="default", dynamic="buckets", fallback="default",
+                   unique_id=None):
+        out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
+                                    node_id=unique_id, get_store=_store)
+        record_in_model(out, "accelerate_model", in_effect)
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"AccelAccelerateModel": AccelerateModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"AccelAccelerateModel": "Accelerate Model"}
