@@ -440,6 +440,12 @@ def _reset_compilers():
         torch._dynamo.reset()
     except Exception:
         pass
+    try:
+        from comfy_accel.accelerators.cache.api import live_objects
+
+        live_objects().clear()  # the captured CUDA graphs of the stack before
+    except Exception:
+        pass
 
 
 def _bench_store(out_dir: Path):
