@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import AcceleratorSpec, Availability, check_range
-from .sampling_progress import step_of
+from .sampling_progress import current_step, install_step_tracking
 
 WRAPPER_KEY = "comfy_accel.cfg_cutoff"
 
@@ -25,18 +25,19 @@ class CFGCutoffConfig:
         self.cutoff_percent = check_range("cutoff_percent", self.cutoff_percent, 0.0, 100.0)
         self.sigma_threshold = check_range("sigma_threshold", self.sigma_threshold, 0.0, 1e4)
 
-    def uncond_skipped(self, sigma, sample_sigmas) -> bool:
-        if self.sigma_threshold > 0:
+    def uncond_skipped(self, sigma, sample_sigmas, transformer_options=None) -> bool:
+        if self.sigma_threshold > 0:  # reads the sigma: one device sync per step, only in this mode
             return float(sigma.max() if hasattr(sigma, "max") else sigma) <= self.sigma_threshold
-        step, total = step_of(sigma, sample_sigmas)
+        step, total = current_step(transformer_options, sigma, sample_sigmas)
         return step >= round(total * self.cutoff_percent / 100.0)
 
 
 def cfg_cutoff_wrapper_factory(config: CFGCutoffConfig):
     def cfg_cutoff_wrapper(executor, model, conds, x_in, timestep, model_options):
         uncond_present = len(conds) > 1 and conds[1] is not None
-        sample_sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-        if not uncond_present or not config.uncond_skipped(timestep, sample_sigmas):
+        transformer_options = model_options.get("transformer_options", {})
+        sample_sigmas = transformer_options.get("sample_sigmas")
+        if not uncond_present or not config.uncond_skipped(timestep, sample_sigmas, transformer_options):
             return executor(model, conds, x_in, timestep, model_options)
         # Same as ComfyUI's cfg=1 path: a None uncond is never batched; the cond result stands in for it.
         out = executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options)
@@ -54,6 +55,7 @@ def apply(model, config: CFGCutoffConfig):
     patched = model.clone()
     patched.remove_wrappers_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY)
     patched.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, cfg_cutoff_wrapper_factory(config))
+    install_step_tracking(patched)
     patched.model_options.setdefault("transformer_options", {})["comfy_accel_cfg_cutoff"] = {
         "cutoff_percent": config.cutoff_percent, "sigma_threshold": config.sigma_threshold}
     return patched

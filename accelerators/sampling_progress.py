@@ -26,3 +26,52 @@ def step_fraction(sigma, sample_sigmas) -> float:
     """The evaluated step as a fraction of the run: 0.0 for the first step, (n-1)/n for the last."""
     step, total = step_of(sigma, sample_sigmas)
     return step / total
+
+
+# ---- the step without a device sync ------------------------------------------------------------------------
+# Reading the current sigma (`sigma.item()`) waits for the GPU: harmless in eager mode, where the CPU is the
+# bottleneck anyway, but with CUDA graphs it stops the CPU from queuing the next step while the GPU runs this
+# one (measured on an H100: compile + CFG cutoff took 0.255 s instead of about 0.14 s). ComfyUI's KSAMPLER
+# reports every finished step through its callback, so a SAMPLER_SAMPLE wrapper counts them: the model
+# evaluations of step i (two for Heun and dpm_2) all come before the callback of step i.
+STEP_KEY = "comfy_accel_step"
+STEP_WRAPPER_KEY = "comfy_accel.steps"
+
+
+class StepTracker:
+    def __init__(self, total: int):
+        self.total = total
+        self.step = 0
+
+
+def step_tracking_wrapper(executor, guider, sigmas, extra_args, callback, *args, **kwargs):
+    """SAMPLER_SAMPLE wrapper: puts a StepTracker in this run's transformer_options, advanced by the callback."""
+    from comfy.samplers import KSAMPLER
+
+    if not isinstance(executor.class_obj, KSAMPLER):  # other samplers may not call back: sigma lookup instead
+        return executor(guider, sigmas, extra_args, callback, *args, **kwargs)
+    tracker = StepTracker(max(len(sigmas) - 1, 1))
+    extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})[STEP_KEY] = tracker
+
+    def tracked(step, *callback_args):
+        tracker.step = step + 1
+        if callback is not None:
+            return callback(step, *callback_args)
+
+    return executor(guider, sigmas, extra_args, tracked, *args, **kwargs)
+
+
+def install_step_tracking(patcher) -> None:
+    """Adds the step-counting wrapper to a ModelPatcher clone (one per model, whichever accelerator asks)."""
+    from comfy.patcher_extension import WrappersMP
+
+    patcher.remove_wrappers_with_key(WrappersMP.SAMPLER_SAMPLE, STEP_WRAPPER_KEY)
+    patcher.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, STEP_WRAPPER_KEY, step_tracking_wrapper)
+
+
+def current_step(transformer_options: dict | None, sigma, sample_sigmas) -> tuple[int, int]:
+    """(step, total) from the run's StepTracker when there is one (no sync), else from the sigma."""
+    tracker = (transformer_options or {}).get(STEP_KEY)
+    if tracker is not None and sample_sigmas is not None and tracker.total == max(len(sample_sigmas) - 1, 1):
+        return min(tracker.step, tracker.total - 1), tracker.total
+    return step_of(sigma, sample_sigmas)

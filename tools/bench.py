@@ -192,11 +192,29 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     row["times_s"] = times
     row["median_s"] = statistics.median(times)
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    if getattr(args, "lora_switch", False):
+        row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
     row["latent"] = latent
     if ctx.get("vae") is not None:
         row["image"] = ctx["vae"].decode(latent[:1].to(torch.float32)).float().cpu()
     del model
     return row
+
+
+def _time_lora_switch(model, kwargs: dict, cuda: bool) -> float:
+    """Seconds to the first sample after a LoRA is loaded after the stack (ComfyUI's LoraLoader path)."""
+    import comfy.sd
+
+    from tools.model_factory import random_lora, sample
+
+    with_lora = comfy.sd.load_lora_for_models(model, None, random_lora(model), 1.0, 0.0)[0]
+    _sync(cuda)
+    start = time.perf_counter()
+    sample(with_lora, **kwargs)
+    _sync(cuda)
+    seconds = time.perf_counter() - start
+    sample(model, **kwargs)  # LoRA removed again, so the next stack starts from the base weights
+    return seconds
 
 
 def _vae_section(args, cuda: bool) -> list[dict]:
@@ -254,6 +272,8 @@ def format_table(rows: list[dict], baseline: dict | None) -> str:
         extra = ""
         if "image_psnr_db" in fid:
             extra = f" (image PSNR {fid['image_psnr_db']:.1f} dB, SSIM {fid['image_ssim']:.3f})"
+        if "lora_switch_s" in row:
+            extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
         lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "
                      f"{mem} | {row['first_run_s']:.1f} | {rel} | {psnr}{extra} |")
     return "\n".join(lines)
@@ -321,6 +341,8 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", type=int, default=None, help="timed runs per stack after the warm-up")
     parser.add_argument("--vae", action="store_true", help="also compare full VAE decode with the Tiny VAE")
+    parser.add_argument("--lora-switch", action="store_true",
+                        help="also time the first sample after a LoRA is loaded after each stack")
     parser.add_argument("--vae-size", type=int, default=1024)
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--list", action="store_true")

@@ -98,6 +98,8 @@ def build_model(name: str = "tiny-sd15", dtype: torch.dtype = torch.float32, dev
     config = getattr(comfy.supported_models, family)(copy.deepcopy(unet_config))
     config.set_inference_dtype(dtype, None)
     load_device = mm.get_torch_device() if device is None else torch.device(device)
+    if load_device.type == mm.get_torch_device().type and load_device.index is None:
+        load_device = mm.get_torch_device()  # "cuda" → ComfyUI's "cuda:0": its memory manager compares devices
     offload_device = mm.unet_offload_device()
     # Build and initialise where the weights will run (GPU init of 2.6 B params takes a second), then park
     # them on the offload device as ComfyUI's own loaders do.
@@ -224,3 +226,19 @@ def build_vae(seed: int = 0, device=None):
     init_by_module_type(autoencoder, seed)
     state = {k: v.detach().cpu() for k, v in autoencoder.state_dict().items()}
     return comfy.sd.VAE(sd=state)
+
+
+def random_lora(patcher, layers: int = 16, rank: int = 8, seed: int = 11, scale: float = 0.3) -> dict:
+    """A LoRA state dict in kohya format (ComfyUI's `load_lora_for_models` reads it) over the first `layers`
+    attention projections of the UNet: what the benchmark applies to time a LoRA change."""
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    keys = [k for k, v in patcher.model.state_dict().items()
+            if k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight")) and v.dim() == 2][:layers]
+    for key in keys:
+        out_ch, in_ch = patcher.model.state_dict()[key].shape
+        name = "lora_unet_" + key.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
+        lora[f"{name}.lora_down.weight"] = torch.randn((rank, in_ch), generator=gen) * scale
+        lora[f"{name}.lora_up.weight"] = torch.randn((out_ch, rank), generator=gen) * scale
+        lora[f"{name}.alpha"] = torch.tensor(float(rank))
+    return lora
