@@ -1,0 +1,181 @@
+"""The inductor backend on the real ComfyUI sampler (CPU): matches eager, LoRA loaded after the node is applied
+without a recompile, one compile per shape bucket, shape policies and foreign wrappers fall back with a reason,
+DeepCache's segments compiled once each, bad input refused with clear messages.
+"""
+import pytest
+import torch
+
+from tests.lora import TARGETS, make_lora, with_lora
+from tools.model_factory import build_model, sample
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def model(pack):
+    return build_model("tiny-sd15", seed=21)  # its own model: LoRA patches its weights in place
+
+
+@pytest.fixture(scope="module")
+def twin(pack):
+    """The same weights in another model: eager references that never touch the compiled model's tensors."""
+    return build_model("tiny-sd15", seed=21)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    from comfy_accel.accelerators.cache import ArtifactStore
+
+    return ArtifactStore(tmp_path / "cache")
+
+
+def notices(node):
+    from comfy_accel.accelerators import events
+
+    return [n["message"] for n in events.recent(200) if n.get("node") == node]
+
+
+def test_inductor_matches_eager_applies_lora_without_recompile_and_compiles_once_per_bucket(pack, model, twin,
+                                                                                           store):
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import apply
+
+    eager = sample(twin, steps=3)
+    accelerated = apply(model, {"fallback": "error", "store": store, "node_id": "c1"})
+    out = sample(accelerated, steps=3)
+    session = session_of(accelerated)
+    assert rel(out, eager) < 1e-4 and session.calls["compiled"] == 3 and session.calls["eager"] == 0
+    compiled = len(session.compiler.compile_events)
+    assert compiled >= 1
+    assert any("compiled for batch 2, 64×64 px, 77 tokens" in n for n in notices("c1"))
+    assert [e.accelerator for e in store.entries()] == ["inductor"]   # warm-restart artifacts kept
+
+    # a LoRA loaded after the node: applied exactly as in eager, through the same compiled code
+    lora = make_lora(twin, TARGETS)
+    eager_lora = sample(with_lora(twin, lora), steps=3)
+    accelerated_lora = sample(with_lora(accelerated, lora), steps=3)
+    assert rel(eager_lora, eager) > 1e-3
+    assert rel(accelerated_lora, eager_lora) < 1e-4
+    assert len(session.compiler.compile_events) == compiled
+    assert rel(sample(accelerated, steps=3), out) < 1e-5        # removed again: the base weights are back
+
+    # a second resolution: one compile for its bucket, then reused
+    eager_48 = sample(twin, steps=3, width=48, height=48)
+    first = sample(accelerated, steps=3, width=48, height=48)
+    after_first = len(session.compiler.compile_events)
+    again = sample(accelerated, steps=3, width=48, height=48)
+    assert after_first > compiled and len(session.compiler.compile_events) == after_first
+    assert torch.equal(first, again) and rel(first, eager_48) < 1e-4
+    assert sorted((b[0], b[1]) for b in session.buckets) == [(2, 6), (2, 8)]
+
+
+def test_shape_policies_foreign_wrappers_and_unavailable_backends_run_eager_with_a_reason(pack, model, twin):
+    from comfy.patcher_extension import WrappersMP
+
+    from comfy_accel.accelerators.base import BackendUnavailable
+    from comfy_accel.accelerators.compiled_unet import CompileSession, _Bucket, parse_options
+    from comfy_accel.accelerators.torch_compile import InductorCompiler, apply, apply_cudagraphs
+
+    # the shape policy, decided before anything compiles
+    compiled_64 = (2, 8, 8, 77, 0, "float32", "cpu")
+    for options, other, reason in (({"dynamic": "static"}, (2, 6, 6, 77, 0, "float32", "cpu"),
+                                    "differs from the compiled shape batch 2, 64×64 px, 77 tokens and the "
+                                    "dynamic-shape policy is 'static'"),
+                                   ({"max_buckets": 1}, (1, 8, 8, 77, 0, "float32", "cpu"),
+                                    "would be shape bucket 2, over the limit of 1")):
+        parsed = parse_options(options, "inductor")
+        session = CompileSession(InductorCompiler(parsed), parsed)
+        session.buckets[compiled_64] = _Bucket(compiled=True)
+        assert reason in session.admit(other) and session.admit(compiled_64) == ""
+
+    # another DIFFUSION_MODEL wrapper (a step cache we do not know): eager, exactly, with the reason
+    wrapped = apply(model, {"node_id": "c2"})
+    wrapped.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "someone.else", lambda executor, *a, **k: executor(*a, **k))
+    assert torch.equal(sample(wrapped, steps=2), sample(twin, steps=2))
+    assert any("wrapped by someone.else" in n and n.endswith("running eager") for n in notices("c2"))
+
+    # CUDA graphs asked for on a machine without a GPU
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
+            apply_cudagraphs(model, {"fallback": "error"})
+        plain = apply_cudagraphs(model, {"fallback": "eager", "node_id": "c3"})
+        assert torch.equal(sample(plain, steps=2), sample(twin, steps=2))
+        assert any("needs a CUDA GPU" in n for n in notices("c3"))
+
+
+def test_bad_input_gets_clear_messages(pack, model):
+    from comfy_accel.accelerators.accelerate import accelerate
+    from comfy_accel.accelerators.base import AcceleratorInputError
+    from comfy_accel.accelerators.torch_compile import apply
+
+    flux = build_model("tiny-flux")
+    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet"):
+        apply(flux, {})
+    with pytest.raises(AcceleratorInputError, match="mode must be one of default, max-autotune; got 'turbo'"):
+        apply(model, {"mode": "turbo"})
+    with pytest.raises(AcceleratorInputError, match="dynamic must be one of buckets, static, dynamic"):
+        apply(model, {"dynamic": "maybe"})
+    with pytest.raises(AcceleratorInputError, match="unknown backend 'warp'; choose one of: auto, default"):
+        accelerate(model, backend="warp")
+    with pytest.raises(AcceleratorInputError, match="fallback must be"):
+        accelerate(model, backend="inductor", fallback="sometimes")
+
+
+def test_backend_choice_auto_default_and_eager(pack, model, monkeypatch):
+    from comfy_accel.accelerators import registry, settings
+    from comfy_accel.accelerators.accelerate import accelerate, resolve_backend
+    from comfy_accel.accelerators.webui_mapping import AUTO_ORDER
+
+    chosen, note = resolve_backend("auto")
+    first_available = next((n for n in AUTO_ORDER if registry.get(n).available()), "eager")
+    assert chosen == first_available and (chosen in note or "no compile backend" in note)
+    monkeypatch.setattr(settings, "_settings", settings.Settings(default_backend="tensorrt"))
+    assert resolve_backend("default") == ("tensorrt", "default backend from the settings: tensorrt")
+    out, in_effect = accelerate(model, backend="eager")
+    assert in_effect["backend"] == "eager" and out is not model and not out.wrappers.get("apply_model")
+
+
+def test_deepcache_segments_compile_once_each(pack, model, twin):
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.deepcache import DeepCacheConfig
+    from comfy_accel.accelerators.deepcache import apply as deepcache
+    from comfy_accel.accelerators.torch_compile import apply
+
+    reference = sample(deepcache(twin, DeepCacheConfig(cache_interval=3)), steps=6)
+    accelerated = apply(deepcache(model, DeepCacheConfig(cache_interval=3)), {"fallback": "error"})
+    out = sample(accelerated, steps=6)
+    session = session_of(accelerated)
+    compiled = [e["what"] for e in session.compiler.compile_events]
+    assert sorted(set(compiled)) == ["deepcache.b0.deep", "deepcache.b0.shallow_in", "deepcache.b0.shallow_out"]
+    again = sample(accelerated, steps=6)
+    assert len(session.compiler.compile_events) == len(compiled)   # no recompile per step or per run
+    assert rel(out, reference) < 1e-4 and torch.equal(out, again)
+
+
+def test_warm_restart_a_fresh_process_compiles_no_kernel(pack, tmp_path):
+    """Process 1 compiles and stores torch's compile artifacts in the shared cache; process 2, with an empty
+    inductor cache of its own, loads them from the store and generates no kernel (the FX-graph cache hits)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("compile_worker.py")
+    store = tmp_path / "store"
+    results = []
+    for run in (1, 2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
+        done = subprocess.run([sys.executable, str(worker), str(store), str(tmp_path / f"latent-{run}.pt")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))
+        results.append(json.loads(line.removeprefix("RESULT ")))
+    cold, warm = results
+    assert cold["fxgraph_cache_miss"] >= 1 and not any("warm start" in n for n in cold["notices"])
+    assert warm["fxgraph_cache_miss"] == 0 and warm["fxgraph_cache_hit"] >= 1, warm
+    assert any("warm start: compiled artifacts for batch 2, 64×64 px, 77 tokens loaded" in n for n in warm["notices"])
+    assert torch.equal(torch.load(tmp_path / "latent-1.pt"), torch.load(tmp_path / "latent-2.pt"))
+    print(f"first sample: cold {cold['first_sample_s']:.1f} s, warm {warm['first_sample_s']:.1f} s")
