@@ -71,9 +71,12 @@ def config_schema(config_cls: type) -> dict:
 def module_available(module: str, pip_name: str | None = None) -> Availability:
     """Whether an optional library can be imported, without importing it (cheap, never raises)."""
     try:
-        found = importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        found = False
+        spec = None
+    # a namespace package is only a folder of that name on sys.path (tests/accelerators/tensorrt/ under pytest,
+    # say), not the library: a real one has an origin
+    found = spec is not None and spec.origin not in (None, "namespace")
     if found:
         return Availability(True, f"{module} found")
     return Availability(False, f"{pip_name or module} not installed (pip install {pip_name or module})")
