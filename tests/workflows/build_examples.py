@@ -52,7 +52,7 @@ def accelerated(prefix, *pieces, vae_from=("1", 2)):
 CUTOFF = ("10", "AccelCFGCutoff", {"cutoff_percent": 60.0, "sigma_threshold": 0.0})
 DEEPCACHE = ("11", "AccelDeepCache", {"cache_interval": 3, "cache_branch": 0, "start_percent": 0.0,
                                       "end_percent": 100.0})
-COMPILE = ("12", "AccelAccelerateModel", {"backend": "inductor"})
+COMPILE = ("12", "AccelAccelerateModel", {"backend": "auto"})  # inductor+cudagraphs on a GPU, inductor on a CPU
 TINY_VAE = ("13", "AccelTinyVAE", {"vae_family": "auto"}, {"model": ("1", 0)})
 
 WORKFLOWS = {
@@ -69,7 +69,7 @@ WORKFLOWS = {
         "nodes": accelerated("tiny_vae", vae_from=("13", 0)) + [TINY_VAE],
     },
     "accelerate_model": {
-        "title": "Accelerate Model: torch.compile (inductor) with the compiled graph kept in the artifact cache",
+        "title": "Accelerate Model: the fastest compile backend here (auto), compiled artifacts kept in the cache",
         "nodes": accelerated("accelerate_model", COMPILE),
     },
     "tensorrt": {
