@@ -5,7 +5,7 @@ structure), the TorchScript passes in `sfast.jit.passes`, and `CompilationConfig
 Differences from ComfyUI_stable_fast, on purpose:
 - no JIT freezing: a frozen graph bakes the weights in as constants, which is why LoRA changes there need a
   re-trace; here the traced graph reads the live parameters, patched in place (see compiled_unet.py);
-- the CUDA graphs are ours (compiled_unet.CapturedCall), so they are freed when ComfyUI unloads the model and
+- the CUDA graphs are ours (cuda_graphs.CapturedCall), so they are freed when ComfyUI unloads the model and
   re-captured only when the weights move;
 - a trace bakes the Python of the forward, so one trace per set of patches (FreeU on/off), and calls with
   ControlNet or unknown patches run eager with the reason.

@@ -5,7 +5,7 @@
   `compile_fx` (the same path as `backend="inductor"`).
 - `inductor+cudagraphs`: the same compiled UNet, captured as one CUDA graph per shape bucket and replayed:
   the UNet call is then one launch instead of hundreds of kernel launches and guard checks. We capture
-  ourselves (`compiled_unet.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
+  ourselves (`cuda_graphs.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
   copied in place) needs neither a recompile nor a re-record, and the graphs are freed when ComfyUI unloads.
 
 Warm restart: after a bucket's first compile, torch's portable compile-cache artifacts
@@ -37,7 +37,7 @@ MODE_CONFIG = {"default": {}, "max-autotune": {"max_autotune": True, "coordinate
 def available() -> Availability:
     try:
         import torch  # noqa: F401
-        import torch._inductor  # noqa: F401
+        import torch._inductor  # noqa: F401  (inductor may be stripped from a build)
     except Exception as exc:
         return Availability(False, f"torch.compile unavailable: {exc}")
     gpu = cuda_available()
