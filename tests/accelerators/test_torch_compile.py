@@ -179,3 +179,21 @@ def test_warm_restart_a_fresh_process_compiles_no_kernel(pack, tmp_path):
     assert any("warm start: compiled artifacts for batch 2, 64×64 px, 77 tokens loaded" in n for n in warm["notices"])
     assert torch.equal(torch.load(tmp_path / "latent-1.pt"), torch.load(tmp_path / "latent-2.pt"))
     print(f"first sample: cold {cold['first_sample_s']:.1f} s, warm {warm['first_sample_s']:.1f} s")
+
+
+def test_freeu_added_after_the_node_runs_inside_the_compiled_unet(pack, model, twin):
+    """ComfyUI's own FreeU_V2 patch (transformer_options) on the accelerated model: compiled with the UNet, same
+    result as FreeU in eager."""
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import apply
+
+    plain = sample(twin, steps=3)
+    reference = sample(FreeU_V2().patch(twin, 1.3, 1.4, 0.9, 0.2)[0], steps=3)
+    accelerated = FreeU_V2().patch(apply(model, {"fallback": "error"}), 1.3, 1.4, 0.9, 0.2)[0]
+    out = sample(accelerated, steps=3)
+    session = session_of(accelerated)
+    assert session.calls["compiled"] == 3 and session.calls["eager"] == 0
+    assert rel(reference, plain) > 1e-3           # FreeU is a real change here
+    assert rel(out, reference) < 1e-4
