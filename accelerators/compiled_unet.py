@@ -576,6 +576,35 @@ def attach(model, session: CompileSession):
     return patched
 
 
+def store_getter(options: dict):
+    """options["get_store"] (a callable) or options["store"] (an ArtifactStore or None) as a callable."""
+    if callable(options.get("get_store")):
+        return options["get_store"]
+    store = options.get("store")
+    return (lambda: store) if store is not None else None
+
+
+def apply_backend(model, options: dict | None, backend: str, available: Callable, make_compiler: Callable,
+                  cuda_graphs: bool):
+    """What every compile backend's `apply` does: validate, check the model, run eager with the reason (or raise
+    under the `error` policy) when the backend cannot run here, else attach a session with its compiler."""
+    from . import events
+    from .base import require_sd_unet
+
+    options = dict(options or {})
+    parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
+    require_sd_unet(model, backend)
+    ready = available()
+    if not ready:
+        if parsed.fallback == "error":
+            raise BackendUnavailable(f"{backend}: {ready.reason}")
+        events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
+        return model.clone()
+    session = CompileSession(make_compiler(parsed), parsed, get_store=store_getter(options),
+                             model_config=model_config_fields(model))
+    return attach(model, session)
+
+
 def session_of(model) -> CompileSession | None:
     """The compile session attached to a ModelPatcher (for tests, the UI and diagnostics)."""
     for fn in (getattr(model, "wrappers", {}) or {}).get("apply_model", {}).get(WRAPPER_KEY, []):

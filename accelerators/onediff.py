@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import (AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available,
-                   require_sd_unet)
-from .compiled_unet import CompileSession, Compiler, attach, model_config_fields, parse_options
+from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
+from .compiled_unet import Compiler, apply_backend
 
 NAME = "onediff"
 COMPILER_BACKENDS = ("nexfort", "oneflow")
@@ -82,21 +81,7 @@ class OneDiffCompiler(Compiler):
 
 def apply(model, options: dict | None = None):
     """A clone whose UNet runs compiled by OneDiff, replayed as CUDA graphs."""
-    from . import events
-    from .torch_compile import store_getter
-
-    options = dict(options or {})
-    parsed = parse_options(options, NAME, cuda_graphs=True)
-    require_sd_unet(model, NAME)
-    ready = available()
-    if not ready:
-        if parsed.fallback == "error":
-            raise BackendUnavailable(f"{NAME}: {ready.reason}")
-        events.notice(NAME, f"{ready.reason}; running eager", node_id=parsed.node_id)
-        return model.clone()
-    session = CompileSession(OneDiffCompiler(parsed, compiler_backend()), parsed, get_store=store_getter(options),
-                             model_config=model_config_fields(model))
-    return attach(model, session)
+    return apply_backend(model, options, NAME, available, lambda parsed: OneDiffCompiler(parsed, compiler_backend()), cuda_graphs=True)
 
 
 @dataclass

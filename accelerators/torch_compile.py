@@ -22,8 +22,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, require_sd_unet
-from .compiled_unet import CompileSession, Compiler, attach, model_config_fields, parse_options
+from .base import AcceleratorSpec, Availability, cuda_available
+from .compiled_unet import Compiler, apply_backend
 
 INDUCTOR = "inductor"
 INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
@@ -148,40 +148,15 @@ class InductorCompiler(Compiler):
         return str(getattr(last, "reason", last)).strip().splitlines()[0][:200]
 
 
-def _apply(model, options, cuda_graphs: bool):
-    options = dict(options or {})
-    backend = INDUCTOR_CUDAGRAPHS if cuda_graphs else INDUCTOR
-    parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
-    require_sd_unet(model, backend)
-    ready = available_cudagraphs() if cuda_graphs else available()
-    if not ready:
-        if parsed.fallback == "error":
-            raise BackendUnavailable(f"{backend}: {ready.reason}")
-        from . import events
-
-        events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
-        return model.clone()
-    session = CompileSession(InductorCompiler(parsed), parsed, get_store=store_getter(options),
-                             model_config=model_config_fields(model))
-    return attach(model, session)
-
-
-def store_getter(options: dict):
-    """options["get_store"] (a callable) or options["store"] (an ArtifactStore or None) as a callable."""
-    if callable(options.get("get_store")):
-        return options["get_store"]
-    store = options.get("store")
-    return (lambda: store) if store is not None else None
-
-
 def apply(model, options: dict | None = None):
     """A clone whose UNet runs compiled by inductor (eager with a reason where it cannot)."""
-    return _apply(model, options, cuda_graphs=False)
+    return apply_backend(model, options, INDUCTOR, available, InductorCompiler, cuda_graphs=False)
 
 
 def apply_cudagraphs(model, options: dict | None = None):
     """A clone whose UNet runs compiled by inductor and replayed as CUDA graphs, one per shape bucket."""
-    return _apply(model, options, cuda_graphs=True)
+    return apply_backend(model, options, INDUCTOR_CUDAGRAPHS, available_cudagraphs, InductorCompiler,
+                         cuda_graphs=True)
 
 
 @dataclass

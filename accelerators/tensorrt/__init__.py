@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from ..base import (AcceleratorInputError, AcceleratorSpec, Availability, BackendUnavailable, cuda_available,
                     module_available, require_sd_unet)
+from ..compiled_unet import store_getter
 
 NAME = "tensorrt"
 FALLBACKS = ("eager", "error")
@@ -71,13 +72,6 @@ def parse_options(options) -> "TensorRTOptions":
                            preset=preset, dynamic=dynamic, build_on_demand=build, optimization_level=level)
 
 
-def _store_getter(options: dict):
-    if callable(options.get("get_store")):
-        return options["get_store"]
-    store = options.get("store")
-    return (lambda: store) if store is not None else None
-
-
 def apply(model, options: dict | None = None, engines=None):
     """A clone of the ModelPatcher whose UNet runs through TensorRT engines (eager with a reason otherwise).
 
@@ -94,7 +88,7 @@ def apply(model, options: dict | None = None, engines=None):
     ready = available()
     if not ready and parsed.fallback == "error":
         raise BackendUnavailable(f"tensorrt: {ready.reason}")
-    get_store = _store_getter(options)
+    get_store = store_getter(options)
     records = list(engines or [])
     named = options.get("engine")
     if named:
