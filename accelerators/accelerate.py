@@ -64,7 +64,7 @@ def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str
     if note:
         in_effect["note"] = note
     if chosen == "eager":
-        if backend not in ("eager",) and fallback == "error":
+        if backend != "eager" and fallback == "error":  # auto/default found nothing that can run here
             raise BackendUnavailable(note or "no backend chosen")
         return model.clone(), in_effect
     spec = registry.get(chosen)

@@ -59,15 +59,21 @@ class CompileOptions:
     max_buckets: int = MAX_BUCKETS
 
 
-def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
-    """Validates the Accelerate Model options; raises AcceleratorInputError naming the bad value."""
-    options = dict(options or {})
+def fallback_and_dynamic(options: dict) -> tuple[str, str]:
+    """The two options every backend of Accelerate Model shares (TensorRT too), validated."""
     fallback = options.get("fallback") or "eager"
     if fallback not in FALLBACKS:
         raise AcceleratorInputError(f"fallback must be 'eager' or 'error'; got {fallback!r}")
     dynamic = options.get("dynamic") or "buckets"
     if dynamic not in DYNAMIC:
         raise AcceleratorInputError(f"dynamic must be one of {', '.join(DYNAMIC)}; got {dynamic!r}")
+    return fallback, dynamic
+
+
+def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
+    """Validates the Accelerate Model options; raises AcceleratorInputError naming the bad value."""
+    options = dict(options or {})
+    fallback, dynamic = fallback_and_dynamic(options)
     mode = options.get("mode") or "default"
     if mode not in MODES:
         raise AcceleratorInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")

@@ -16,11 +16,9 @@ from dataclasses import dataclass
 
 from ..base import (AcceleratorInputError, AcceleratorSpec, Availability, BackendUnavailable, cuda_available,
                     module_available, require_sd_unet)
-from ..compiled_unet import store_getter
+from ..compiled_unet import fallback_and_dynamic, store_getter
 
 NAME = "tensorrt"
-FALLBACKS = ("eager", "error")
-DYNAMIC = ("buckets", "static", "dynamic")
 
 
 def available() -> Availability:
@@ -44,12 +42,7 @@ def parse_options(options) -> "TensorRTOptions":
         options = {}
     if not isinstance(options, dict):
         raise AcceleratorInputError(f"tensorrt options must be a dict, got {type(options).__name__}")
-    fallback = options.get("fallback") or "eager"
-    if fallback not in FALLBACKS:
-        raise AcceleratorInputError(f"fallback must be 'eager' or 'error'; got {fallback!r}")
-    dynamic = options.get("dynamic") or "buckets"
-    if dynamic not in DYNAMIC:
-        raise AcceleratorInputError(f"dynamic must be one of {', '.join(DYNAMIC)}; got {dynamic!r}")
+    fallback, dynamic = fallback_and_dynamic(options)
     mode = options.get("mode", "default")
     if mode is not None and not isinstance(mode, str):
         raise AcceleratorInputError(f"mode must be a string; got {mode!r}")
