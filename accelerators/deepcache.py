@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from . import events
 from .base import AcceleratorInputError, AcceleratorSpec, Availability, check_range, require_sd_unet
-from .sampling_progress import step_of
+from .sampling_progress import install_step_tracking, step_of, tracked_step
 from .segments import run_segment, segment_compiler
 
 log = logging.getLogger("comfy_accel")
@@ -259,11 +259,14 @@ class DeepCacheState:
             self.segments = UNetSegments(unet, self.config.cache_branch)
         return self.segments
 
-    # -- one decision per model call (one host sync: the current sigma) ------------------------------------
+    # -- one decision per model call: the callback's step count, else the sigma (one host sync) ------------
     def step(self, options) -> tuple[int, int] | None:
         sample_sigmas, sigmas = options.get("sample_sigmas"), options.get("sigmas")
         if sample_sigmas is None or sigmas is None:
             return None
+        tracked = tracked_step(options, sample_sigmas)
+        if tracked is not None:
+            return tracked
         if sample_sigmas is not self._schedule_ref:  # once per run: the schedule on the CPU
             self._schedule_ref = sample_sigmas
             self._schedule_cpu = sample_sigmas.detach().float().cpu()
@@ -409,6 +412,7 @@ def apply(model, config: DeepCacheConfig):
         patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
         patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     patched.model_options.setdefault("transformer_options", {})[OPTIONS_KEY] = config.settings()
+    install_step_tracking(patched)  # the step of each call without waiting for the GPU (one-evaluation samplers)
     return patched
 
 

@@ -32,10 +32,17 @@ def step_fraction(sigma, sample_sigmas) -> float:
 # Reading the current sigma (`sigma.item()`) waits for the GPU: harmless in eager mode, where the CPU is the
 # bottleneck anyway, but with CUDA graphs it stops the CPU from queuing the next step while the GPU runs this
 # one (measured on an H100: compile + CFG cutoff took 0.255 s instead of about 0.14 s). ComfyUI's KSAMPLER
-# reports every finished step through its callback, so a SAMPLER_SAMPLE wrapper counts them: the model
-# evaluations of step i (two for Heun and dpm_2) all come before the callback of step i.
+# reports every finished step through its callback, so a SAMPLER_SAMPLE wrapper counts them. That count is the
+# step of every model evaluation only for samplers that evaluate once per step, before the callback: dpm_2
+# calls back between its two evaluations (its midpoint would count as the next step) and Heun-like samplers
+# evaluate twice, so only the samplers below use the count; every other one reads the sigma (one sync per call).
 STEP_KEY = "comfy_accel_step"
 STEP_WRAPPER_KEY = "comfy_accel.steps"
+ONE_EVALUATION_PER_STEP = frozenset({
+    "sample_euler", "sample_euler_ancestral", "sample_euler_cfg_pp", "sample_euler_ancestral_cfg_pp",
+    "sample_lms", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_gpu", "sample_dpmpp_3m_sde",
+    "sample_dpmpp_3m_sde_gpu", "sample_lcm", "sample_ipndm", "sample_ipndm_v", "sample_deis",
+})
 
 
 class StepTracker:
@@ -44,21 +51,31 @@ class StepTracker:
         self.step = 0
 
 
+def counts_steps_exactly(ksampler) -> bool:
+    """Whether KSAMPLER's callback count is the step of each model evaluation for this sampler."""
+    return getattr(getattr(ksampler, "sampler_function", None), "__name__", "") in ONE_EVALUATION_PER_STEP
+
+
 def step_tracking_wrapper(executor, guider, sigmas, extra_args, callback, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: puts a StepTracker in this run's transformer_options, advanced by the callback."""
     from comfy.samplers import KSAMPLER
 
-    if not isinstance(executor.class_obj, KSAMPLER):  # other samplers may not call back: sigma lookup instead
+    sampler = executor.class_obj
+    if not isinstance(sampler, KSAMPLER) or not counts_steps_exactly(sampler):  # sigma lookup instead
         return executor(guider, sigmas, extra_args, callback, *args, **kwargs)
     tracker = StepTracker(max(len(sigmas) - 1, 1))
-    extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})[STEP_KEY] = tracker
+    options = extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})
+    options[STEP_KEY] = tracker
 
     def tracked(step, *callback_args):
         tracker.step = step + 1
         if callback is not None:
             return callback(step, *callback_args)
 
-    return executor(guider, sigmas, extra_args, tracked, *args, **kwargs)
+    try:
+        return executor(guider, sigmas, extra_args, tracked, *args, **kwargs)
+    finally:
+        options.pop(STEP_KEY, None)  # a later run with another sampler must not read a stale count
 
 
 def install_step_tracking(patcher) -> None:
@@ -69,9 +86,14 @@ def install_step_tracking(patcher) -> None:
     patcher.add_wrapper_with_key(WrappersMP.SAMPLER_SAMPLE, STEP_WRAPPER_KEY, step_tracking_wrapper)
 
 
-def current_step(transformer_options: dict | None, sigma, sample_sigmas) -> tuple[int, int]:
-    """(step, total) from the run's StepTracker when there is one (no sync), else from the sigma."""
+def tracked_step(transformer_options: dict | None, sample_sigmas) -> tuple[int, int] | None:
+    """(step, total) from the run's StepTracker, without a sync; None where there is none for this run."""
     tracker = (transformer_options or {}).get(STEP_KEY)
     if tracker is not None and sample_sigmas is not None and tracker.total == max(len(sample_sigmas) - 1, 1):
         return min(tracker.step, tracker.total - 1), tracker.total
-    return step_of(sigma, sample_sigmas)
+    return None
+
+
+def current_step(transformer_options: dict | None, sigma, sample_sigmas) -> tuple[int, int]:
+    """(step, total) from the run's StepTracker when there is one (no sync), else from the sigma."""
+    return tracked_step(transformer_options, sample_sigmas) or step_of(sigma, sample_sigmas)

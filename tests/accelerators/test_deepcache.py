@@ -139,6 +139,36 @@ def test_two_evaluation_samplers_refresh_on_the_scheduled_steps(pack, tiny_sd15,
     assert rel(out, plain) < rel(sample(tiny_sd15, steps=6, sampler=sampler, cfg=1.0), plain)
 
 
+@pytest.mark.parametrize("sampler,reads_sigma", [("euler", False), ("dpmpp_2m", False), ("dpm_2", True),
+                                                  ("heun", True)])
+def test_step_comes_from_the_callback_count_only_for_one_evaluation_samplers(pack, tiny_sd15, monkeypatch,
+                                                                              sampler, reads_sigma):
+    """Reading the sigma waits for the GPU; one-evaluation samplers are counted by KSAMPLER's callback instead,
+    and land on the same steps (0, 3 of 6)."""
+    from comfy_accel.accelerators import deepcache as module
+
+    lookups = []
+    original = module.step_of
+    monkeypatch.setattr(module, "step_of", lambda *a: lookups.append(a) or original(*a))
+    out, deep, calls = deep_calls(pack, tiny_sd15, steps=6, sampler=sampler, cache_interval=3)
+    assert bool(lookups) == reads_sigma
+    if not reads_sigma:
+        assert deep == [0, 3] and len(calls) == 6
+
+
+def test_one_evaluation_samplers_are_named_by_the_host(pack, comfy_path):
+    """The allowlist names ComfyUI's own sampler functions: a rename in the host would silently cost a sync."""
+    import comfy.samplers
+
+    from comfy_accel.accelerators.sampling_progress import ONE_EVALUATION_PER_STEP, counts_steps_exactly
+
+    host = {f"sample_{name}" for name in comfy.samplers.KSAMPLER_NAMES}
+    assert ONE_EVALUATION_PER_STEP <= host, ONE_EVALUATION_PER_STEP - host
+    assert counts_steps_exactly(comfy.samplers.ksampler("euler"))
+    assert not counts_steps_exactly(comfy.samplers.ksampler("dpm_2"))
+    assert not counts_steps_exactly(comfy.samplers.ksampler("heun"))
+
+
 def test_wrappers_added_after_deepcache_still_run_around_it(pack, tiny_sd15):
     """DeepCache stands in for the host forward at the end of the DIFFUSION_MODEL chain: a wrapper added
     after it is not bypassed, on full and on cached calls alike."""
