@@ -23,11 +23,14 @@ before the first compile in a new process (`Compiler.save_artifacts` / `load_art
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from . import events
@@ -114,6 +117,20 @@ class Compiler:
 
     def cache_counters(self) -> dict:
         return {}
+
+    def warm_start(self):
+        """Context for a compile whose artifacts were just loaded from the cache (nothing left to generate)."""
+        return contextlib.nullcontext()
+
+    # a backend that can build an ahead-of-time package of the whole UNet (no tracing in a new process) names
+    # its cache accelerator here and implements `build_package` / `load_package`
+    package_accelerator: str | None = None
+
+    def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
+        raise NotImplementedError
+
+    def load_package(self, folder):
+        raise NotImplementedError
 
 
 # ---- shape buckets ------------------------------------------------------------------------------------------
@@ -247,6 +264,8 @@ class CompileSession:
         self.weights_seen: tuple | None = None
         self.last_run_marker = None
         self.loaded_entries: set[str] = set()
+        self.packages: dict[tuple, object] = {}   # bucket -> AOT package of the whole UNet (graph path)
+        self.package_failed: str = ""
         self.calls = {"compiled": 0, "graph": 0, "eager": 0, "segments": 0}
         # set by the stand-in for each DeepCache call, read by the segment compiler during it
         self.segment_call: tuple = ({}, None, "no graphs")   # (transformer_options, UNet bucket, graph reason)
@@ -304,24 +323,26 @@ class CompileSession:
             self.notice(f"artifact cache unavailable ({exc}); compiling without warm restart", once="no-store")
             return None
 
-    def load_warm_artifacts(self, bucket: tuple) -> None:
+    def load_warm_artifacts(self, bucket: tuple) -> bool:
+        """Loads this bucket's artifacts from the store; True when they are in (now or by an earlier bucket)."""
         store = self._store()
         key = self.artifact_key(bucket) if store is not None else None
         if key is None:
-            return
+            return False
         lookup = store.lookup(key)
         if lookup.entry is None:
             reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
             self.notice(f"cache miss for {describe_bucket(bucket)}: {'; '.join(reasons) or lookup.reason}; "
                         f"compiling", level="info")
-            return
+            return False
         if lookup.entry.id in self.loaded_entries:
-            return
+            return True
         blob = (lookup.entry.path / "compiled.bin").read_bytes()
         info = self.compiler.load_artifacts(blob)
         self.loaded_entries.add(lookup.entry.id)
         self.notice(f"warm start: compiled artifacts for {describe_bucket(bucket)} loaded from the cache "
                     f"(entry {lookup.entry.id[:12]}{', ' + info if info else ''})", level="info")
+        return True
 
     def save_warm_artifacts(self, bucket: tuple) -> None:
         store = self._store()
@@ -355,8 +376,9 @@ class CompileSession:
                 found = self.functions[key] = self.compiler.compile_function(fn, name)
             return found
 
-    def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable):
-        """Runs `run()` for a bucket, with compile progress, diagnostics and artifacts on its first use."""
+    def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable, packaged: bool = False):
+        """Runs `run()` for a bucket, with compile progress, diagnostics and artifacts on its first use
+        (`packaged`: `run` uses an AOT package, which is its own artifact: no compile-cache artifacts)."""
         state = self.buckets.get(bucket)
         if state is not None and state.compiled:
             before = len(self.compiler.compile_events)
@@ -370,8 +392,9 @@ class CompileSession:
         started = time.monotonic()
         counters = self.compiler.cache_counters()
         try:
-            self.load_warm_artifacts(bucket)
-            out = run()
+            warm = not packaged and self.load_warm_artifacts(bucket)
+            with (self.compiler.warm_start() if warm else contextlib.nullcontext()):
+                out = run()
         except Exception as exc:
             state.failed = f"compiling for {describe_bucket(bucket)} failed ({type(exc).__name__}: {exc})"
             log.debug("compile failure", exc_info=True)
@@ -385,12 +408,86 @@ class CompileSession:
         events.progress(task, 1, 1, accelerator=self.name, node_id=self.options.node_id, done=True,
                         message=f"{state.seconds:.1f} s{detail}")
         self.notice(f"compiled for {describe_bucket(bucket)} in {state.seconds:.1f} s{detail}", level="info")
-        self.save_warm_artifacts(bucket)
+        if not packaged or bucket not in self.packages:  # a failed package fell back to the compiled module
+            self.save_warm_artifacts(bucket)
         return out
 
     def explain_recompile(self, bucket: tuple) -> None:
         reason = self.compiler.last_recompile_reason() if hasattr(self.compiler, "last_recompile_reason") else ""
         self.notice(f"recompiled for {describe_bucket(bucket)}: {reason or 'a guard failed'}", level="info")
+
+    # -- ahead-of-time packages (the whole UNet, graph path) ------------------------------------------------------
+    def uses_package(self, transformer_options: dict) -> bool:
+        """Whether plain UNet calls run from an AOT package: the backend builds them and no patch is set (a
+        package bakes the forward, patches included, into one signature)."""
+        return (self.compiler.package_accelerator is not None and not self.package_failed
+                and not patch_signature(transformer_options))
+
+    def package_key(self, bucket: tuple):
+        from .cache import ArtifactKey
+
+        unet_bucket = _unet_bucket(bucket)
+        return ArtifactKey.build(accelerator=self.compiler.package_accelerator,
+                                 options={**self.compiler.artifact_options(), "part": "unet-package"},
+                                 model_config=self.model_config, profile=bucket_profile(bucket),
+                                 dtype=unet_bucket[5], device=unet_bucket[6])
+
+    def package_for(self, unet, bucket: tuple, inputs: tuple, transformer_options: dict):
+        """This bucket's package, bound to `unet`'s weights: from memory, from the store, or built now."""
+        package = self.packages.get(bucket)
+        if package is None:
+            package = self._load_or_build_package(unet, bucket, inputs, transformer_options)
+            self.packages[bucket] = package
+        if package.needs_rebind(unet):
+            package.bind(unet)
+        return package
+
+    def _load_or_build_package(self, unet, bucket, inputs, transformer_options):
+        import shutil
+        import tempfile
+
+        store = self._store()
+        key = self.package_key(bucket) if store is not None else None
+        if key is not None:
+            lookup = store.lookup(key)
+            if lookup.entry is not None:
+                package = self.compiler.load_package(lookup.entry.path)
+                self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
+                            f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
+                return package
+            reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
+            self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
+                        f"{'; '.join(reasons) or lookup.reason}; compiling", level="info")
+        folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
+        try:
+            package = self.compiler.build_package(unet, inputs, transformer_options, folder)
+            if key is not None:
+                try:
+                    store.put(key, self.compiler.package_files(folder), meta={
+                        "family": self.model_config.get("family", "?"), "backend": self.name,
+                        "profile": describe_bucket(bucket), "kind": "AOTInductor package"})
+                except Exception as exc:  # a full disk must not fail the image
+                    self.notice(f"could not store the compiled UNet package: {exc}", once="store-failed")
+            return package
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the loader has its own copy of the library
+
+    def graph_callable(self, unet, bucket: tuple, inputs: tuple, options: dict) -> Callable:
+        """What the whole-UNet CUDA graph captures: the AOT package where there is one, else the module
+        compiled by torch.compile (also when the package cannot be built: said once, never eager)."""
+        if self.uses_package(options):
+            try:
+                package = self.package_for(unet, bucket, inputs, options)
+                return lambda *tensors: package(*tensors)
+            except Exception as exc:
+                self.package_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                log.debug("package failure", exc_info=True)
+                self.notice(f"no ahead-of-time package for the UNet ({self.package_failed}); using torch.compile "
+                            f"(a new process will trace the UNet again)", once="package-failed")
+        compiled = self.compiled_module(unet)
+        if len(inputs) == 3:
+            return lambda x_, t_, c_: compiled(x_, t_, context=c_, transformer_options=dict(options))
+        return lambda x_, t_, c_, y_: compiled(x_, t_, context=c_, y=y_, transformer_options=dict(options))
 
     # -- graphs ----------------------------------------------------------------------------------------------
     def check_weights(self, unet, transformer_options: dict) -> None:
@@ -435,7 +532,17 @@ class CompileSession:
             def replay():
                 captured = self.graphs.get(key)
                 if captured is None:
-                    captured = self.graphs.capture(key, compiled, tensors)
+                    # the segment counts in transformer_options (transformer_index, block) as it runs: each
+                    # warm-up and the capture start from this call's state, or dynamo sees a new count per call
+                    # and recompiles inside the capture (a CUDA error on SDXL)
+                    entry_state = dict(options)
+
+                    def from_entry_state(*args):
+                        options.clear()
+                        options.update(entry_state)
+                        return compiled(*args)
+
+                    captured = self.graphs.capture(key, from_entry_state, tensors)
                 return captured(*tensors)
 
             return self.run_bucket(bucket, replay, eager)
@@ -489,7 +596,8 @@ def _compiled_unet_class():
             graph_reason = graph_unsafe_reason(control, transformer_options, kwargs) if session.graphs else ""
             if session.graphs is not None and not graph_reason:
                 return session.run_bucket(bucket, lambda: self.replay(bucket, x, timesteps, context, y,
-                                                                      transformer_options), eager)
+                                                                      transformer_options), eager,
+                                          packaged=session.uses_package(transformer_options))
             if graph_reason and session.compiler.freezes_python:
                 return session.fallback(graph_reason, eager)
             if graph_reason:
@@ -507,18 +615,11 @@ def _compiled_unet_class():
             key = (bucket, patch_signature(transformer_options))
             captured = session.graphs.get(key)
             if captured is None:
-                compiled = session.compiled_module(unet)
                 # the options the graph is captured with: no per-run tensors (sigmas) kept alive by it
                 options = {k: v for k, v in transformer_options.items()
                            if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
-                if y is None:
-                    def call(x_, t_, c_):
-                        return compiled(x_, t_, context=c_, transformer_options=dict(options))
-                    inputs = (x, timesteps, context)
-                else:
-                    def call(x_, t_, c_, y_):
-                        return compiled(x_, t_, context=c_, y=y_, transformer_options=dict(options))
-                    inputs = (x, timesteps, context, y)
+                inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
+                call = session.graph_callable(unet, bucket, inputs, options)
                 captured = session.graphs.capture(key, call, inputs)
                 session.weights_seen = weights_signature(unet)
             session.calls["graph"] += 1

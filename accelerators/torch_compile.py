@@ -8,13 +8,15 @@
   ourselves (`cuda_graphs.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
   copied in place) needs neither a recompile nor a re-record, and the graphs are freed when ComfyUI unloads.
 
-Warm restart: after a bucket's first compile, torch's portable compile-cache artifacts
-(`torch.compiler.save_cache_artifacts`: inductor's FX-graph, AOTAutograd and autotuning caches) are stored in
-the shared artifact cache; a new process loads them (`load_cache_artifacts`) before its first compile, so
-inductor generates and autotunes no kernel again — only dynamo's trace of the Python remains. Chosen over
-AOTInductor packages because those bake a fixed signature (no transformer_options patches, no DeepCache
-segments) and need an export step per shape; these artifacts key on the graph, not the weights, so one
-entry serves every checkpoint of the architecture.
+Warm restart, two artifacts in the shared cache, both keyed on the architecture and shape bucket (not the
+weights, so one entry serves every checkpoint of the architecture):
+- inductor+cudagraphs, plain UNet calls, opt-in (see packages_enabled): an AOTInductor package of the
+  whole UNet (`aot_package.py`, built once per bucket instead of the torch.compile trace). A new process loads the library, binds the live
+  weights (read in place, so a LoRA patched in place needs nothing) and captures its graph: no dynamo trace,
+  no kernel compile. A package bakes one signature, so calls with patches and DeepCache's segments use:
+- torch's portable compile-cache artifacts (`torch.compiler.save_cache_artifacts`: inductor's FX-graph,
+  AOTAutograd and autotuning caches), loaded before the first compile of a new process: inductor generates
+  and autotunes no kernel again, but dynamo still traces the Python (~15 s for SD1.5 on an H100 host).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .compiled_unet import Compiler, apply_backend
 
 INDUCTOR = "inductor"
 INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
+INDUCTOR_AOT = "inductor-aot"   # cache name of the AOTInductor packages (see packages_enabled)
 RECOMPILE_LIMIT = 16   # dynamo's per-function limit: buckets × (batch 1, 2) with room to spare
 # inductor settings for the UNet on a GPU: 1×1 convolutions as matmuls (cuBLAS beats cuDNN there). Coordinate-
 # descent tuning is left to max-autotune: on full SD1.5 it made the first compile take minutes.
@@ -63,6 +66,24 @@ def available_cudagraphs() -> Availability:
     return Availability(True, f"inductor + CUDA graphs on {gpu.reason}")
 
 
+def packages_enabled() -> bool:
+    """Whether inductor+cudagraphs builds the plain UNet as an AOTInductor package (accelerators/aot_package.py):
+    a new process then loads it and captures its graph without dynamo tracing the UNet again (the portable
+    compile-cache artifacts still leave that trace: ~15 s for SD1.5 on an H100 host).
+
+    Opt-in (COMFY_ACCEL_AOT_PACKAGES=1) because a failure there is a crash, not an exception: on torch
+    2.11+cu130 (H100) `aoti_load_package` of a CUDA package built without its weights killed the process
+    with a segfault right after building it; the same code passes its tests on the CPU with torch 2.13.
+    Calls with patches (FreeU, attention patches) and DeepCache's segments always use torch.compile."""
+    import os
+
+    if os.environ.get("COMFY_ACCEL_AOT_PACKAGES", "0").strip().lower() not in ("1", "true", "yes", "on"):
+        return False
+    from .aot_package import available as package_available
+
+    return bool(package_available())
+
+
 def _has_module(name: str) -> bool:
     import importlib.util
 
@@ -83,6 +104,8 @@ class InductorCompiler(Compiler):
         self.config_patches = dict(MODE_CONFIG[options.mode])
         if torch.cuda.is_available():
             self.config_patches = {**GPU_DEFAULT_CONFIG, **self.config_patches}
+        if options.cuda_graphs and options.dynamic != "dynamic" and packages_enabled():
+            self.package_accelerator = INDUCTOR_AOT
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -131,6 +154,36 @@ class InductorCompiler(Compiler):
         counts = {name: len(getattr(info, name, []) or []) for name in ("inductor_artifacts", "autotune_artifacts",
                                                                         "aot_autograd_artifacts")}
         return ", ".join(f"{v} {k.replace('_artifacts', '')}" for k, v in counts.items() if v)
+
+    def warm_start(self):
+        """Kernels come from the loaded artifacts: load them in this process. With the default thread count
+        inductor starts its pool of compile workers for them, and that pool's start-up (a process per core
+        importing torch and triton) took the CPU from the sampler for the next ~20 s: on an H100 the first
+        images after a warm start took 0.35 s instead of 0.17 s (0.17 s with one compile thread).
+        `compile_threads` is not part of inductor's cache key, so this changes no hit or miss."""
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(compile_threads=1)
+
+    # -- AOTInductor packages of the whole UNet (inductor+cudagraphs, static shape buckets) -------------------
+    def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
+        from .aot_package import PackagedUNet
+
+        package = PackagedUNet.build(unet, inputs, transformer_options, folder,
+                                     inductor_configs=dict(self.config_patches))
+        self.compile_events.append({"what": "unet package", "inputs": [tuple(t.shape) for t in inputs]})
+        return package
+
+    def load_package(self, folder):
+        from .aot_package import PackagedUNet
+
+        return PackagedUNet.load(folder)
+
+    @staticmethod
+    def package_files(folder) -> dict:
+        from .aot_package import package_files
+
+        return package_files(folder)
 
     def cache_counters(self) -> dict:
         from torch._dynamo.utils import counters
