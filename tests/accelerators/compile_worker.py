@@ -1,7 +1,9 @@
 """One ComfyUI process that samples the tiny model through the inductor backend with a given artifact store,
 and prints what it compiled: the warm-restart test runs it twice, each time with a fresh inductor cache.
 
-    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT
+    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND]
+
+BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA float16).
 """
 import json
 import sys
@@ -11,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(store_dir: str, latent_out: str) -> None:
+def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
     import torch
 
     from tools.comfy_host import import_comfy, import_pack
@@ -21,23 +23,30 @@ def main(store_dir: str, latent_out: str) -> None:
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.cache import ArtifactStore
     from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.torch_compile import apply, apply_cudagraphs
     from tools.model_factory import build_model, sample
 
-    model = build_model("tiny-sd15", seed=21)
-    accelerated = apply(model, {"fallback": "error", "store": ArtifactStore(store_dir), "node_id": "w"})
+    if backend == "inductor":
+        model = build_model("tiny-sd15", seed=21)
+    else:
+        model = build_model("tiny-sd15", seed=21, dtype=torch.float16, device="cuda")
+    accelerate = apply if backend == "inductor" else apply_cudagraphs
+    accelerated = accelerate(model, {"fallback": "error", "store": ArtifactStore(store_dir), "node_id": "w"})
     started = time.monotonic()
     latent = sample(accelerated, steps=3)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.monotonic() - started
     torch.save(latent, latent_out)
     from torch._dynamo.utils import counters
 
     print("RESULT " + json.dumps({
         "first_sample_s": seconds, "compile_events": len(session_of(accelerated).compiler.compile_events),
+        "calls": session_of(accelerated).calls, "packages": len(session_of(accelerated).packages),
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
         "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
         "notices": [n["message"] for n in events.recent(50)]}))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -100,12 +100,14 @@ def test_moved_weights_are_recaptured_and_unload_frees_graphs(pack, gpu_model, s
     assert graphs(session) and rel(again, out) < 1e-3
 
 
-def test_deepcache_segments_are_captured_once(pack, gpu_model, twin, store):
+@pytest.mark.parametrize("family", ["tiny-sd15", "tiny-sdxl"])
+def test_deepcache_segments_are_captured_once(pack, store, family):
     from comfy_accel.accelerators.compiled_unet import session_of
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
     from comfy_accel.accelerators.deepcache import apply as deepcache
     from comfy_accel.accelerators.torch_compile import apply_cudagraphs
 
+    gpu_model, twin = (build_model(family, dtype=torch.float16, device="cuda", seed=5) for _ in range(2))
     eager = sample(deepcache(twin, DeepCacheConfig(cache_interval=3)), steps=6)
     base = deepcache(gpu_model, DeepCacheConfig(cache_interval=3))
     accelerated = apply_cudagraphs(base, {"fallback": "error", "store": store})
@@ -113,6 +115,39 @@ def test_deepcache_segments_are_captured_once(pack, gpu_model, twin, store):
     session = session_of(accelerated)
     names = sorted(key[0][0] for key in graphs(session))
     assert names == ["deepcache.b0.deep", "deepcache.b0.shallow_in", "deepcache.b0.shallow_out"]
+    compiles = len(session.compiler.compile_events)
+    assert compiles <= 3, session.compiler.compile_events   # one trace per segment: no recompile per call
     sample(accelerated, steps=6)
-    assert len(graphs(session)) == 3
+    assert len(graphs(session)) == 3 and len(session.compiler.compile_events) == compiles
     assert rel(out, eager) < 1e-2
+
+
+def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compiling(pack, tmp_path):
+    """With packages on, inductor+cudagraphs builds an AOTInductor package of the plain UNet; a second process
+    loads it from the store, compiles nothing (no dynamo trace, no package build) and gives the same latent."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("compile_worker.py")
+    results = []
+    for run in range(2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}"),
+               "COMFY_ACCEL_AOT_PACKAGES": "1"}
+        done = subprocess.run([sys.executable, str(worker), str(tmp_path / "store"),
+                               str(tmp_path / f"latent-{run}.pt"), "inductor+cudagraphs"],
+                              capture_output=True, text=True, timeout=900, env=env)
+        if done.returncode == -11:   # why packages are opt-in: see torch_compile.packages_enabled
+            pytest.skip(f"AOTInductor package load crashed the process (segfault) on torch {torch.__version__}")
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert done.returncode == 0 and lines, done.stderr[-3000:]
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    cold, warm = results
+    print("cold:", cold["first_sample_s"], "warm:", warm["first_sample_s"], warm["notices"][-3:])
+    assert cold["packages"] == 1 and cold["compile_events"] == 1 and cold["calls"]["graph"] == 3
+    assert warm["packages"] == 1 and warm["compile_events"] == 0 and warm["calls"]["graph"] == 3
+    assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]
+    first, second = (torch.load(tmp_path / f"latent-{run}.pt") for run in range(2))
+    assert torch.equal(first, second)

@@ -1,0 +1,262 @@
+"""A UNet forward compiled ahead of time (AOTInductor) into a package a new process loads without compiling.
+
+`torch.compile` recompiles (or at best re-traces) in every new process; an AOTInductor package is a shared
+library that `aoti_load_package` opens in well under a second. The package holds code only: the weights stay
+out of it (`package_constants_in_so=False`) and are bound from the live model with `load_constants(...,
+user_managed=True)`, so the compiled code reads the model's own tensors. A LoRA patched in place is then seen
+on the next call without a reload, and one package serves every checkpoint of the architecture.
+
+What the loader does not do, and this module does instead:
+- it checks nothing about the tensors it is given (a wrong shape, stride or dtype gives wrong numbers or reads
+  out of bounds), so `bind` compares every weight with what was recorded at build time (`weights.json`);
+- it crashes the process when called before weights are bound, so `__call__` refuses that;
+- it keeps raw pointers to the bound tensors, so we keep references to them, and a Parameter replaced by a
+  new tensor (ComfyUI's `set_attr_param`) is invisible to it: `needs_rebind` says when to `bind` again;
+- the package is built for one input signature (static shapes, one dtype and device): `matches` says why
+  another input cannot use it.
+
+Host-agnostic: works on any `comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel`-like module called as
+`unet(x, timesteps, context=..., y=..., transformer_options=...)`. Nothing imports torch at module level.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import Availability
+
+PACKAGE_FILE = "unet.pt2"
+WEIGHTS_FILE = "weights.json"
+PACKAGE_FILES = (PACKAGE_FILE, WEIGHTS_FILE)
+FORMAT_VERSION = 1
+INPUT_NAMES = ("x", "timesteps", "context", "y")
+WRAPPER_PREFIX = "unet."   # the exported module holds the UNet as `unet`: every weight's name starts with it
+# settings the design depends on, applied over any caller's configs:
+REQUIRED_INDUCTOR_CONFIGS = {
+    "aot_inductor.package_constants_in_so": False,   # weights come from the live model, never from the package
+    "always_keep_tensor_constants": True,            # else small 1-D weights are baked into the code as literals
+    "freezing": False,                                # freezing folds weights into the graph: they must stay inputs
+}
+
+
+class PackageMismatch(RuntimeError):
+    """The package cannot run with these weights or in this environment: the message names what differs."""
+
+
+def available() -> Availability:
+    try:
+        import torch
+        import torch._inductor as inductor
+    except Exception as exc:
+        return Availability(False, f"AOTInductor unavailable: {exc}")
+    missing = [name for name in ("aoti_compile_and_package", "aoti_load_package") if not hasattr(inductor, name)]
+    if missing:
+        return Availability(False, f"torch {torch.__version__} has no {' or '.join(missing)} "
+                                   f"(AOTInductor packages need torch 2.6 or newer)")
+    return Availability(True, f"AOTInductor packages (torch {torch.__version__})")
+
+
+# ---- describing tensors -------------------------------------------------------------------------------------
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe_tensor(tensor) -> dict:
+    """What the compiled code assumes about a tensor: JSON-able, compared field by field."""
+    return {"shape": list(tensor.shape), "stride": list(tensor.stride()), "dtype": _dtype_name(tensor.dtype),
+            "device": str(tensor.device)}
+
+
+def _first_difference(expected: dict, actual: dict) -> str:
+    for field in ("shape", "stride", "dtype", "device"):
+        if expected[field] != actual[field]:
+            return f"{field} {actual[field]} instead of {expected[field]}"
+    return ""
+
+
+def _unet_forward_module(unet, transformer_options: dict):
+    """The module that is exported: the UNet's forward with a fixed signature, the UNet as its only child."""
+    import torch
+
+    class UNetForward(torch.nn.Module):
+        def __init__(self, unet, transformer_options: dict):
+            super().__init__()
+            self.unet = unet
+            # not a tensor: the dict is baked into the trace (patches in it are traced as code)
+            self.transformer_options = transformer_options
+
+        def forward(self, x, timesteps, context, y=None):
+            # a fresh dict per call, as ComfyUI passes it: the UNet writes into it while it runs
+            return self.unet(x, timesteps, context=context, y=y,
+                             transformer_options=dict(self.transformer_options))
+
+    return UNetForward(unet, transformer_options)
+
+
+def live_weights(unet) -> dict:
+    """Every parameter and buffer of `unet` under the name the package knows it by (tied ones under each name)."""
+    named = {WRAPPER_PREFIX + name: t for name, t in unet.named_parameters(remove_duplicate=False)}
+    named.update((WRAPPER_PREFIX + name, t) for name, t in unet.named_buffers(remove_duplicate=False))
+    return named
+
+
+# ---- the package --------------------------------------------------------------------------------------------
+class PackagedUNet:
+    """One AOTInductor package of a UNet forward for one static input signature, weights supplied from the live
+    model."""
+
+    def __init__(self, loader, record: dict, folder: Path):
+        self.loader = loader
+        self.folder = Path(folder)
+        self.weights: dict[str, dict] = record["weights"]
+        self.inputs: list[dict] = record["inputs"]
+        self.record = record
+        # the tensors the loader reads through raw pointers: kept alive here, and their addresses at bind time
+        self.bound: dict = {}
+        self.bound_pointers: dict[str, int] = {}
+
+    # -- building and loading ---------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, unet, inputs: tuple, transformer_options: dict, folder: Path,
+              inductor_configs: dict | None = None) -> "PackagedUNet":
+        """Exports and compiles `unet` for exactly these inputs ((x, timesteps, context) or with y), writes the
+        package to `folder` and returns it bound to `unet`."""
+        import torch
+
+        inputs = _check_input_count(inputs)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        package_path = folder / PACKAGE_FILE
+        package_path.unlink(missing_ok=True)   # the packager refuses to overwrite in some versions
+        module = _unet_forward_module(unet, dict(transformer_options or {}))
+        was_training = unet.training
+        unet.eval()   # dropout and the like traced off, as ComfyUI runs the UNet
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(module, tuple(inputs), strict=False)
+                torch._inductor.aoti_compile_and_package(
+                    exported, package_path=str(package_path),
+                    inductor_configs={**(inductor_configs or {}), **REQUIRED_INDUCTOR_CONFIGS})
+        finally:
+            unet.train(was_training)
+
+        loader = torch._inductor.aoti_load_package(str(package_path))
+        live = live_weights(unet)
+        names = list(loader.get_constant_fqns())
+        unknown = [name for name in names if name not in live]
+        if unknown:   # a tensor the trace created (not a parameter or buffer): we would have nothing to bind
+            raise PackageMismatch(f"the compiled UNet needs {len(unknown)} tensor(s) that are not weights of the "
+                                  f"model, e.g. {unknown[0]}; it cannot be bound to live weights")
+        record = {"format": FORMAT_VERSION, "torch": torch.__version__,
+                  "inputs": [dict(describe_tensor(t), name=name) for name, t in zip(INPUT_NAMES, inputs)],
+                  "weights": {name: describe_tensor(live[name]) for name in names}}
+        (folder / WEIGHTS_FILE).write_text(json.dumps(record, indent=1))
+        package = cls(loader, record, folder)
+        package.bind(unet)
+        return package
+
+    @classmethod
+    def load(cls, folder: Path) -> "PackagedUNet":
+        """Opens a package written by `build` (or `write_package_files`); not bound: call `bind` before use."""
+        import torch
+
+        folder = Path(folder)
+        record = json.loads((folder / WEIGHTS_FILE).read_text())
+        if record.get("format") != FORMAT_VERSION:
+            raise PackageMismatch(f"{folder / WEIGHTS_FILE} has format {record.get('format')!r}, "
+                                  f"this code reads {FORMAT_VERSION}")
+        # the compiled library is tied to the torch it was built with: a different one may crash on load
+        if record.get("torch") != torch.__version__:
+            raise PackageMismatch(f"the package was built with torch {record.get('torch')}, "
+                                  f"this is torch {torch.__version__}")
+        loader = torch._inductor.aoti_load_package(str(folder / PACKAGE_FILE))
+        expected, packaged = set(record["weights"]), set(loader.get_constant_fqns())
+        if expected != packaged:
+            odd = sorted(expected ^ packaged)[0]
+            raise PackageMismatch(f"{WEIGHTS_FILE} does not describe this package's weights (e.g. {odd})")
+        return cls(loader, record, folder)
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    def bind(self, unet) -> None:
+        """Points the compiled code at `unet`'s own tensors after checking each against the recorded layout;
+        raises PackageMismatch naming the first weight that differs (the previous binding then stays)."""
+        live = live_weights(unet)
+        for name, expected in self.weights.items():
+            tensor = live.get(name)
+            if tensor is None:
+                raise PackageMismatch(f"weight {name} is missing from the model")
+            difference = _first_difference(expected, describe_tensor(tensor))
+            if difference:
+                raise PackageMismatch(f"weight {name} has {difference}")
+        chosen = {name: live[name] for name in self.weights}
+        self.loader.load_constants(chosen, check_full_update=True, user_managed=True)
+        self.bound = chosen
+        self.bound_pointers = {name: t.data_ptr() for name, t in chosen.items()}
+
+    def needs_rebind(self, unet) -> bool:
+        """Whether a weight was replaced (a new tensor, or new storage under the same Parameter) since `bind`:
+        the compiled code would still read the old one."""
+        if not self.bound:
+            return True
+        live = live_weights(unet)
+        for name, tensor in self.bound.items():
+            current = live.get(name)
+            if current is not tensor or current.data_ptr() != self.bound_pointers[name]:
+                return True
+        return False
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def matches(self, inputs: tuple) -> str:
+        """'' when these inputs have the packaged shapes, strides, dtypes and devices, else why not."""
+        given = list(inputs)
+        while given and given[-1] is None:   # y=None is the three-input signature
+            given.pop()
+        if len(given) != len(self.inputs):
+            return (f"the package takes {len(self.inputs)} inputs ({', '.join(i['name'] for i in self.inputs)}), "
+                    f"got {len(given)}")
+        for expected, tensor in zip(self.inputs, given):
+            if tensor is None:
+                return f"{expected['name']} is missing"
+            difference = _first_difference(expected, describe_tensor(tensor))
+            if difference:
+                return f"{expected['name']} has {difference}"
+        return ""
+
+    def __call__(self, x, timesteps, context, y=None):
+        if not self.bound:   # the loader dereferences unset weight pointers: a crash, not an exception
+            raise RuntimeError("the AOTInductor package is not bound to weights: call bind(unet) first")
+        inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
+        # compiled for one signature: another shape would index out of bounds instead of failing
+        reason = self.matches(inputs)
+        if reason:
+            raise ValueError(f"inputs do not fit the AOTInductor package: {reason}")
+        out = self.loader(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _check_input_count(inputs: tuple) -> tuple:
+    inputs = tuple(inputs)
+    if len(inputs) == 4 and inputs[3] is None:
+        inputs = inputs[:3]
+    if len(inputs) not in (3, 4) or any(t is None for t in inputs):
+        raise ValueError("inputs must be (x, timesteps, context) or (x, timesteps, context, y)")
+    return inputs
+
+
+# ---- storing a package ----------------------------------------------------------------------------------------
+def package_files(folder: Path) -> dict[str, bytes]:
+    """The package's files as {name: bytes}, for the artifact store."""
+    folder = Path(folder)
+    return {name: (folder / name).read_bytes() for name in PACKAGE_FILES}
+
+
+def write_package_files(files: dict[str, bytes], folder: Path) -> Path:
+    """Writes files from `package_files` into `folder` (created), ready for `PackagedUNet.load`."""
+    missing = [name for name in PACKAGE_FILES if name not in files]
+    if missing:
+        raise ValueError(f"not a complete package: {', '.join(missing)} missing")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGE_FILES:   # only our own names: nothing from the store chooses a path
+        (folder / name).write_bytes(files[name])
+    return folder
