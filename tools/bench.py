@@ -9,6 +9,7 @@ the final latent). Results also go to JSON and a PNG bar chart.
     python -m tools.bench                          # CPU: tiny SD1.5; CUDA: full SD1.5 512², 20 steps
     python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
     python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5
+    python -m tools.bench --model sdxl --decode    # each timed run = sampling + VAE decode (Tiny VAE stacks)
     python -m tools.bench --checkpoint my.safetensors   # real weights: adds PSNR/SSIM of decoded images
     python -m tools.bench --list                   # the stacks and whether they can run here
 """
@@ -44,6 +45,7 @@ class Stack:
     lossless: bool = True
     gpu_only: bool = False
     cpu_default: bool = True  # compile stacks cost minutes on CPU for no gain: only when asked for there
+    vae: str = "full"  # the decoder its timed runs use under --decode: the full KL VAE or the Tiny VAE ("taesd")
 
 
 def _backend(name: str, **options):
@@ -114,12 +116,19 @@ STACKS = [
           _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
                  _backend("inductor+cudagraphs")),
           requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
+    Stack("fastest+taesd", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50% + Tiny VAE decode",
+          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
+                 _backend("inductor+cudagraphs")),
+          requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs", "taesd"), lossless=False, gpu_only=True,
+          vae="taesd"),
 ]
 
 
-def stack_availability(stack: Stack, cuda: bool) -> tuple[bool, str]:
+def stack_availability(stack: Stack, cuda: bool, decode: bool = True) -> tuple[bool, str]:
     if stack.gpu_only and not cuda:
         return False, "needs a CUDA GPU"
+    if stack.vae != "full" and not decode:
+        return False, "its gain is in the decode: add --decode (times sampling + VAE decode)"
     from comfy_accel.accelerators import registry
 
     for name in stack.requires:
@@ -175,22 +184,36 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     kwargs = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
                   width=args.width, height=args.height, batch=args.batch, positive=ctx["positive"],
                   negative=ctx["negative"])
+    decoder = ctx.get("decoders", {}).get(stack.vae)
+
+    sampling_times = []
+
+    def one_image():
+        latent = sample(model, **kwargs)
+        if decoder is not None:  # --decode: the image is part of the timed run (ComfyUI's VAEDecode call)
+            _sync(cuda)
+            sampling_times.append(time.perf_counter() - start)
+            decoder.decode(latent.to(torch.float32))
+        return latent
+
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = stack.build(base, ctx)
-    latent = sample(model, **kwargs)
+    latent = one_image()
     _sync(cuda)
     row["first_run_s"] = time.perf_counter() - start
     times = []
     for _ in range(args.runs):
         _sync(cuda)
         start = time.perf_counter()
-        latent = sample(model, **kwargs)
+        latent = one_image()
         _sync(cuda)
         times.append(time.perf_counter() - start)
     row["times_s"] = times
     row["median_s"] = statistics.median(times)
+    if sampling_times[1:]:  # the timed runs' sampling part, without the decode
+        row["sampling_median_s"] = statistics.median(sampling_times[1:])
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     if getattr(args, "lora_switch", False):
         row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
@@ -217,6 +240,24 @@ def _time_lora_switch(model, kwargs: dict, cuda: bool) -> float:
     return seconds
 
 
+def _vae_family(args) -> str:
+    return "sdxl" if (args.model or "").endswith("sdxl") else "sd"
+
+
+def _decoders(args, ctx: dict) -> dict:
+    """--decode: the full VAE (the checkpoint's, else a random-weight one) and the Tiny VAE of the model's family."""
+    from tools.model_factory import build_vae
+
+    decoders = {"full": ctx["vae"] if ctx.get("vae") is not None else build_vae()}
+    try:
+        from tools.taesd_factory import make_tiny_vae
+
+        decoders["taesd"] = make_tiny_vae(_vae_family(args))
+    except Exception as exc:  # the stacks that need it are then skipped by their requires
+        print(f"[bench] Tiny VAE unavailable: {exc}", flush=True)
+    return decoders
+
+
 def _vae_section(args, cuda: bool) -> list[dict]:
     """Full KL VAE decode vs the Tiny VAE (TAESD) on the same latent: time and peak memory."""
     rows = []
@@ -230,7 +271,7 @@ def _vae_section(args, cuda: bool) -> list[dict]:
         from tools.taesd_factory import make_tiny_vae  # written with the Tiny VAE accelerator
     except Exception as exc:  # the Tiny VAE lane may be absent in a partial checkout
         return [{"stack": "vae", "skipped": f"Tiny VAE unavailable: {exc}"}]
-    family = "sdxl" if args.model.endswith("sdxl") else "sd15"
+    family = _vae_family(args)
     latent = torch.randn(1, 4, args.vae_size // 8, args.vae_size // 8, generator=torch.Generator().manual_seed(0))
     for name, make in (("vae-full", lambda: build_vae()), ("vae-taesd", lambda: make_tiny_vae(family))):
         vae = make()
@@ -253,6 +294,11 @@ def _vae_section(args, cuda: bool) -> list[dict]:
     return rows
 
 
+def stack_vae(row: dict) -> str:
+    vae = next((s.vae for s in STACKS if s.name == row["stack"]), "full")
+    return "Tiny VAE" if vae == "taesd" else "full VAE"
+
+
 def format_table(rows: list[dict], baseline: dict | None) -> str:
     header = ("| stack | e2e median (s) | speed-up vs eager | peak VRAM (GB) | first run (s) | latent rel. err | "
               "latent PSNR (dB) |")
@@ -272,6 +318,8 @@ def format_table(rows: list[dict], baseline: dict | None) -> str:
         extra = ""
         if "image_psnr_db" in fid:
             extra = f" (image PSNR {fid['image_psnr_db']:.1f} dB, SSIM {fid['image_ssim']:.3f})"
+        if "sampling_median_s" in row:
+            extra += f" (sampling {row['sampling_median_s']:.3f} s + {stack_vae(row)} decode)"
         if "lora_switch_s" in row:
             extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
         lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "
@@ -344,6 +392,8 @@ def parse_args(argv):
     parser.add_argument("--lora-switch", action="store_true",
                         help="also time the first sample after a LoRA is loaded after each stack")
     parser.add_argument("--vae-size", type=int, default=1024)
+    parser.add_argument("--decode", action="store_true",
+                        help="time sampling + VAE decode (full VAE; the Tiny VAE for stacks that swap it in)")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--list", action="store_true")
     return parser.parse_args(argv)
@@ -372,7 +422,7 @@ def main(argv=None) -> int:
         return 2
     if args.list:
         for stack in STACKS:
-            ok, reason = stack_availability(stack, cuda)
+            ok, reason = stack_availability(stack, cuda, args.decode)
             print(f"{stack.name:24s} {'ready' if ok else 'skip: ' + reason}")
         return 0
 
@@ -387,6 +437,8 @@ def main(argv=None) -> int:
         base = build_model(args.model, dtype=dtype)
         ctx["positive"], ctx["negative"] = make_conditioning(base, width=args.width, height=args.height)
     ctx["store"] = _bench_store(Path(args.out))
+    if args.decode:
+        ctx["decoders"] = _decoders(args, ctx)
     env = environment(cuda)
     print(f"[bench] {env['device']} · torch {env['torch']} · ComfyUI {env['comfyui']} · {args.model} "
           f"{args.width}x{args.height} · {args.steps} steps {args.sampler} cfg {args.cfg} · batch {args.batch}",
@@ -400,7 +452,7 @@ def main(argv=None) -> int:
                                                          f"add it with --stacks eager,{stack.name}"})
         if stack.name not in selected:
             continue
-        ok, reason = stack_availability(stack, cuda)
+        ok, reason = stack_availability(stack, cuda, args.decode)
         if not ok:
             rows.append({"stack": stack.name, "skipped": reason})
             print(f"[bench] {stack.name}: skipped ({reason})", flush=True)
