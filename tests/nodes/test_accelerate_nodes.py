@@ -3,20 +3,11 @@ backend this machine lacks still runs (eager, with the reason in the image metad
 is refused by the host's validation with the allowed values."""
 import pytest
 
+from tests.nodes.prompts import sampling_prompt
+
 
 def prompt_with(backend, prefix):
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "accel_small_sd15.safetensors",
-                                                      "weight_dtype": "default"}},
-        "2": {"class_type": "AccelAccelerateModel", "inputs": {"model": ["1", 0], "backend": backend}},
-        "3": {"class_type": "AccelTestConditioning", "inputs": {"seed": 1, "family": "sd15", "tokens": 77}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 3, "steps": 2, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 1],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}},
-    }
+    return sampling_prompt("AccelAccelerateModel", {"backend": backend}, prefix)
 
 
 def test_object_info_lists_accelerate_model_with_its_backends(comfy_server):
@@ -28,7 +19,7 @@ def test_object_info_lists_accelerate_model_with_its_backends(comfy_server):
     assert node["input"]["optional"]["fallback"][0] == ["default", "eager", "error"]
 
 
-def test_a_workflow_naming_a_missing_backend_still_runs(comfy_server):
+def test_a_workflow_naming_a_missing_backend_still_runs(pack, comfy_server):
     from comfy_accel.accelerators.tensorrt import available
 
     if available():

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.nodes.prompts import sampling_prompt
+
 
 def test_nodes_are_registered_with_their_names(pack):
     from comfy_accel.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -38,18 +40,8 @@ def _latent(server, entry, node):
 
 
 def _graph(model_node, prefix):
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "accel_small_sd15.safetensors",
-                                                      "weight_dtype": "default"}},
-        "2": {"class_type": "FreeU_V2", "inputs": {"model": ["1", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
-        "3": {"class_type": "AccelTestConditioning", "inputs": {"seed": 1, "family": "sd15", "tokens": 77}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model_node, "seed": 3, "steps": 4, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 1],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": prefix}},
-    }
+    return sampling_prompt("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}, prefix, steps=4,
+                           sampler_model=model_node)
 
 
 def test_object_info_describes_both_nodes(comfy_server):

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.nodes.prompts import sampling_prompt
+
 
 def test_object_info_lists_the_pack_nodes(comfy_server):
     info = comfy_server.get("/object_info")
@@ -24,18 +26,7 @@ def test_status_route_lists_accelerators_with_reasons(comfy_server):
 
 
 def test_unet_loader_cfg_cutoff_ksampler_workflow(comfy_server):
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "accel_small_sd15.safetensors",
-                                                      "weight_dtype": "default"}},
-        "2": {"class_type": "AccelCFGCutoff", "inputs": {"model": ["1", 0], "cutoff_percent": 50.0}},
-        "3": {"class_type": "AccelTestConditioning", "inputs": {"seed": 1, "family": "sd15", "tokens": 77}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 3, "steps": 4, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 1],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "accel_test/cutoff"}},
-    }
+    prompt = sampling_prompt("AccelCFGCutoff", {"cutoff_percent": 50.0}, "accel_test/cutoff", steps=4)
     entry = comfy_server.run_prompt(prompt, timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = entry["outputs"]["6"]["latents"][0]
@@ -46,17 +37,6 @@ def test_unet_loader_cfg_cutoff_ksampler_workflow(comfy_server):
 def test_out_of_range_cutoff_is_rejected_with_a_clear_message(comfy_server):
     from tools.comfy_host import HostError
 
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "accel_small_sd15.safetensors",
-                                                      "weight_dtype": "default"}},
-        "2": {"class_type": "AccelCFGCutoff", "inputs": {"model": ["1", 0], "cutoff_percent": 150.0}},
-        "3": {"class_type": "AccelTestConditioning", "inputs": {"seed": 1, "family": "sd15", "tokens": 77}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 3, "steps": 2, "cfg": 7.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 1],
-                                                   "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "accel_test/bad"}},
-    }
+    prompt = sampling_prompt("AccelCFGCutoff", {"cutoff_percent": 150.0}, "accel_test/bad", steps=2)
     with pytest.raises(HostError, match="cutoff_percent"):
         comfy_server.queue_prompt(prompt)
