@@ -131,6 +131,8 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     import sys
     from pathlib import Path
 
+    if os.environ.get("COMFY_ACCEL_AOT_PACKAGES") != "1":   # two AOTInductor builds: minutes of device time
+        pytest.skip("AOTInductor packages are opt-in: set COMFY_ACCEL_AOT_PACKAGES=1 to test them on this GPU")
     worker = Path(__file__).with_name("compile_worker.py")
     results = []
     for run in range(2):
