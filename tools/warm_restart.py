@@ -1,0 +1,68 @@
+"""Cold vs warm start of inductor+cudagraphs in one fresh process (GPU): the first-sample time, the next
+samples, and (with --profile) the kernels and CPU time of one sample. Run it twice with the same artifact store
+and an empty inductor cache each time; the second run is the warm restart quoted in docs/benchmarks.md.
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m tools.warm_restart --store /tmp/store cold
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m tools.warm_restart --store /tmp/store warm --profile
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("tag", help="a label for the printed lines (cold, warm, ...)")
+    parser.add_argument("--store", required=True, help="the artifact store folder shared by both runs")
+    parser.add_argument("--model", default="sd15")
+    parser.add_argument("--samples", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="also profile one sample (kernels, CPU time)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    from tools.comfy_host import import_comfy, import_pack
+
+    import_comfy()
+    import_pack()
+    from comfy_accel.accelerators import events
+    from comfy_accel.accelerators.cache import ArtifactStore
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from tools.model_factory import build_model, make_conditioning, sample
+
+    size = 1024 if args.model == "sdxl" else 512
+    imported = time.perf_counter() - started
+    model = build_model(args.model, dtype=torch.float16, device="cuda")
+    positive, negative = make_conditioning(model, width=size, height=size)
+    accelerated = apply_cudagraphs(model, {"fallback": "error", "store": ArtifactStore(args.store), "node_id": "w"})
+
+    def one_sample():
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        sample(accelerated, steps=20, width=size, height=size, positive=positive, negative=negative)
+        torch.cuda.synchronize()
+        return round(time.perf_counter() - start, 3)
+
+    times = [one_sample() for _ in range(args.samples)]
+    print(f"[{args.tag}] import {imported:.1f} s; first sample {times[0]} s, then {times[1:]}; "
+          f"calls {session_of(accelerated).calls}", flush=True)
+    for notice in events.recent(10):
+        print(f"[{args.tag}] notice: {notice['message'][:200]}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            one_sample()
+        averages = prof.key_averages()
+        gpu_ms = sum(getattr(e, "self_device_time_total", 0) for e in averages) / 1000
+        launches = sum(e.count for e in averages if getattr(e, "self_device_time_total", 0) > 0)
+        print(f"[{args.tag}] one sample: {gpu_ms:.1f} ms of GPU time over {launches} kernel launches")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
