@@ -24,7 +24,6 @@ before the first compile in a new process (`Compiler.save_artifacts` / `load_art
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import threading
 import time
@@ -132,6 +131,10 @@ class Compiler:
     def load_package(self, folder):
         raise NotImplementedError
 
+    def package_files(self, folder) -> dict:
+        """The built package's files as {name: bytes}, for the artifact store."""
+        raise NotImplementedError
+
 
 # ---- shape buckets ------------------------------------------------------------------------------------------
 def bucket_of(x, context, y) -> tuple:
@@ -236,6 +239,12 @@ def weights_signature(unet) -> tuple:
     return tuple(t.data_ptr() for t in unet.parameters()) + tuple(t.data_ptr() for t in unet.buffers())
 
 
+def miss_reason(store, key, lookup) -> str:
+    """Why the store had no entry for `key`: the key fields that differ from its nearest entry, or the reason."""
+    reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
+    return "; ".join(reasons) or lookup.reason
+
+
 # ---- the session: one accelerated model (shared by its clones) ----------------------------------------------------
 @dataclass
 class _Bucket:
@@ -331,9 +340,8 @@ class CompileSession:
             return False
         lookup = store.lookup(key)
         if lookup.entry is None:
-            reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
-            self.notice(f"cache miss for {describe_bucket(bucket)}: {'; '.join(reasons) or lookup.reason}; "
-                        f"compiling", level="info")
+            self.notice(f"cache miss for {describe_bucket(bucket)}: {miss_reason(store, key, lookup)}; compiling",
+                        level="info")
             return False
         if lookup.entry.id in self.loaded_entries:
             return True
@@ -455,9 +463,8 @@ class CompileSession:
                 self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
                             f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
                 return package
-            reasons = store.explain_miss(key) if lookup.reason == "not cached" else [lookup.reason]
             self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
-                        f"{'; '.join(reasons) or lookup.reason}; compiling", level="info")
+                        f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
         try:
             package = self.compiler.build_package(unet, inputs, transformer_options, folder)
@@ -477,8 +484,7 @@ class CompileSession:
         compiled by torch.compile (also when the package cannot be built: said once, never eager)."""
         if self.uses_package(options):
             try:
-                package = self.package_for(unet, bucket, inputs, options)
-                return lambda *tensors: package(*tensors)
+                return self.package_for(unet, bucket, inputs, options)
             except Exception as exc:
                 self.package_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 log.debug("package failure", exc_info=True)

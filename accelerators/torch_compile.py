@@ -13,7 +13,8 @@ weights, so one entry serves every checkpoint of the architecture):
 - inductor+cudagraphs, plain UNet calls, opt-in (see packages_enabled): an AOTInductor package of the
   whole UNet (`aot_package.py`, built once per bucket instead of the torch.compile trace). A new process
   loads the library, binds the live weights (read in place, so a LoRA patched in place needs nothing) and
-  captures its graph: no dynamo trace, no kernel compile. A package bakes one signature, so calls with patches and DeepCache's segments use:
+  captures its graph: no dynamo trace, no kernel compile. A package bakes one signature, so calls with
+  patches and DeepCache's segments use:
 - torch's portable compile-cache artifacts (`torch.compiler.save_cache_artifacts`: inductor's FX-graph,
   AOTAutograd and autotuning caches), loaded before the first compile of a new process: inductor generates
   and autotunes no kernel again, but dynamo still traces the Python (~15 s for SD1.5 on an H100 host).
@@ -179,8 +180,7 @@ class InductorCompiler(Compiler):
 
         return PackagedUNet.load(folder)
 
-    @staticmethod
-    def package_files(folder) -> dict:
+    def package_files(self, folder) -> dict:
         from .aot_package import package_files
 
         return package_files(folder)

@@ -189,10 +189,11 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     sampling_times = []
 
     def one_image():
+        sampling_started = time.perf_counter()
         latent = sample(model, **kwargs)
         if decoder is not None:  # --decode: the image is part of the timed run (ComfyUI's VAEDecode call)
             _sync(cuda)
-            sampling_times.append(time.perf_counter() - start)
+            sampling_times.append(time.perf_counter() - sampling_started)
             decoder.decode(latent.to(torch.float32))
         return latent
 
