@@ -13,7 +13,10 @@ What the loader does not do, and this module does instead:
 - it keeps raw pointers to the bound tensors, so we keep references to them, and a Parameter replaced by a
   new tensor (ComfyUI's `set_attr_param`) is invisible to it: `needs_rebind` says when to `bind` again;
 - the package is built for one input signature (static shapes, one dtype and device): `matches` says why
-  another input cannot use it.
+  another input cannot use it;
+- a loader that fails may kill the process instead of raising (a segfault on torch 2.11+cu130 on an H100), so
+  a new package is first loaded, run and (on CUDA) captured in a CUDA graph by a child process
+  (`verify_in_child`); only a package that passed there is loaded here or stored.
 
 Host-agnostic: works on any `comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel`-like module called as
 `unet(x, timesteps, context=..., y=..., transformer_options=...)`. Nothing imports torch at module level.
@@ -21,6 +24,8 @@ Host-agnostic: works on any `comfy.ldm.modules.diffusionmodules.openaimodel.UNet
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from .base import Availability
@@ -28,7 +33,8 @@ from .base import Availability
 PACKAGE_FILE = "unet.pt2"
 WEIGHTS_FILE = "weights.json"
 PACKAGE_FILES = (PACKAGE_FILE, WEIGHTS_FILE)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: weights.json records the child process that verified the package
+VERIFY_TIMEOUT_S = 300   # a child that loads and runs the package once; a full SDXL UNet takes seconds
 INPUT_NAMES = ("x", "timesteps", "context", "y")
 WRAPPER_PREFIX = "unet."   # the exported module holds the UNet as `unet`: every weight's name starts with it
 # settings the design depends on, applied over any caller's configs:
@@ -41,6 +47,11 @@ REQUIRED_INDUCTOR_CONFIGS = {
 
 class PackageMismatch(RuntimeError):
     """The package cannot run with these weights or in this environment: the message names what differs."""
+
+
+class PackageUnusable(RuntimeError):
+    """A freshly built package did not load and run in a child process: this environment cannot use packages
+    of this kind (the message says how the child failed)."""
 
 
 def available() -> Availability:
@@ -140,18 +151,24 @@ class PackagedUNet:
         finally:
             unet.train(was_training)
 
-        loader = torch._inductor.aoti_load_package(str(package_path))
         live = live_weights(unet)
-        names = list(loader.get_constant_fqns())
+        inputs_record = [dict(describe_tensor(t), name=name) for name, t in zip(INPUT_NAMES, inputs)]
+        # every weight the package might read, for the child; narrowed below to the ones it does read
+        record = {"format": FORMAT_VERSION, "torch": torch.__version__, "inputs": inputs_record,
+                  "weights": {name: describe_tensor(t) for name, t in live.items()}}
+        (folder / WEIGHTS_FILE).write_text(json.dumps(record, indent=1))
+        verified = verify_in_child(folder)
+        if "error" in verified:
+            raise PackageUnusable(verified["error"])
+        names = verified["constants"]
         unknown = [name for name in names if name not in live]
         if unknown:   # a tensor the trace created (not a parameter or buffer): we would have nothing to bind
             raise PackageMismatch(f"the compiled UNet needs {len(unknown)} tensor(s) that are not weights of the "
                                   f"model, e.g. {unknown[0]}; it cannot be bound to live weights")
-        record = {"format": FORMAT_VERSION, "torch": torch.__version__,
-                  "inputs": [dict(describe_tensor(t), name=name) for name, t in zip(INPUT_NAMES, inputs)],
-                  "weights": {name: describe_tensor(live[name]) for name in names}}
+        record["weights"] = {name: record["weights"][name] for name in names}
+        record["verified"] = {k: v for k, v in verified.items() if k != "constants"}
         (folder / WEIGHTS_FILE).write_text(json.dumps(record, indent=1))
-        package = cls(loader, record, folder)
+        package = cls(_open_loader(torch, package_path, inputs_record), record, folder)
         package.bind(unet)
         return package
 
@@ -169,7 +186,7 @@ class PackagedUNet:
         if record.get("torch") != torch.__version__:
             raise PackageMismatch(f"the package was built with torch {record.get('torch')}, "
                                   f"this is torch {torch.__version__}")
-        loader = torch._inductor.aoti_load_package(str(folder / PACKAGE_FILE))
+        loader = _open_loader(torch, folder / PACKAGE_FILE, record["inputs"])
         expected, packaged = set(record["weights"]), set(loader.get_constant_fqns())
         if expected != packaged:
             odd = sorted(expected ^ packaged)[0]
@@ -232,6 +249,125 @@ class PackagedUNet:
             raise ValueError(f"inputs do not fit the AOTInductor package: {reason}")
         out = self.loader(*inputs)
         return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _open_loader(torch, package_path: Path, inputs_record: list[dict]):
+    """The package's loader, on the device the package was built for (cuda:1 stays cuda:1)."""
+    device = torch.device(inputs_record[0]["device"])
+    index = device.index if device.type != "cpu" and device.index is not None else -1
+    return torch._inductor.aoti_load_package(str(package_path), device_index=index)
+
+
+# ---- the child process that proves a new package loads -------------------------------------------------------
+# Runs with the same interpreter; imports this package by its path under a private name (the host's name for
+# it, e.g. ComfyUI's custom_nodes loader, is not importable from a plain interpreter).
+_CHILD_BOOTSTRAP = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location(
+    "_comfy_accel_package_check", sys.argv[1] + "/__init__.py", submodule_search_locations=[sys.argv[1]])
+module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module
+spec.loader.exec_module(module)
+from _comfy_accel_package_check.aot_package import verify_here
+sys.exit(verify_here(sys.argv[2]))
+"""
+_RESULT_PREFIX = "PACKAGE-VERIFIED "
+
+
+def verify_in_child(folder: Path, timeout: float | None = None) -> dict:
+    """Loads the package in `folder` in a fresh process, binds stand-in weights of the recorded layouts, runs it
+    once and, on CUDA, captures and replays that call as a CUDA graph. Returns what the child reports
+    ({"constants": [names the package reads], "load_s": ..., ...}) or {"error": why it failed}: a loader
+    that crashes kills the child, not the caller."""
+    import subprocess
+
+    timeout = float(os.environ.get("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", VERIFY_TIMEOUT_S)) if timeout is None \
+        else timeout
+    command = [sys.executable, "-c", _CHILD_BOOTSTRAP, str(Path(__file__).resolve().parent), str(folder)]
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"loading the package in a child process did not finish in {timeout:g} s"}
+    return child_outcome(finished.returncode, finished.stdout, finished.stderr)
+
+
+def child_outcome(returncode: int, stdout: str, stderr: str) -> dict:
+    """What a verifying child's exit says: its report, or one line on how it failed."""
+    import signal
+
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return {"error": f"loading the package killed a child process ({name}): this torch cannot load "
+                         f"AOTInductor packages of this kind here"}
+    report = [line for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
+    if returncode == 0 and report:
+        return json.loads(report[-1][len(_RESULT_PREFIX):])
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no output")
+    return {"error": f"loading the package in a child process failed (exit {returncode}): {last[:300]}"}
+
+
+def verify_here(folder: str) -> int:
+    """The child's side of `verify_in_child`: exit 0 and one report line when the package loads, runs and
+    (on CUDA) replays as a CUDA graph with the same output as the direct call."""
+    import time
+
+    import torch
+
+    folder = Path(folder)
+    record = json.loads((folder / WEIGHTS_FILE).read_text())
+    started = time.monotonic()
+    loader = _open_loader(torch, folder / PACKAGE_FILE, record["inputs"])
+    loaded = time.monotonic()
+    names = list(loader.get_constant_fqns())
+    unknown = [name for name in names if name not in record["weights"]]
+    if unknown:
+        print(f"the package reads {len(unknown)} tensor(s) that are not weights of the model, e.g. {unknown[0]}",
+              file=sys.stderr)
+        return 3
+    generator = torch.Generator().manual_seed(0)
+
+    def stand_in(description: dict, integer_values: int | None = None):
+        dtype = getattr(torch, description["dtype"])
+        base = torch.empty_strided(description["shape"], description["stride"], dtype=dtype)
+        if dtype.is_floating_point:
+            base.copy_(torch.randn(base.shape, generator=generator) * 0.02)
+        else:
+            base.copy_(torch.randint(0, integer_values or 2, base.shape, generator=generator))
+        return base.to(description["device"])
+
+    weights = {name: stand_in(record["weights"][name]) for name in names}
+    loader.load_constants(weights, check_full_update=True, user_managed=True)
+    inputs = [stand_in(description, 1000) for description in record["inputs"]]
+    with torch.no_grad():
+        out = loader(*inputs)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        if tuple(out.shape) != tuple(inputs[0].shape):
+            print(f"the package returned shape {tuple(out.shape)} for input {tuple(inputs[0].shape)}",
+                  file=sys.stderr)
+            return 4
+        ran = time.monotonic()
+        report = {"constants": names, "load_s": round(loaded - started, 3), "call_s": round(ran - loaded, 3)}
+        if out.is_cuda:   # what the session does with it: one CUDA graph per bucket
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                loader(*inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static = loader(*inputs)
+            static = static[0] if isinstance(static, (list, tuple)) else static
+            graph.replay()
+            torch.cuda.synchronize()
+            if not torch.equal(static, out):
+                print("the package's CUDA graph replay differs from its direct call", file=sys.stderr)
+                return 5
+            report["graph_s"] = round(time.monotonic() - ran, 3)
+    print(_RESULT_PREFIX + json.dumps(report), flush=True)
+    return 0
 
 
 def _check_input_count(inputs: tuple) -> tuple:

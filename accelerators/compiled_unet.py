@@ -44,6 +44,8 @@ FALLBACKS = ("eager", "error")
 DYNAMIC = ("buckets", "static", "dynamic")
 MODES = ("default", "max-autotune")
 MAX_BUCKETS = 8
+UNUSABLE_PACKAGE = "unet-package-unusable"   # key part of the record that a package failed to load here
+UNUSABLE_REASON_FILE = "reason.txt"
 # patches whose functions depend only on the tensors they are given (no per-step Python state), so a CUDA
 # graph captured with them replays them faithfully. Others run compiled, without a graph.
 GRAPH_SAFE_PATCH_MODULES = ("comfy_extras.nodes_freelunch",)
@@ -431,12 +433,15 @@ class CompileSession:
         return (self.compiler.package_accelerator is not None and not self.package_failed
                 and not patch_signature(transformer_options))
 
-    def package_key(self, bucket: tuple):
+    def package_key(self, bucket: tuple, part: str = "unet-package"):
+        """The package's key; part="unet-package-unusable" is the record that packages failed to load here."""
+        from .aot_package import FORMAT_VERSION
         from .cache import ArtifactKey
 
         unet_bucket = _unet_bucket(bucket)
         return ArtifactKey.build(accelerator=self.compiler.package_accelerator,
-                                 options={**self.compiler.artifact_options(), "part": "unet-package"},
+                                 options={**self.compiler.artifact_options(), "part": part,
+                                          "package_format": FORMAT_VERSION},
                                  model_config=self.model_config, profile=bucket_profile(bucket),
                                  dtype=unet_bucket[5], device=unet_bucket[6])
 
@@ -454,9 +459,16 @@ class CompileSession:
         import shutil
         import tempfile
 
+        from .aot_package import PackageUnusable
+
         store = self._store()
         key = self.package_key(bucket) if store is not None else None
         if key is not None:
+            unusable = store.get(self.package_key(bucket, UNUSABLE_PACKAGE))
+            if unusable is not None:   # a child process already failed to load one here: do not build again
+                reason = (unusable.path / UNUSABLE_REASON_FILE).read_text(errors="replace").strip()
+                raise PackageUnusable(f"{reason} (recorded in the cache, entry {unusable.id[:12]}; delete it "
+                                      f"to try again)")
             lookup = store.lookup(key)
             if lookup.entry is not None:
                 package = self.compiler.load_package(lookup.entry.path)
@@ -467,7 +479,19 @@ class CompileSession:
                         f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
         try:
-            package = self.compiler.build_package(unet, inputs, transformer_options, folder)
+            try:
+                package = self.compiler.build_package(unet, inputs, transformer_options, folder)
+            except PackageUnusable as exc:
+                if key is not None:   # remembered, so that the next process does not spend a build on it
+                    try:
+                        store.put(self.package_key(bucket, UNUSABLE_PACKAGE),
+                                  {UNUSABLE_REASON_FILE: str(exc).encode()},
+                                  meta={"family": self.model_config.get("family", "?"), "backend": self.name,
+                                        "profile": describe_bucket(bucket),
+                                        "kind": "record: AOTInductor packages do not load here"})
+                    except Exception as store_exc:
+                        log.debug("could not record the unusable package: %s", store_exc)
+                raise
             if key is not None:
                 try:
                     store.put(key, self.compiler.package_files(folder), meta={
@@ -478,6 +502,18 @@ class CompileSession:
             return package
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the loader has its own copy of the library
+
+    def drop_package(self, bucket: tuple, call, exc: Exception) -> bool:
+        """The package `call` failed in this process (its graph capture): packages are off for this session
+        and the bucket uses torch.compile. False when `call` was not a package."""
+        if call is not self.packages.get(bucket):
+            return False
+        self.packages.pop(bucket, None)
+        self.package_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        log.debug("package failure", exc_info=True)
+        self.notice(f"the ahead-of-time UNet package failed here ({self.package_failed}); using torch.compile",
+                    once="package-failed")
+        return True
 
     def graph_callable(self, unet, bucket: tuple, inputs: tuple, options: dict) -> Callable:
         """What the whole-UNet CUDA graph captures: the AOT package where there is one, else the module
@@ -626,7 +662,13 @@ def _compiled_unet_class():
                            if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
                 inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
                 call = session.graph_callable(unet, bucket, inputs, options)
-                captured = session.graphs.capture(key, call, inputs)
+                try:
+                    captured = session.graphs.capture(key, call, inputs)
+                except Exception as exc:
+                    if not session.drop_package(bucket, call, exc):
+                        raise
+                    captured = session.graphs.capture(key, session.graph_callable(unet, bucket, inputs, options),
+                                                      inputs)
                 session.weights_seen = weights_signature(unet)
             session.calls["graph"] += 1
             out = captured(x, timesteps, context) if y is None else captured(x, timesteps, context, y)

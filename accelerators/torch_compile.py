@@ -10,7 +10,7 @@
 
 Warm restart, two artifacts in the shared cache, both keyed on the architecture and shape bucket (not the
 weights, so one entry serves every checkpoint of the architecture):
-- inductor+cudagraphs, plain UNet calls, opt-in (see packages_enabled): an AOTInductor package of the
+- inductor+cudagraphs, plain UNet calls (see packages_enabled): an AOTInductor package of the
   whole UNet (`aot_package.py`, built once per bucket instead of the torch.compile trace). A new process
   loads the library, binds the live weights (read in place, so a LoRA patched in place needs nothing) and
   captures its graph: no dynamo trace, no kernel compile. A package bakes one signature, so calls with
@@ -70,15 +70,16 @@ def available_cudagraphs() -> Availability:
 def packages_enabled() -> bool:
     """Whether inductor+cudagraphs builds the plain UNet as an AOTInductor package (accelerators/aot_package.py):
     a new process then loads it and captures its graph without dynamo tracing the UNet again (the portable
-    compile-cache artifacts still leave that trace: ~15 s for SD1.5 on an H100 host).
+    compile-cache artifacts still leave that trace: ~6 s of the 14 s warm start of SD1.5 on an H100 host).
 
-    Opt-in (COMFY_ACCEL_AOT_PACKAGES=1) because a failure there is a crash, not an exception: on torch
-    2.11+cu130 (H100) `aoti_load_package` of a CUDA package built without its weights killed the process
-    with a segfault right after building it; the same code passes its tests on the CPU with torch 2.13.
+    On by default; COMFY_ACCEL_AOT_PACKAGES=0 turns it off. A loader failure can be a crash, not an exception
+    (on torch 2.11+cu130 on an H100, loading such a package once killed the process with a segfault), so a
+    new package is first loaded, run and graph-captured in a child process; where that fails the failure is
+    recorded in the cache and torch.compile is used, with one line saying why.
     Calls with patches (FreeU, attention patches) and DeepCache's segments always use torch.compile."""
     import os
 
-    if os.environ.get("COMFY_ACCEL_AOT_PACKAGES", "0").strip().lower() not in ("1", "true", "yes", "on"):
+    if os.environ.get("COMFY_ACCEL_AOT_PACKAGES", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     from .aot_package import available as package_available
 
@@ -170,10 +171,10 @@ class InductorCompiler(Compiler):
     def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
         from .aot_package import PackagedUNet
 
-        package = PackagedUNet.build(unet, inputs, transformer_options, folder,
-                                     inductor_configs=dict(self.config_patches))
+        # counted also when the build fails (e.g. the package does not load in the checking child): it was done
         self.compile_events.append({"what": "unet package", "inputs": [tuple(t.shape) for t in inputs]})
-        return package
+        return PackagedUNet.build(unet, inputs, transformer_options, folder,
+                                  inductor_configs=dict(self.config_patches))
 
     def load_package(self, folder):
         from .aot_package import PackagedUNet

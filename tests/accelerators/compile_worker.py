@@ -41,7 +41,8 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
     from torch._dynamo.utils import counters
 
     print("RESULT " + json.dumps({
-        "first_sample_s": seconds, "compile_events": len(session_of(accelerated).compiler.compile_events),
+        "first_sample_s": seconds,
+        "compile_events": [e["what"] for e in session_of(accelerated).compiler.compile_events],
         "calls": session_of(accelerated).calls, "packages": len(session_of(accelerated).packages),
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
         "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],

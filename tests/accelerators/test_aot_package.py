@@ -184,3 +184,38 @@ def test_a_fresh_process_loads_the_stored_package_and_gets_the_same_output(built
     assert torch.equal(out, built.package(*built.inputs))
     print(f"fresh process: load {timings['load_s']:.2f} s, bind {timings['bind_s']:.3f} s, "
           f"call {timings['call_s']:.3f} s")
+
+
+def test_a_new_package_was_loaded_and_run_by_a_child_process_before_this_one(built):
+    """The build hands the package to a child process first (a loader crash kills the child, not ComfyUI); the
+    child's report is kept in weights.json and names exactly the weights the package reads."""
+    from comfy_accel.accelerators.aot_package import FORMAT_VERSION
+
+    record = json.loads((built.folder / "weights.json").read_text())
+    assert record["format"] == FORMAT_VERSION and record["torch"] == torch.__version__
+    assert set(record["verified"]) == {"load_s", "call_s"}   # no graph_s: CUDA graphs are checked on CUDA only
+    assert all(v >= 0 for v in record["verified"].values())
+    assert set(record["weights"]) == set(built.package.loader.get_constant_fqns())
+
+
+def test_a_child_that_crashes_or_fails_is_reported_in_one_line(built, tmp_path):
+    from comfy_accel.accelerators.aot_package import child_outcome, package_files, verify_in_child, \
+        write_package_files
+
+    # a real crash of a real process, as a loader segfault ends the child
+    crashed = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], capture_output=True,
+                             text=True, timeout=60)
+    assert crashed.returncode < 0
+    outcome = child_outcome(crashed.returncode, crashed.stdout, crashed.stderr)
+    assert set(outcome) == {"error"} and "killed a child process (SIGSEGV)" in outcome["error"]
+
+    # a package whose library is damaged: the child fails with an exception, reported by its last line
+    files = package_files(built.folder)
+    damaged = bytearray(files["unet.pt2"])
+    damaged[len(damaged) // 3: len(damaged) // 3 + 4096] = b"\0" * 4096
+    folder = write_package_files({**files, "unet.pt2": bytes(damaged)}, tmp_path / "damaged")
+    outcome = verify_in_child(folder, timeout=240)
+    assert set(outcome) == {"error"} and "failed (exit 1)" in outcome["error"], outcome
+
+    outcome = verify_in_child(built.folder, timeout=0.05)   # too short to even import torch
+    assert outcome == {"error": "loading the package in a child process did not finish in 0.05 s"}

@@ -123,33 +123,38 @@ def test_deepcache_segments_are_captured_once(pack, store, family):
 
 
 def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compiling(pack, tmp_path):
-    """With packages on, inductor+cudagraphs builds an AOTInductor package of the plain UNet; a second process
-    loads it from the store, compiles nothing (no dynamo trace, no package build) and gives the same latent."""
+    """inductor+cudagraphs builds an AOTInductor package of the plain UNet (checked in a child process first);
+    a second process loads it from the store, compiles nothing (no dynamo trace, no package build) and gives
+    the same latent. Where the child could not load the package, both processes must use torch.compile, the
+    second without building a package again, and the test then skips naming the failure."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    if os.environ.get("COMFY_ACCEL_AOT_PACKAGES") != "1":   # two AOTInductor builds: minutes of device time
-        pytest.skip("AOTInductor packages are opt-in: set COMFY_ACCEL_AOT_PACKAGES=1 to test them on this GPU")
     worker = Path(__file__).with_name("compile_worker.py")
     results = []
     for run in range(2):
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}"),
-               "COMFY_ACCEL_AOT_PACKAGES": "1"}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
+        env.pop("COMFY_ACCEL_AOT_PACKAGES", None)   # the default
         done = subprocess.run([sys.executable, str(worker), str(tmp_path / "store"),
                                str(tmp_path / f"latent-{run}.pt"), "inductor+cudagraphs"],
                               capture_output=True, text=True, timeout=900, env=env)
-        if done.returncode == -11:   # why packages are opt-in: see torch_compile.packages_enabled
-            pytest.skip(f"AOTInductor package load crashed the process (segfault) on torch {torch.__version__}")
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         assert done.returncode == 0 and lines, done.stderr[-3000:]
         results.append(json.loads(lines[-1][len("RESULT "):]))
     cold, warm = results
     print("cold:", cold["first_sample_s"], "warm:", warm["first_sample_s"], warm["notices"][-3:])
-    assert cold["packages"] == 1 and cold["compile_events"] == 1 and cold["calls"]["graph"] == 3
-    assert warm["packages"] == 1 and warm["compile_events"] == 0 and warm["calls"]["graph"] == 3
-    assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]
     first, second = (torch.load(tmp_path / f"latent-{run}.pt") for run in range(2))
+    unusable = [n for n in cold["notices"] if "ahead-of-time package" in n]
+    if unusable:   # the child failed to load it: the fallback must hold, and not build again next time
+        assert cold["packages"] == 0 and warm["packages"] == 0 and cold["calls"]["graph"] == 3
+        assert [e for e in warm["compile_events"] if e == "unet package"] == []
+        assert any("recorded in the cache" in n for n in warm["notices"]), warm["notices"]
+        assert rel(second, first) < 1e-3
+        pytest.skip(f"AOTInductor packages unusable on torch {torch.__version__} here: {unusable[0]}")
+    assert cold["packages"] == 1 and cold["compile_events"] == ["unet package"] and cold["calls"]["graph"] == 3
+    assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
+    assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]
     assert torch.equal(first, second)

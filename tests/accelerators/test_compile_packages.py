@@ -1,6 +1,7 @@
-"""The compile session's AOTInductor packages (opt-in for inductor+cudagraphs) on the real ComfyUI, CPU: a
-session builds the package once and stores it; a new session of the same architecture loads it from the
-store and compiles nothing; calls with patches never use a package (it bakes one forward)."""
+"""The compile session's AOTInductor packages (inductor+cudagraphs) on the real ComfyUI, CPU: a session builds
+the package once and stores it; a new session of the same architecture loads it from the store and compiles
+nothing; calls with patches never use a package (it bakes one forward); a package that a child process could
+not load is recorded, and sessions use torch.compile without building another."""
 import pytest
 import torch
 
@@ -30,12 +31,12 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
     runs = []
     for _ in range(2):
         session = session_of(apply(model, {"fallback": "error", "store": store}))
-        # what COMFY_ACCEL_AOT_PACKAGES=1 sets for inductor+cudagraphs (a GPU backend); the session logic is the same
+        # what inductor+cudagraphs (a GPU backend) sets; the session logic is the same
         session.compiler.package_accelerator = INDUCTOR_AOT
         assert session.uses_package({})
         call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
-        runs.append((session, call(x, t, c)))
-    (first, out_first), (second, out_second) = runs
+        runs.append((session, call(x, t, c), call))
+    (first, out_first, _), (second, out_second, loaded) = runs
     assert [e["what"] for e in first.compiler.compile_events] == ["unet package"]
     assert second.compiler.compile_events == [] and not second.package_failed
     assert torch.equal(out_first, out_second) and rel(out_first, reference) < 1e-4
@@ -48,14 +49,58 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
 
     assert not second.uses_package({"patches": {"output_block_patch": [freeu_like]}})
 
+    # a package that loads but fails in this process (its CUDA graph capture, on a GPU): torch.compile from then on
+    bucket = bucket_of(x, c, None)
+    assert not second.drop_package(bucket, lambda *a: None, RuntimeError("not the package"))
+    assert second.drop_package(bucket, loaded, RuntimeError("capture failed"))
+    assert second.packages == {} and second.package_failed == "RuntimeError: capture failed"
+    assert not second.uses_package({})
+    assert not hasattr(second.graph_callable(unet, bucket, (x, t, c), {}), "loader")
 
-def test_packages_are_opt_in(pack, monkeypatch):
+
+def test_a_package_that_does_not_load_in_a_child_is_recorded_and_not_built_again(pack, tmp_path, monkeypatch):
+    from comfy_accel.accelerators import events
+    from comfy_accel.accelerators.aot_package import available
+    from comfy_accel.accelerators.cache import ArtifactStore
+    from comfy_accel.accelerators.compiled_unet import bucket_of, session_of
+    from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
+
+    ready = available()
+    if not ready:
+        pytest.skip(ready.reason)
+    # a child that cannot finish in time is one way to fail; a loader crash (SIGSEGV) is handled the same way
+    monkeypatch.setenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", "0.05")
+    model = build_model("tiny-sd15", seed=43)
+    unet = model.model.diffusion_model
+    x, t, c = unet_inputs(model, batch=2)[:3]
+    store = ArtifactStore(tmp_path / "cache")
+    sessions = []
+    for _ in range(2):
+        session = session_of(apply(model, {"fallback": "error", "store": store}))
+        session.compiler.package_accelerator = INDUCTOR_AOT
+        call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
+        assert session.package_failed and not session.packages and not session.uses_package({})
+        assert not hasattr(call, "loader")   # the module compiled by torch.compile (compiles on its first call)
+        sessions.append(session)
+    first, second = sessions
+    assert "did not finish in 0.05 s" in first.package_failed
+    assert [e["what"] for e in first.compiler.compile_events] == ["unet package"]
+    assert second.compiler.compile_events == []   # the record in the cache: no second build
+    assert "recorded in the cache" in second.package_failed and "did not finish" in second.package_failed
+    notes = [n["message"] for n in events.recent(20)]
+    assert any("no ahead-of-time package for the UNet" in n and "using torch.compile" in n for n in notes), notes
+    kinds = [store.lookup_id(e.id).entry.meta.get("kind") for e in store.entries()]
+    assert kinds == ["record: AOTInductor packages do not load here"], kinds
+
+
+def test_packages_are_on_unless_switched_off(pack, monkeypatch):
     from comfy_accel.accelerators.aot_package import available
     from comfy_accel.accelerators.torch_compile import packages_enabled
 
     monkeypatch.delenv("COMFY_ACCEL_AOT_PACKAGES", raising=False)
-    assert not packages_enabled()
+    assert packages_enabled() == bool(available())
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", off)
+        assert not packages_enabled()
     monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", "1")
     assert packages_enabled() == bool(available())
-    monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", "0")
-    assert not packages_enabled()
