@@ -209,13 +209,21 @@ def test_a_child_that_crashes_or_fails_is_reported_in_one_line(built, tmp_path):
     outcome = child_outcome(crashed.returncode, crashed.stdout, crashed.stderr)
     assert set(outcome) == {"error"} and "killed a child process (SIGSEGV)" in outcome["error"]
 
-    # a package whose library is damaged: the child fails with an exception, reported by its last line
+    # a package file that is not an archive at all: the loader raises in the child, whose last line is the reason
     files = package_files(built.folder)
-    damaged = bytearray(files["unet.pt2"])
-    damaged[len(damaged) // 3: len(damaged) // 3 + 4096] = b"\0" * 4096
-    folder = write_package_files({**files, "unet.pt2": bytes(damaged)}, tmp_path / "damaged")
+    folder = write_package_files({**files, "unet.pt2": b"not a zip archive" * 64}, tmp_path / "damaged")
     outcome = verify_in_child(folder, timeout=240)
-    assert set(outcome) == {"error"} and "failed (exit 1)" in outcome["error"], outcome
+    assert set(outcome) == {"error"}, outcome
+    assert re.search(r"failed \(exit 1\): \S", outcome["error"]), outcome
+
+    # a package that reads a tensor the recorded model lacks: refused by the child's own check
+    record = json.loads(files["weights.json"])
+    dropped = sorted(record["weights"])[0]
+    del record["weights"][dropped]
+    folder = write_package_files({**files, "weights.json": json.dumps(record).encode()}, tmp_path / "other-model")
+    outcome = verify_in_child(folder, timeout=240)
+    assert outcome == {"error": f"loading the package in a child process failed (exit 3): the package reads 1 "
+                                f"tensor(s) that are not weights of the model, e.g. {dropped}"}
 
     outcome = verify_in_child(built.folder, timeout=0.05)   # too short to even import torch
     assert outcome == {"error": "loading the package in a child process did not finish in 0.05 s"}
