@@ -53,9 +53,11 @@ def validate_options(mode: str, dynamic: str, fallback: str) -> str:
 
 
 def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str = "buckets",
-               fallback: str = "default", node_id=None, get_store=None):
+               fallback: str = "default", node_id=None, get_store=None, keep_weights_on_gpu: bool = False):
     """(accelerated clone, settings in effect). The settings say which backend was chosen and why."""
     fallback = validate_options(mode, dynamic, fallback)
+    if not isinstance(keep_weights_on_gpu, bool):
+        raise AcceleratorInputError(f"keep_weights_on_gpu must be true or false; got {keep_weights_on_gpu!r}")
     chosen, note = resolve_backend(backend)
     node = None if node_id is None else str(node_id)
     if note:
@@ -66,10 +68,29 @@ def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str
     if chosen == "eager":
         if backend != "eager" and fallback == "error":  # auto/default found nothing that can run here
             raise BackendUnavailable(note or "no backend chosen")
-        return model.clone(), in_effect
-    spec = registry.get(chosen)
-    options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node, "get_store": get_store}
-    ready = spec.available()
-    if not ready:
-        in_effect["unavailable"] = ready.reason
-    return spec.apply(model, options), in_effect
+        out = model.clone()
+    else:
+        spec = registry.get(chosen)
+        options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node, "get_store": get_store}
+        ready = spec.available()
+        if not ready:
+            in_effect["unavailable"] = ready.reason
+        out = spec.apply(model, options)
+    if keep_weights_on_gpu:
+        in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
+        events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)
+    return out, in_effect
+
+
+def keep_on_load_device(model) -> str:
+    """Makes ComfyUI keep this model's weights on the device it runs on (what its --highvram does for every
+    model, here for this one; clones made after this node, e.g. by a LoRA loader, inherit it). ComfyUI then
+    unpatches a LoRA in place instead of moving the whole UNet to the CPU and back (≈1.5 s for SD1.5 on an H100),
+    so the CUDA graphs keep their addresses too; in exchange it cannot free this model's VRAM for another model,
+    and a LoRA's original weights are backed up on the GPU. Returns one line saying what changed."""
+    load, offload = model.load_device, model.offload_device
+    if load == offload:
+        return f"weights already stay on {load} (ComfyUI unloads this model to the same device)"
+    model.offload_device = load   # ModelPatcher's own field, read by its unpatch/detach and copied by clone()
+    return f"weights stay on {load} between runs and LoRA changes (instead of moving to {offload}); ComfyUI " \
+           f"cannot free their VRAM for other models"

@@ -74,6 +74,14 @@ def _chain(*builders):
     return build
 
 
+def _keep_weights_on_gpu(model, ctx):
+    """The node's keep_weights_on_gpu option (a LoRA change then reloads nothing)."""
+    from comfy_accel.accelerators.accelerate import keep_on_load_device
+
+    keep_on_load_device(model)
+    return model
+
+
 def _comfy_torch_compile(model, ctx):
     """ComfyUI's own TorchCompileModel node path (inductor), the baseline users know."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
@@ -99,6 +107,9 @@ STACKS = [
     Stack("inductor", "Accelerate Model: inductor", _backend("inductor"), requires=("inductor",), cpu_default=False),
     Stack("inductor+cudagraphs", "Accelerate Model: inductor+cudagraphs", _backend("inductor+cudagraphs"),
           requires=("inductor+cudagraphs",), gpu_only=True),
+    Stack("inductor+cudagraphs+keep", "Accelerate Model: inductor+cudagraphs, keep_weights_on_gpu",
+          _chain(_backend("inductor+cudagraphs"), _keep_weights_on_gpu), requires=("inductor+cudagraphs",),
+          gpu_only=True),
     Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
     Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),
     Stack("tensorrt", "Accelerate Model: tensorrt", _backend("tensorrt"), requires=("tensorrt",)),

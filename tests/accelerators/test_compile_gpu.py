@@ -28,11 +28,12 @@ def twin(pack):
     return build_model("tiny-sd15", dtype=torch.float16, device="cuda", seed=5)
 
 
-@pytest.fixture()
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module: the UNet package built by the first test serves the later ones (as in ComfyUI)."""
     from comfy_accel.accelerators.cache import ArtifactStore
 
-    return ArtifactStore(tmp_path / "cache")
+    return ArtifactStore(tmp_path_factory.mktemp("cache"))
 
 
 def graphs(session):
@@ -63,6 +64,30 @@ def test_graphs_match_eager_and_lora_needs_no_recompile(pack, gpu_model, twin, s
     notes = [n["message"] for n in events.recent() if n["accelerator"] == "inductor+cudagraphs"]
     assert not any("recompiled" in n for n in notes), notes
     assert rel(sample(accelerated, steps=4), out) < 1e-3     # removed again: back to the base result
+
+
+def test_keep_weights_on_gpu_makes_a_lora_change_move_nothing(pack, twin, store):
+    """With keep_weights_on_gpu, ComfyUI unpatches a LoRA in place instead of moving the UNet to the CPU and back:
+    the weights keep their addresses, so the graphs are neither re-captured nor recompiled."""
+    from comfy_accel.accelerators import events
+    from comfy_accel.accelerators.accelerate import accelerate
+    from comfy_accel.accelerators.compiled_unet import session_of
+
+    model = build_model("tiny-sd15", dtype=torch.float16, device="cuda", seed=5)
+    accelerated, in_effect = accelerate(model, backend="inductor+cudagraphs", fallback="error",
+                                        get_store=lambda: store, keep_weights_on_gpu=True)
+    assert "weights stay on cuda" in in_effect["keep_weights_on_gpu"]
+    out = sample(accelerated, steps=4)
+    session = session_of(accelerated)
+    addresses = [p.data_ptr() for p in model.model.diffusion_model.parameters()]
+    captured, compiles = graphs(session), len(session.compiler.compile_events)
+    lora = {k: v.half() for k, v in make_lora(model, TARGETS).items()}
+    assert rel(sample(with_lora(accelerated, lora), steps=4), sample(with_lora(twin, lora), steps=4)) < 1e-2
+    assert rel(sample(accelerated, steps=4), out) < 1e-3
+    assert [p.data_ptr() for p in model.model.diffusion_model.parameters()] == addresses
+    assert graphs(session) == captured and len(session.compiler.compile_events) == compiles
+    notes = [n["message"] for n in events.recent() if n["accelerator"] == "inductor+cudagraphs"]
+    assert not any("re-capturing" in n for n in notes[-10:]), notes
 
 
 def test_cfg_cutoff_captures_batch_1_and_2_once(pack, gpu_model, twin, store):

@@ -137,6 +137,35 @@ def test_backend_choice_auto_default_and_eager(pack, model, monkeypatch):
     assert in_effect["backend"] == "eager" and out is not model and not out.wrappers.get("apply_model")
 
 
+def test_keep_weights_on_gpu_sets_the_offload_device_that_lora_clones_inherit(pack, twin):
+    """The node's keep_weights_on_gpu option: the accelerated clone (and a LoRA loaded after it) unload to the
+    device they run on, as ComfyUI's --highvram does for every model; the input model is untouched. On this CPU
+    box both devices are the CPU, so the model gets an offload device object of its own to tell them apart."""
+    from comfy_accel.accelerators.accelerate import accelerate
+    from comfy_accel.accelerators.base import AcceleratorInputError
+
+    base = build_model("tiny-sd15", seed=21)
+    source = base.clone()
+    source.offload_device = torch.device("cpu", 0)   # != torch.device("cpu"), which is the load device here
+    assert source.offload_device != source.load_device
+    kept, in_effect = accelerate(source, backend="eager", keep_weights_on_gpu=True, node_id="k1")
+    assert kept.offload_device == kept.load_device and source.offload_device == torch.device("cpu", 0)
+    assert "weights stay on cpu between runs and LoRA changes (instead of moving to cpu:0)" in \
+        in_effect["keep_weights_on_gpu"]
+    assert any("weights stay on cpu" in n for n in notices("k1"))
+    lora = make_lora(kept, list(TARGETS), seed=3)
+    patched = with_lora(kept, lora)
+    assert patched.offload_device == patched.load_device
+    assert rel(sample(patched, steps=2), sample(with_lora(twin, lora), steps=2)) < 1e-5
+
+    _, plain = accelerate(base, backend="eager")
+    assert "keep_weights_on_gpu" not in plain
+    _, same = accelerate(base, backend="eager", keep_weights_on_gpu=True)
+    assert same["keep_weights_on_gpu"].startswith("weights already stay on cpu")
+    with pytest.raises(AcceleratorInputError, match="keep_weights_on_gpu must be true or false; got 'yes'"):
+        accelerate(base, backend="eager", keep_weights_on_gpu="yes")
+
+
 def test_deepcache_segments_compile_once_each(pack, model, twin):
     from comfy_accel.accelerators.compiled_unet import session_of
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
