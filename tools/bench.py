@@ -82,6 +82,18 @@ def _keep_weights_on_gpu(model, ctx):
     return model
 
 
+def _fp8_weights(model, ctx):
+    """The base UNet's weights loaded again by ComfyUI's UNETLoader with weight_dtype fp8_e4m3fn_fast (the user's
+    way to fp8: fp8 weights, and fp8 matrix multiplies on GPUs that support them, e.g. Hopper)."""
+    import tempfile
+
+    from tools.model_factory import load_unet_as
+
+    if "fp8_model" not in ctx:
+        ctx["fp8_model"] = load_unet_as(model, "fp8_e4m3fn_fast", Path(tempfile.mkdtemp(prefix="accel_fp8_")))
+    return ctx["fp8_model"].clone()
+
+
 def _comfy_torch_compile(model, ctx):
     """ComfyUI's own TorchCompileModel node path (inductor), the baseline users know."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
@@ -109,6 +121,10 @@ STACKS = [
           requires=("inductor+cudagraphs",), gpu_only=True),
     Stack("inductor+cudagraphs+keep", "Accelerate Model: inductor+cudagraphs, keep_weights_on_gpu",
           _chain(_backend("inductor+cudagraphs"), _keep_weights_on_gpu), requires=("inductor+cudagraphs",),
+          gpu_only=True),
+    Stack("fp8", "UNETLoader fp8_e4m3fn_fast weights, eager", _fp8_weights, lossless=False, cpu_default=False),
+    Stack("fp8+inductor+cudagraphs", "UNETLoader fp8_e4m3fn_fast + Accelerate Model: inductor+cudagraphs",
+          _chain(_fp8_weights, _backend("inductor+cudagraphs")), requires=("inductor+cudagraphs",), lossless=False,
           gpu_only=True),
     Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
     Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),

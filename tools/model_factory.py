@@ -211,6 +211,20 @@ def save_unet(patcher, path: Path) -> Path:
     return path
 
 
+def load_unet_as(patcher, weight_dtype: str, folder: Path, name: str = "accel_random_unet.safetensors"):
+    """The same UNet weights loaded again through ComfyUI's own UNETLoader node with its `weight_dtype` choice
+    (e.g. "fp8_e4m3fn_fast": fp8 weights, fp8 matrix multiplies on GPUs that have them): the ModelPatcher a
+    user gets from that node."""
+    _comfy()
+    import folder_paths
+    import nodes
+
+    folder = Path(folder)
+    save_unet(patcher, folder / name)
+    folder_paths.add_model_folder_path("diffusion_models", str(folder))
+    return nodes.UNETLoader().load_unet(name, weight_dtype)[0]
+
+
 _SD_VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
                     'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 

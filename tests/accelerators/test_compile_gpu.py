@@ -183,3 +183,24 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
     assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]
     assert torch.equal(first, second)
+
+
+def test_fp8_weights_from_the_unet_loader_run_graphed(pack, store, tmp_path):
+    """UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 matrix multiplies where the GPU has them, e.g. Hopper) under
+    inductor+cudagraphs: no fallback, the same latent as that fp8 model run eager."""
+    import comfy.model_management
+
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from tools.model_factory import load_unet_as
+
+    base = build_model("small-sd15", dtype=torch.float16, device="cuda", seed=9)
+    fp8 = load_unet_as(base, "fp8_e4m3fn_fast", tmp_path)
+    print("fp8 compute:", comfy.model_management.supports_fp8_compute(fp8.load_device),
+          type(fp8.model.diffusion_model.input_blocks[1][1].proj_in).__mro__[0])
+    eager = sample(fp8, steps=4)
+    accelerated = apply_cudagraphs(fp8, {"fallback": "error", "store": store})
+    out = sample(accelerated, steps=4)
+    session = session_of(accelerated)
+    assert session.calls["graph"] == 4 and session.calls["eager"] == 0
+    assert rel(out, eager) < 1e-2

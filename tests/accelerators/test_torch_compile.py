@@ -226,3 +226,23 @@ def test_freeu_added_after_the_node_runs_inside_the_compiled_unet(pack, model, t
     assert session.calls["compiled"] == 3 and session.calls["eager"] == 0
     assert rel(reference, plain) > 1e-3           # FreeU is a real change here
     assert rel(out, reference) < 1e-4
+
+
+def test_fp8_weights_from_comfyuis_unet_loader_compile_and_match_their_eager_run(pack, tmp_path):
+    """A UNet loaded by ComfyUI's own UNETLoader with weight_dtype fp8_e4m3fn_fast (the user's way to fp8; on this
+    CPU its layers upcast the fp8 weights, on Hopper they multiply in fp8): compiled without a fallback, equal
+    to the same fp8 model run eager."""
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import apply
+    from tools.model_factory import load_unet_as
+
+    base = build_model("small-sd15", seed=23)   # the smallest model ComfyUI's loader recognises as SD1.5
+    fp8 = load_unet_as(base, "fp8_e4m3fn_fast", tmp_path)
+    assert fp8.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.float8_e4m3fn
+    reference = sample(fp8, steps=3)
+    accelerated = apply(fp8, {"fallback": "error"})
+    out = sample(accelerated, steps=3)
+    session = session_of(accelerated)
+    assert session.calls["compiled"] == 3 and session.calls["eager"] == 0
+    assert rel(reference, sample(base, steps=3)) > 1e-2   # fp8 is a real change of the weights ...
+    assert rel(out, reference) < 1e-4                      # ... which the compiled UNet reproduces
