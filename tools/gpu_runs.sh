@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The measurements still owed to issue 4, each sized to one 10-minute call on a lent H100/H200 (the `device`
+# tool), with ComfyUI and the missing wheels carried in .gpu_carry/ (../shared/gpu/make_carry.sh pytest pluggy
+# iniconfig pytest-timeout). Results land in $OUT (or ./gpu_out), one log per run.
+#
+#   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), packages, fp8
+#   bash tools/gpu_runs.sh kernels    # one UNet call: inductor configs, cudnn.benchmark, channels-last
+#   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
+#   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side, LoRA switch, fp8
+#   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
+set -u
+what=${1:?"tests | kernels | warm | sd15 | sdxl"}
+case "$what" in tests|kernels|warm|sd15|sdxl) ;; *) echo "unknown run: $what (tests | kernels | warm | sd15 | sdxl)" >&2; exit 2 ;; esac
+out=${OUT:-$PWD/gpu_out}
+mkdir -p "$out"
+if [ -d .gpu_carry/whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_carry/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/.gpu_carry/ComfyUI:$PWD COMFYUI_PATH=$PWD/.gpu_carry/ComfyUI
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
+
+case "$what" in
+  tests)
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m pytest -q -p no:cacheprovider -s \
+      tests/accelerators/test_compile_gpu.py 2>&1 | tee "$out/tests.log" | grep -v "^WARNING" | tail -40 ;;
+  kernels)
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
+      --configs default,benchmark-fusion,autotune --cudnn-benchmark 2>&1 | tee "$out/kernels.log" | tail -20 ;;
+  warm)
+    store=$(fresh store)
+    for tag in cold warm; do
+      TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 python3 -m tools.warm_restart --store "$store" $tag \
+        2>&1 | tee "$out/warm-$tag.log" | grep "^\[$tag\]"
+    done ;;
+  sd15)
+    COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
+      --stacks eager,comfy-compile,inductor+cudagraphs,inductor+cudagraphs+keep,fp8+inductor+cudagraphs \
+      --runs 5 --lora-switch --out "$out/sd15" 2>&1 | tee "$out/sd15.log" | grep "^|\|\[bench\]" | tail -20 ;;
+  sdxl)
+    COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
+      --model sdxl --stacks eager,inductor+cudagraphs,fp8+inductor+cudagraphs --runs 3 --out "$out/sdxl" \
+      2>&1 | tee "$out/sdxl.log" | grep "^|\|\[bench\]" | tail -20 ;;
+esac
