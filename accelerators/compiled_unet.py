@@ -222,6 +222,12 @@ def sdpa_attention_override(func, *args, **kwargs):
 _CHUNKED_ATTENTION = ("attention_sub_quad", "attention_split")
 
 
+def exception_line(exc: Exception) -> str:
+    """An exception as one short line for a notice: its type and the first line of its message."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}"
+
+
 def use_compile_friendly_attention(transformer_options: dict) -> None:
     """Under compilation, ComfyUI's memory-chunked attentions (its CPU / low-memory defaults) ask psutil for free
     memory inside every attention call: a graph break per call and a chunking that changes between runs. Where
@@ -509,7 +515,7 @@ class CompileSession:
         if call is not self.packages.get(bucket):
             return False
         self.packages.pop(bucket, None)
-        self.package_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.package_failed = exception_line(exc)
         log.debug("package failure", exc_info=True)
         self.notice(f"the ahead-of-time UNet package failed here ({self.package_failed}); using torch.compile",
                     once="package-failed")
@@ -522,7 +528,7 @@ class CompileSession:
             try:
                 return self.package_for(unet, bucket, inputs, options)
             except Exception as exc:
-                self.package_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                self.package_failed = exception_line(exc)
                 log.debug("package failure", exc_info=True)
                 self.notice(f"no ahead-of-time package for the UNet ({self.package_failed}); using torch.compile "
                             f"(a new process will trace the UNet again)", once="package-failed")
