@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
         graph = CapturedCall(lambda a, b, cc: unet(a, b, context=cc, y=y, transformer_options={}), (x, t, c),
                              torch.cuda.graph_pool_handle())
         print(f"eager kernels as one CUDA graph: {time_ms(lambda: graph(x, t, c)):.2f} ms")
-        del graph
+        graph = None   # frees the eager graph before compiling
         if args.channels_last:
             unet.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -119,11 +119,11 @@ def main(argv: list[str]) -> int:
                                                 allow_tf32=torch.backends.cudnn.allow_tf32):
                     tuned = CapturedCall(call, (x, t, c), torch.cuda.graph_pool_handle())
                 line += f"; cudnn.benchmark graph {time_ms(lambda: tuned(x, t, c)):.2f} ms"
-                del tuned
+                tuned = None
             print(line, flush=True)
             if args.profile and number == 0:
                 print_top_kernels(lambda: call(x, t, c))
-            del graph
+            graph = None
     return 0
 
 
