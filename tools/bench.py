@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -248,7 +248,7 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     row["latent"] = latent
     if ctx.get("vae") is not None:
         row["image"] = ctx["vae"].decode(latent[:1].to(torch.float32)).float().cpu()
-    del model
+    model = None   # the stack's graphs and compiled code go before the next stack
     return row
 
 

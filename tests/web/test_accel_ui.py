@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.web.harness import Browser, load_workflow, require_browser, start_server, wait_for
+from tests.web.harness import Browser, require_browser, start_server, wait_for
 from tests.web.harness import artifacts_dir as web_artifacts
-from tools.comfy_host import REPO_ROOT
 
 pytestmark = pytest.mark.browser
 CHECKPOINT = "accel_random_sd15.safetensors"

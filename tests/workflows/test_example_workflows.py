@@ -12,7 +12,7 @@ import pytest
 
 from tests.web.harness import (Browser, artifacts_dir, graph_to_api, load_workflow, require_browser,
                                start_server)
-from tools.comfy_host import REPO_ROOT, HostError
+from tools.comfy_host import REPO_ROOT
 
 pytestmark = pytest.mark.browser
 EXAMPLES = sorted((REPO_ROOT / "example_workflows").glob("*.json"))
