@@ -160,12 +160,8 @@ class PackagedUNet:
         verified = verify_in_child(folder)
         if "error" in verified:
             raise PackageUnusable(verified["error"])
-        names = verified["constants"]
-        unknown = [name for name in names if name not in live]
-        if unknown:   # a tensor the trace created (not a parameter or buffer): we would have nothing to bind
-            raise PackageMismatch(f"the compiled UNet needs {len(unknown)} tensor(s) that are not weights of the "
-                                  f"model, e.g. {unknown[0]}; it cannot be bound to live weights")
-        record["weights"] = {name: record["weights"][name] for name in names}
+        # the child refused any tensor that is not a weight of the model (one the trace created: nothing to bind)
+        record["weights"] = {name: record["weights"][name] for name in verified["constants"]}
         record["verified"] = {k: v for k, v in verified.items() if k != "constants"}
         (folder / WEIGHTS_FILE).write_text(json.dumps(record, indent=1))
         package = cls(_open_loader(torch, package_path, inputs_record), record, folder)

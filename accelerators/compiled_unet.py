@@ -492,22 +492,23 @@ class CompileSession:
                     try:
                         store.put(self.package_key(bucket, UNUSABLE_PACKAGE),
                                   {UNUSABLE_REASON_FILE: str(exc).encode()},
-                                  meta={"family": self.model_config.get("family", "?"), "backend": self.name,
-                                        "profile": describe_bucket(bucket),
-                                        "kind": "record: AOTInductor packages do not load here"})
+                                  meta=self._package_meta(bucket, "record: AOTInductor packages do not load here"))
                     except Exception as store_exc:
                         log.debug("could not record the unusable package: %s", store_exc)
                 raise
             if key is not None:
                 try:
-                    store.put(key, self.compiler.package_files(folder), meta={
-                        "family": self.model_config.get("family", "?"), "backend": self.name,
-                        "profile": describe_bucket(bucket), "kind": "AOTInductor package"})
+                    store.put(key, self.compiler.package_files(folder),
+                              meta=self._package_meta(bucket, "AOTInductor package"))
                 except Exception as exc:  # a full disk must not fail the image
                     self.notice(f"could not store the compiled UNet package: {exc}", once="store-failed")
             return package
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the loader has its own copy of the library
+
+    def _package_meta(self, bucket: tuple, kind: str) -> dict:
+        return {"family": self.model_config.get("family", "?"), "backend": self.name,
+                "profile": describe_bucket(bucket), "kind": kind}
 
     def drop_package(self, bucket: tuple, call, exc: Exception) -> bool:
         """The package `call` failed in this process (its graph capture): packages are off for this session

@@ -17,7 +17,8 @@ weights, so one entry serves every checkpoint of the architecture):
   patches and DeepCache's segments use:
 - torch's portable compile-cache artifacts (`torch.compiler.save_cache_artifacts`: inductor's FX-graph,
   AOTAutograd and autotuning caches), loaded before the first compile of a new process: inductor generates
-  and autotunes no kernel again, but dynamo still traces the Python (~15 s for SD1.5 on an H100 host).
+  and autotunes no kernel again, but dynamo still traces the Python (≈6 s of the ≈14 s warm start of
+  SD1.5 on an H100 host).
 """
 from __future__ import annotations
 

@@ -111,6 +111,9 @@ def _comfy_torch_compile_cudagraphs(model, ctx):
     return clone
 
 
+_FASTEST = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
+                  _backend("inductor+cudagraphs"))
+
 STACKS = [
     Stack("eager", "ComfyUI eager (baseline)", lambda m, c: m),
     Stack("comfy-compile", "ComfyUI TorchCompileModel (inductor)", _comfy_torch_compile, cpu_default=False),
@@ -139,13 +142,9 @@ STACKS = [
     Stack("compile+cutoff-50", "inductor+cudagraphs + CFG cutoff 50%",
           _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _backend("inductor+cudagraphs")),
           requires=("cfg_cutoff", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("fastest", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50%",
-          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
-                 _backend("inductor+cudagraphs")),
+    Stack("fastest", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50%", _FASTEST,
           requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("fastest+taesd", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50% + Tiny VAE decode",
-          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
-                 _backend("inductor+cudagraphs")),
+    Stack("fastest+taesd", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50% + Tiny VAE decode", _FASTEST,
           requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs", "taesd"), lossless=False, gpu_only=True,
           vae="taesd"),
 ]
