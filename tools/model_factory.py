@@ -187,17 +187,20 @@ def make_conditioning(patcher, batch: int = 1, tokens: int = 77, seed: int = 1, 
 def sample(patcher, steps: int = 6, cfg: float = 7.0, sampler: str = "euler", scheduler: str = "normal",
            seed: int = 0, width: int = 64, height: int = 64, batch: int = 1, positive=None, negative=None,
            tokens: int = 77, denoise: float = 1.0):
-    """Runs ComfyUI's real sampler (comfy.sample.sample) and returns the final latent (float32, CPU)."""
+    """Runs ComfyUI's real sampler (comfy.sample.sample) and returns the final latent (float32, CPU), under
+    torch.inference_mode as ComfyUI's executor runs every node (execution.py, PromptExecutor.execute_async): the
+    model loads and LoRA patches then happen as in the host (e.g. its fp8 stochastic rounding needs no grad)."""
     _comfy()
     import comfy.sample
 
     if positive is None:
         positive, negative = make_conditioning(patcher, tokens=tokens, width=width, height=height)
-    latent = torch.zeros(batch, 4, height // 8, width // 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                              denoise=denoise, seed=seed, disable_pbar=True)
-    return out.float().cpu()
+    with torch.inference_mode():
+        latent = torch.zeros(batch, 4, height // 8, width // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                  denoise=denoise, seed=seed, disable_pbar=True)
+        return out.float().cpu()
 
 
 def save_unet(patcher, path: Path) -> Path:
