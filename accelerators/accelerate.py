@@ -84,13 +84,16 @@ def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str
 
 def keep_on_load_device(model) -> str:
     """Makes ComfyUI keep this model's weights on the device it runs on (what its --highvram does for every
-    model, here for this one; clones made after this node, e.g. by a LoRA loader, inherit it). ComfyUI then
-    unpatches a LoRA in place instead of moving the whole UNet to the CPU and back (≈1.5 s for SD1.5 on an H100),
-    so the CUDA graphs keep their addresses too; in exchange it cannot free this model's VRAM for another model,
-    and a LoRA's original weights are backed up on the GPU. Returns one line saying what changed."""
+    model, here for this one) and patch LoRAs into them in place (its `weight_inplace_update`); clones made after
+    this node, e.g. by a LoRA loader, inherit both. ComfyUI then neither moves the whole UNet to the CPU and back
+    on a LoRA change (≈1.5 s for SD1.5 on an H100) nor swaps in new weight tensors, so the CUDA graphs keep their
+    addresses and replay at once; in exchange it cannot free this model's VRAM for another model, and a LoRA's
+    original weights are backed up on the GPU. Returns one line saying what changed."""
     load, offload = model.load_device, model.offload_device
+    model.weight_inplace_update = True   # ModelPatcher's own fields, read by patch/unpatch, copied by clone()
     if load == offload:
-        return f"weights already stay on {load} (ComfyUI unloads this model to the same device)"
-    model.offload_device = load   # ModelPatcher's own field, read by its unpatch/detach and copied by clone()
-    return f"weights stay on {load} between runs and LoRA changes (instead of moving to {offload}); ComfyUI " \
-           f"cannot free their VRAM for other models"
+        return f"weights already stay on {load} (ComfyUI unloads this model to the same device); LoRAs are " \
+               f"patched into them in place"
+    model.offload_device = load
+    return f"weights stay on {load} between runs and LoRA changes (instead of moving to {offload}), LoRAs " \
+           f"patched in place; ComfyUI cannot free their VRAM for other models"

@@ -155,13 +155,17 @@ def test_keep_weights_on_gpu_sets_the_offload_device_that_lora_clones_inherit(pa
     assert any("weights stay on cpu" in n for n in notices("k1"))
     lora = make_lora(kept, list(TARGETS), seed=3)
     patched = with_lora(kept, lora)
-    assert patched.offload_device == patched.load_device
+    assert patched.offload_device == patched.load_device and patched.weight_inplace_update
+    addresses = {name: p.data_ptr() for name, p in patched.model.diffusion_model.named_parameters()}
     assert rel(sample(patched, steps=2), sample(with_lora(twin, lora), steps=2)) < 1e-5
+    # the LoRA went into the same tensors (what keeps CUDA graphs valid without a re-capture)
+    assert {name: p.data_ptr() for name, p in patched.model.diffusion_model.named_parameters()} == addresses
 
     _, plain = accelerate(base, backend="eager")
     assert "keep_weights_on_gpu" not in plain
     _, same = accelerate(base, backend="eager", keep_weights_on_gpu=True)
     assert same["keep_weights_on_gpu"].startswith("weights already stay on cpu")
+    assert "LoRAs are patched into them in place" in same["keep_weights_on_gpu"]
     with pytest.raises(AcceleratorInputError, match="keep_weights_on_gpu must be true or false; got 'yes'"):
         accelerate(base, backend="eager", keep_weights_on_gpu="yes")
 
@@ -246,3 +250,8 @@ def test_fp8_weights_from_comfyuis_unet_loader_compile_and_match_their_eager_run
     assert session.calls["compiled"] == 3 and session.calls["eager"] == 0
     assert rel(reference, sample(base, steps=3)) > 1e-2   # fp8 is a real change of the weights ...
     assert rel(out, reference) < 1e-4                      # ... which the compiled UNet reproduces
+    # a LoRA loaded after the node: ComfyUI rounds the patched weights back to fp8 (stochastic, seeded per key)
+    lora = make_lora(fp8, list(TARGETS), seed=4)
+    eager_lora = sample(with_lora(fp8, lora), steps=3)
+    assert rel(eager_lora, reference) > 1e-3
+    assert rel(sample(with_lora(accelerated, lora), steps=3), eager_lora) < 1e-4
