@@ -16,7 +16,9 @@ What the loader does not do, and this module does instead:
   another input cannot use it;
 - a loader that fails may kill the process instead of raising (a segfault on torch 2.11+cu130 on an H100), so
   a new package is first loaded, run and (on CUDA) captured in a CUDA graph by a child process
-  (`verify_in_child`); only a package that passed there is loaded here or stored.
+  (`verify_in_child`); only a package that passed there is loaded here or stored. Before the first UNet
+  package of an environment (torch, device, dtype), `probe_environment` puts a small package of the same kind
+  through that check: seconds, where a UNet package takes minutes to build only to crash there.
 
 Host-agnostic: works on any `comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel`-like module called as
 `unet(x, timesteps, context=..., y=..., transformer_options=...)`. Nothing imports torch at module level.
@@ -258,7 +260,8 @@ def _open_loader(torch, package_path: Path, inputs_record: list[dict]):
 # Runs with the same interpreter; imports this package by its path under a private name (the host's name for
 # it, e.g. ComfyUI's custom_nodes loader, is not importable from a plain interpreter).
 _CHILD_BOOTSTRAP = """
-import importlib.util, sys
+import faulthandler, importlib.util, sys
+faulthandler.enable()   # a crash in the loader leaves the Python stack on stderr
 spec = importlib.util.spec_from_file_location(
     "_comfy_accel_package_check", sys.argv[1] + "/__init__.py", submodule_search_locations=[sys.argv[1]])
 module = importlib.util.module_from_spec(spec)
@@ -268,6 +271,7 @@ from _comfy_accel_package_check.aot_package import verify_here
 sys.exit(verify_here(sys.argv[2]))
 """
 _RESULT_PREFIX = "PACKAGE-VERIFIED "
+_STAGE_PREFIX = "PACKAGE-STAGE "   # the child's progress, so a crash can say what it was doing
 
 
 def verify_in_child(folder: Path, timeout: float | None = None) -> dict:
@@ -288,20 +292,23 @@ def verify_in_child(folder: Path, timeout: float | None = None) -> dict:
 
 
 def child_outcome(returncode: int, stdout: str, stderr: str) -> dict:
-    """What a verifying child's exit says: its report, or one line on how it failed."""
+    """What a verifying child's exit says: its report, or one line on how it failed (and at which stage)."""
     import signal
 
+    stages = [line[len(_STAGE_PREFIX):].strip() for line in stdout.splitlines() if line.startswith(_STAGE_PREFIX)]
+    while_doing = f" while {stages[-1]}" if stages else ""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return {"error": f"loading the package killed a child process ({name})"}
+        return {"error": f"loading the package killed a child process ({name}{while_doing})"}
     report = [line for line in stdout.splitlines() if line.startswith(_RESULT_PREFIX)]
     if returncode == 0 and report:
         return json.loads(report[-1][len(_RESULT_PREFIX):])
     last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no output")
-    return {"error": f"loading the package in a child process failed (exit {returncode}): {last[:300]}"}
+    return {"error": f"loading the package in a child process failed (exit {returncode}{while_doing}): "
+                     f"{last[:300]}"}
 
 
 def verify_here(folder: str) -> int:
@@ -311,9 +318,13 @@ def verify_here(folder: str) -> int:
 
     import torch
 
+    def stage(what: str) -> None:
+        print(_STAGE_PREFIX + what, flush=True)
+
     folder = Path(folder)
     record = json.loads((folder / WEIGHTS_FILE).read_text())
     started = time.monotonic()
+    stage("opening the package")
     loader = _open_loader(torch, folder / PACKAGE_FILE, record["inputs"])
     loaded = time.monotonic()
     names = list(loader.get_constant_fqns())
@@ -322,6 +333,7 @@ def verify_here(folder: str) -> int:
         print(f"the package reads {len(unknown)} tensor(s) that are not weights of the model, e.g. {unknown[0]}",
               file=sys.stderr)
         return 3
+    stage("binding stand-in weights")
     weights = _stand_in_weights(torch, {name: record["weights"][name] for name in names})
     loader.load_constants(weights, check_full_update=True, user_managed=True)
     generator = torch.Generator().manual_seed(0)
@@ -337,6 +349,7 @@ def verify_here(folder: str) -> int:
 
     inputs = [stand_in_input(description) for description in record["inputs"]]
     with torch.no_grad():
+        stage("running it")
         out = loader(*inputs)
         out = out[0] if isinstance(out, (list, tuple)) else out
         if tuple(out.shape) != tuple(inputs[0].shape):
@@ -346,6 +359,7 @@ def verify_here(folder: str) -> int:
         ran = time.monotonic()
         report = {"constants": names, "load_s": round(loaded - started, 3), "call_s": round(ran - loaded, 3)}
         if out.is_cuda:   # what the session does with it: one CUDA graph per bucket
+            stage("capturing a CUDA graph of it")
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -355,6 +369,7 @@ def verify_here(folder: str) -> int:
             with torch.cuda.graph(graph):
                 static = loader(*inputs)
             static = static[0] if isinstance(static, (list, tuple)) else static
+            stage("replaying that CUDA graph")
             graph.replay()
             torch.cuda.synchronize()
             if not torch.equal(static, out):
@@ -380,6 +395,51 @@ def _stand_in_weights(torch, descriptions: dict) -> dict:
                for device, size in largest.items()}
     return {name: torch.as_strided(buffers[d["device"]].view(getattr(torch, d["dtype"])), d["shape"], d["stride"])
             for name, d in descriptions.items()}
+
+
+# ---- whether this environment can use packages at all ---------------------------------------------------------
+PROBE_CONTEXT_DIM = 64
+
+
+def _probe_module(torch):
+    """A few UNet-like layers with the UNet's call signature: the smallest package of the same kind (weights
+    bound from outside, convolutions, a norm, a linear on the text context)."""
+    class ProbeUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 32, 3, padding=1)
+            self.time_embed = torch.nn.Linear(1, 32)
+            self.context_proj = torch.nn.Linear(PROBE_CONTEXT_DIM, 32)
+            self.norm = torch.nn.GroupNorm(8, 32)
+            self.conv_out = torch.nn.Conv2d(32, 4, 3, padding=1)
+
+        def forward(self, x, timesteps, context=None, y=None, transformer_options=None):
+            h = self.conv_in(x)
+            h = h + self.time_embed(timesteps[:, None].to(x.dtype))[:, :, None, None]
+            h = h + self.context_proj(context).mean(1)[:, :, None, None]
+            return self.conv_out(torch.nn.functional.silu(self.norm(h)))
+
+    return ProbeUNet()
+
+
+def probe_environment(device, dtype, folder: Path, inductor_configs: dict | None = None) -> str:
+    """Builds a small package of the UNet package's kind for `device` and `dtype` and has a child process load,
+    run and (on CUDA) graph-capture it: "" when it passed, else the child's one-line failure. Takes seconds,
+    where a UNet package takes minutes to build, so an environment whose loader crashes (torch 2.11+cu130 on an
+    H100: SIGSEGV while opening a package) is found before a UNet is built. Errors other than the child's
+    (e.g. the export) propagate: they say nothing about the loader."""
+    import torch
+
+    module = _probe_module(torch).to(device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 8, 8, generator=generator).to(device=device, dtype=dtype),
+              torch.tensor([999.0, 999.0], device=device),
+              torch.randn(2, 77, PROBE_CONTEXT_DIM, generator=generator).to(device=device, dtype=dtype))
+    try:
+        PackagedUNet.build(module, inputs, {}, Path(folder), inductor_configs=inductor_configs)
+    except PackageUnusable as exc:
+        return str(exc)
+    return ""
 
 
 def _check_input_count(inputs: tuple) -> tuple:

@@ -46,6 +46,8 @@ MODES = ("default", "max-autotune")
 MAX_BUCKETS = 8
 UNUSABLE_PACKAGE = "unet-package-unusable"   # key part of the record that a package failed to load here
 UNUSABLE_REASON_FILE = "reason.txt"
+PACKAGE_PROBE = "package-probe"   # key part of the record whether a small package loads in this environment
+PROBE_OUTCOME_FILE = "outcome.json"
 # patches whose functions depend only on the tensors they are given (no per-step Python state), so a CUDA
 # graph captured with them replays them faithfully. Others run compiled, without a graph.
 GRAPH_SAFE_PATCH_MODULES = ("comfy_extras.nodes_freelunch",)
@@ -124,8 +126,12 @@ class Compiler:
         return contextlib.nullcontext()
 
     # a backend that can build an ahead-of-time package of the whole UNet (no tracing in a new process) names
-    # its cache accelerator here and implements `build_package` / `load_package`
+    # its cache accelerator here and implements `probe_packages` / `build_package` / `load_package`
     package_accelerator: str | None = None
+
+    def probe_packages(self, device, dtype, folder) -> str:
+        """"" when a small package of this kind loads in a child process here, else the child's failure."""
+        raise NotImplementedError
 
     def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
         raise NotImplementedError
@@ -440,16 +446,55 @@ class CompileSession:
                 and not patch_signature(transformer_options))
 
     def package_key(self, bucket: tuple, part: str = "unet-package"):
-        """The package's key; part="unet-package-unusable" is the record that packages failed to load here."""
+        """The package's key; part="unet-package-unusable" is the record that packages failed to load here,
+        part="package-probe" the environment probe's outcome."""
         from .aot_package import FORMAT_VERSION
         from .cache import ArtifactKey
 
         unet_bucket = _unet_bucket(bucket)
+        # a package is built for one shape; a load failure says something about the environment and the
+        # architecture, so its record covers every shape, and the probe's every architecture too
+        profile = bucket_profile(bucket) if part == "unet-package" else None
+        model_config = {} if part == PACKAGE_PROBE else self.model_config
         return ArtifactKey.build(accelerator=self.compiler.package_accelerator,
                                  options={**self.compiler.artifact_options(), "part": part,
                                           "package_format": FORMAT_VERSION},
-                                 model_config=self.model_config, profile=bucket_profile(bucket),
+                                 model_config=model_config, profile=profile,
                                  dtype=unet_bucket[5], device=unet_bucket[6])
+
+    def package_environment_problem(self, store, bucket: tuple, x) -> str:
+        """"" when a small package of the UNet package's kind loads, runs and graph-captures in a child process
+        on this device and dtype, else the child's failure: read from the store's record, or probed now (seconds)
+        and recorded, so that an environment whose loader crashes costs one probe instead of a UNet build."""
+        import json
+        import shutil
+        import tempfile
+
+        key = self.package_key(bucket, PACKAGE_PROBE) if store is not None else None
+        if key is not None:
+            entry = store.get(key)
+            if entry is not None:
+                try:
+                    return json.loads((entry.path / PROBE_OUTCOME_FILE).read_text()).get("problem", "")
+                except (OSError, ValueError, AttributeError):
+                    pass   # an unreadable record: probe again and overwrite it
+        self.notice("checking once that ahead-of-time packages load on this machine (a small test package)",
+                    level="info", once="package-probe")
+        folder = Path(tempfile.mkdtemp(prefix="comfy_accel_probe_"))
+        try:
+            self.compiler.compile_events.append({"what": "package probe", "inputs": []})
+            problem = self.compiler.probe_packages(x.device, x.dtype, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        if key is not None:
+            kind = "record: AOTInductor packages do not load here" if problem else \
+                "record: AOTInductor packages load here"
+            try:
+                store.put(key, {PROBE_OUTCOME_FILE: json.dumps({"problem": problem}).encode()},
+                          meta={"family": "any", "backend": self.name, "profile": "any", "kind": kind})
+            except Exception as exc:
+                log.debug("could not record the package probe: %s", exc)
+        return problem
 
     def package_for(self, unet, bucket: tuple, inputs: tuple, transformer_options: dict):
         """This bucket's package, bound to `unet`'s weights: from memory, from the store, or built now."""
@@ -481,6 +526,12 @@ class CompileSession:
                 self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
                             f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
                 return package
+        problem = self.package_environment_problem(store, bucket, inputs[0])
+        if problem:
+            entry = f" (recorded in the cache, entry {self.package_key(bucket, PACKAGE_PROBE).id[:12]}; delete " \
+                    f"it to try again)" if key is not None else ""
+            raise PackageUnusable(f"a test package did not load here: {problem}{entry}")
+        if key is not None:
             self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
                         f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))

@@ -177,6 +177,11 @@ class InductorCompiler(Compiler):
         return PackagedUNet.build(unet, inputs, transformer_options, folder,
                                   inductor_configs=dict(self.config_patches))
 
+    def probe_packages(self, device, dtype, folder) -> str:
+        from .aot_package import probe_environment
+
+        return probe_environment(device, dtype, folder, inductor_configs=dict(self.config_patches))
+
     def load_package(self, folder):
         from .aot_package import PackagedUNet
 

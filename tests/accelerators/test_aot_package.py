@@ -202,19 +202,24 @@ def test_a_child_that_crashes_or_fails_is_reported_in_one_line(built, tmp_path):
     from comfy_accel.accelerators.aot_package import child_outcome, package_files, verify_in_child, \
         write_package_files
 
-    # a real crash of a real process, as a loader segfault ends the child
+    # a real crash of a real process, as a loader segfault ends the child; the stage it last announced is named
     crashed = subprocess.run([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"], capture_output=True,
                              text=True, timeout=60)
     assert crashed.returncode < 0
     outcome = child_outcome(crashed.returncode, crashed.stdout, crashed.stderr)
-    assert set(outcome) == {"error"} and "killed a child process (SIGSEGV)" in outcome["error"]
+    assert outcome == {"error": "loading the package killed a child process (SIGSEGV)"}
+    crashed = subprocess.run([sys.executable, "-c", "print('PACKAGE-STAGE opening the package'); "
+                              "print('PACKAGE-STAGE running it', flush=True); import ctypes; ctypes.string_at(0)"],
+                             capture_output=True, text=True, timeout=60)
+    outcome = child_outcome(crashed.returncode, crashed.stdout, crashed.stderr)
+    assert outcome == {"error": "loading the package killed a child process (SIGSEGV while running it)"}
 
     # a package file that is not an archive at all: the loader raises in the child, whose last line is the reason
     files = package_files(built.folder)
     folder = write_package_files({**files, "unet.pt2": b"not a zip archive" * 64}, tmp_path / "damaged")
     outcome = verify_in_child(folder, timeout=240)
     assert set(outcome) == {"error"}, outcome
-    assert re.search(r"failed \(exit 1\): \S", outcome["error"]), outcome
+    assert re.search(r"failed \(exit 1 while opening the package\): \S", outcome["error"]), outcome
 
     # a package that reads a tensor the recorded model lacks: refused by the child's own check
     record = json.loads(files["weights.json"])
@@ -222,7 +227,8 @@ def test_a_child_that_crashes_or_fails_is_reported_in_one_line(built, tmp_path):
     del record["weights"][dropped]
     folder = write_package_files({**files, "weights.json": json.dumps(record).encode()}, tmp_path / "other-model")
     outcome = verify_in_child(folder, timeout=240)
-    assert outcome == {"error": f"loading the package in a child process failed (exit 3): the package reads 1 "
+    assert outcome == {"error": f"loading the package in a child process failed (exit 3 while opening the "
+                                f"package): the package reads 1 "
                                 f"tensor(s) that are not weights of the model, e.g. {dropped}"}
 
     outcome = verify_in_child(built.folder, timeout=0.05)   # too short to even import torch

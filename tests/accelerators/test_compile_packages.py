@@ -1,7 +1,8 @@
-"""The compile session's AOTInductor packages (inductor+cudagraphs) on the real ComfyUI, CPU: a session builds
-the package once and stores it; a new session of the same architecture loads it from the store and compiles
-nothing; calls with patches never use a package (it bakes one forward); a package that a child process could
-not load is recorded, and sessions use torch.compile without building another."""
+"""The compile session's AOTInductor packages (inductor+cudagraphs) on the real ComfyUI, CPU: a session first
+checks once per environment that a small package loads in a child process, then builds the UNet package once
+and stores it; a new session of the same architecture loads it from the store and compiles nothing; calls with
+patches never use a package (it bakes one forward); a probe or a package that a child process could not load is
+recorded, and sessions use torch.compile without building another."""
 import pytest
 import torch
 
@@ -37,12 +38,14 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
         call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
         runs.append((session, call(x, t, c), call))
     (first, out_first, _), (second, out_second, loaded) = runs
-    assert [e["what"] for e in first.compiler.compile_events] == ["unet package"]
+    assert [e["what"] for e in first.compiler.compile_events] == ["package probe", "unet package"]
     assert second.compiler.compile_events == [] and not second.package_failed
     assert torch.equal(out_first, out_second) and rel(out_first, reference) < 1e-4
     notes = [n["message"] for n in events.recent(20)]
     assert any("package" in n and "loaded from the cache" in n for n in notes), notes
-    assert [e.accelerator for e in store.entries()].count(INDUCTOR_AOT) == 1
+    kinds = sorted(store.lookup_id(e.id).entry.meta.get("kind") for e in store.entries()
+                   if e.accelerator == INDUCTOR_AOT)
+    assert kinds == ["AOTInductor package", "record: AOTInductor packages load here"], kinds
 
     def freeu_like(h, hsp, options):
         return h, hsp
@@ -58,39 +61,73 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
     assert not hasattr(second.graph_callable(unet, bucket, (x, t, c), {}), "loader")
 
 
-def test_a_package_that_does_not_load_in_a_child_is_recorded_and_not_built_again(pack, tmp_path, monkeypatch):
+def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_built_again(pack, tmp_path,
+                                                                                          monkeypatch):
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.aot_package import available
     from comfy_accel.accelerators.cache import ArtifactStore
-    from comfy_accel.accelerators.compiled_unet import bucket_of, session_of
+    from comfy_accel.accelerators.compiled_unet import PACKAGE_PROBE, UNUSABLE_PACKAGE, bucket_of, session_of
     from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
 
     ready = available()
     if not ready:
         pytest.skip(ready.reason)
-    # a child that cannot finish in time is one way to fail; a loader crash (SIGSEGV) is handled the same way
-    monkeypatch.setenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", "0.05")
     model = build_model("tiny-sd15", seed=43)
     unet = model.model.diffusion_model
     x, t, c = unet_inputs(model, batch=2)[:3]
-    store = ArtifactStore(tmp_path / "cache")
-    sessions = []
-    for _ in range(2):
-        session = session_of(apply(model, {"fallback": "error", "store": store}))
-        session.compiler.package_accelerator = INDUCTOR_AOT
-        call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
-        assert session.package_failed and not session.packages and not session.uses_package({})
-        assert not hasattr(call, "loader")   # the module compiled by torch.compile (compiles on its first call)
-        sessions.append(session)
-    first, second = sessions
-    assert "did not finish in 0.05 s" in first.package_failed
-    assert [e["what"] for e in first.compiler.compile_events] == ["unet package"]
-    assert second.compiler.compile_events == []   # the record in the cache: no second build
+    bucket = bucket_of(x, c, None)
+
+    def sessions_with(store):
+        made = []
+        for _ in range(2):
+            session = session_of(apply(model, {"fallback": "error", "store": store}))
+            session.compiler.package_accelerator = INDUCTOR_AOT
+            call = session.graph_callable(unet, bucket, (x, t, c), {})
+            assert session.package_failed and not session.packages and not session.uses_package({})
+            assert not hasattr(call, "loader")   # the module compiled by torch.compile (compiles on its first call)
+            made.append(session)
+        return made
+
+    def kinds(store):
+        return sorted(store.lookup_id(e.id).entry.meta.get("kind") for e in store.entries())
+
+    # a child that cannot finish in time is one way to fail; a loader crash (SIGSEGV) is handled the same way.
+    # 1. the environment probe fails: no UNet package is built, now or by the next session
+    monkeypatch.setenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", "0.05")
+    store = ArtifactStore(tmp_path / "probe-fails")
+    first, second = sessions_with(store)
+    assert "a test package did not load here" in first.package_failed and "did not finish in 0.05 s" in \
+        first.package_failed
+    assert [e["what"] for e in first.compiler.compile_events] == ["package probe"]
+    assert second.compiler.compile_events == []   # the probe's record in the cache: no probe, no build
     assert "recorded in the cache" in second.package_failed and "did not finish" in second.package_failed
-    notes = [n["message"] for n in events.recent(20)]
+    assert kinds(store) == ["record: AOTInductor packages do not load here"]
+    notes = [n["message"] for n in events.recent(30)]
+    assert any("checking once that ahead-of-time packages load" in n for n in notes), notes
     assert any("no ahead-of-time package for the UNet" in n and "using torch.compile" in n for n in notes), notes
-    kinds = [store.lookup_id(e.id).entry.meta.get("kind") for e in store.entries()]
-    assert kinds == ["record: AOTInductor packages do not load here"], kinds
+
+    # 2. the probe passes but the UNet's own package does not load: recorded for the architecture
+    store = ArtifactStore(tmp_path / "package-fails")
+    monkeypatch.delenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S")
+    probing = session_of(apply(model, {"fallback": "error", "store": store}))
+    probing.compiler.package_accelerator = INDUCTOR_AOT
+    assert probing.package_environment_problem(store, bucket, x) == ""
+    monkeypatch.setenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", "0.05")
+    first, second = sessions_with(store)
+    assert "did not finish in 0.05 s" in first.package_failed and "test package" not in first.package_failed
+    assert [e["what"] for e in first.compiler.compile_events] == ["unet package"]   # the probe's record: passed
+    assert second.compiler.compile_events == []
+    assert "recorded in the cache" in second.package_failed and "did not finish" in second.package_failed
+    assert kinds(store) == ["record: AOTInductor packages do not load here", "record: AOTInductor packages load here"]
+
+    # the records cover every shape (a load failure is not about one shape); the probe's every architecture too
+    other = bucket_of(torch.zeros(1, 4, 16, 16), torch.zeros(1, 154, c.shape[-1]), None)
+    assert first.package_key(other, UNUSABLE_PACKAGE).id == first.package_key(bucket, UNUSABLE_PACKAGE).id
+    assert first.package_key(other).id != first.package_key(bucket).id
+    sdxl = session_of(apply(build_model("tiny-sdxl", seed=1), {"fallback": "error", "store": store}))
+    sdxl.compiler.package_accelerator = INDUCTOR_AOT
+    assert sdxl.package_key(bucket, PACKAGE_PROBE).id == first.package_key(bucket, PACKAGE_PROBE).id
+    assert sdxl.package_key(bucket, UNUSABLE_PACKAGE).id != first.package_key(bucket, UNUSABLE_PACKAGE).id
 
 
 def test_packages_are_on_unless_switched_off(pack, monkeypatch):
