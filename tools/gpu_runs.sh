@@ -3,14 +3,16 @@
 # tool), with ComfyUI and the missing wheels carried in .gpu_carry/ (../shared/gpu/make_carry.sh pytest pluggy
 # iniconfig pytest-timeout). Results land in $OUT (or ./gpu_out), one log per run.
 #
-#   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), packages, fp8
+#   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min)
+#   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈4 min)
 #   bash tools/gpu_runs.sh kernels    # one UNet call: inductor configs, cudnn.benchmark, channels-last
 #   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side, LoRA switch, fp8
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
 set -u
-what=${1:?"tests | kernels | warm | sd15 | sdxl"}
-case "$what" in tests|kernels|warm|sd15|sdxl) ;; *) echo "unknown run: $what (tests | kernels | warm | sd15 | sdxl)" >&2; exit 2 ;; esac
+what=${1:?"tests | package | kernels | warm | sd15 | sdxl"}
+case "$what" in tests|package|kernels|warm|sd15|sdxl) ;;
+  *) echo "unknown run: $what (tests | package | kernels | warm | sd15 | sdxl)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
 if [ -d .gpu_carry/whl ]; then
@@ -22,9 +24,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
 
 case "$what" in
-  tests)
-    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m pytest -q -p no:cacheprovider -s \
-      tests/accelerators/test_compile_gpu.py 2>&1 | tee "$out/tests.log" | grep -v "^WARNING" | tail -40 ;;
+  tests|package)
+    # a per-test limit, so that one slow test fails with its traceback instead of the call's limit killing
+    # pytest before its summary (what happened to the first GPU run of this file)
+    if [ "$what" = tests ]; then select=(-k "not package"); else select=(-k package); fi
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m pytest -q -p no:cacheprovider -s --timeout 240 \
+      --tb=short -rfEs "${select[@]}" tests/accelerators/test_compile_gpu.py > "$out/$what.log" 2>&1
+    grep -v "^WARNING\|Warning\|warn(" "$out/$what.log" | grep "^E \|passed\|failed\|SKIPPED\|FAILED\|cold:" \
+      | tail -40 ;;
   kernels)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
       --configs default,benchmark-fusion,autotune --cudnn-benchmark 2>&1 | tee "$out/kernels.log" | tail -20 ;;
