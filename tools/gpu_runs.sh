@@ -9,10 +9,22 @@
 #   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side, LoRA switch, fp8
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
+#   bash tools/gpu_runs.sh precompile # dynamo's AOT compile of the UNet: new-process load time (tools/probe_precompile)
 set -u
-what=${1:?"tests | package | kernels | warm | sd15 | sdxl"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl) ;;
-  *) echo "unknown run: $what (tests | package | kernels | warm | sd15 | sdxl)" >&2; exit 2 ;; esac
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile"
+what=${1:?"$runs"}
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile) ;;
+  *) echo "unknown run: $what ($runs)" >&2; exit 2 ;;   precompile)
+    # build in one process; load in a new one with an empty inductor cache, then with the builder's cache
+    built=$(fresh ind); file=$(fresh pre)/unet.precompiled
+    TORCHINDUCTOR_CACHE_DIR=$built timeout 300 python3 -m tools.probe_precompile save "$file" --model sd15 \
+      > "$out/precompile-save.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      > "$out/precompile-load-empty.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$built timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      > "$out/precompile-load-warm.log" 2>&1
+    grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
+esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
 if [ -d .gpu_carry/whl ]; then
@@ -49,4 +61,14 @@ case "$what" in
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
       --model sdxl --stacks eager,inductor+cudagraphs,fp8+inductor+cudagraphs --runs 3 --out "$out/sdxl" \
       2>&1 | tee "$out/sdxl.log" | grep "^|\|\[bench\]" | tail -20 ;;
+  precompile)
+    # build in one process; load in a new one with an empty inductor cache, then with the builder's cache
+    built=$(fresh ind); file=$(fresh pre)/unet.precompiled
+    TORCHINDUCTOR_CACHE_DIR=$built timeout 300 python3 -m tools.probe_precompile save "$file" --model sd15 \
+      > "$out/precompile-save.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      > "$out/precompile-load-empty.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$built timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      > "$out/precompile-load-warm.log" 2>&1
+    grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
 esac
