@@ -470,14 +470,13 @@ class CompileSession:
         import shutil
         import tempfile
 
-        key = self.package_key(bucket, PACKAGE_PROBE) if store is not None else None
-        if key is not None:
-            entry = store.get(key)
-            if entry is not None:
-                try:
-                    return json.loads((entry.path / PROBE_OUTCOME_FILE).read_text()).get("problem", "")
-                except (OSError, ValueError, AttributeError):
-                    pass   # an unreadable record: probe again and overwrite it
+        key = self.package_key(bucket, PACKAGE_PROBE)
+        entry = store.get(key)
+        if entry is not None:
+            try:
+                return json.loads((entry.path / PROBE_OUTCOME_FILE).read_text()).get("problem", "")
+            except (OSError, ValueError, AttributeError):
+                pass   # an unreadable record: probe again and overwrite it
         self.notice("checking once that ahead-of-time packages load on this machine (a small test package)",
                     level="info", once="package-probe")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_probe_"))
@@ -486,14 +485,13 @@ class CompileSession:
             problem = self.compiler.probe_packages(x.device, x.dtype, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        if key is not None:
-            kind = "record: AOTInductor packages do not load here" if problem else \
-                "record: AOTInductor packages load here"
-            try:
-                store.put(key, {PROBE_OUTCOME_FILE: json.dumps({"problem": problem}).encode()},
-                          meta={"family": "any", "backend": self.name, "profile": "any", "kind": kind})
-            except Exception as exc:
-                log.debug("could not record the package probe: %s", exc)
+        kind = "record: AOTInductor packages do not load here" if problem else \
+            "record: AOTInductor packages load here"
+        try:
+            store.put(key, {PROBE_OUTCOME_FILE: json.dumps({"problem": problem}).encode()},
+                      meta={"family": "any", "backend": self.name, "profile": "any", "kind": kind})
+        except Exception as exc:
+            log.debug("could not record the package probe: %s", exc)
         return problem
 
     def package_for(self, unet, bucket: tuple, inputs: tuple, transformer_options: dict):
@@ -513,46 +511,42 @@ class CompileSession:
         from .aot_package import PackageUnusable
 
         store = self._store()
-        key = self.package_key(bucket) if store is not None else None
-        if key is not None:
-            unusable = store.get(self.package_key(bucket, UNUSABLE_PACKAGE))
-            if unusable is not None:   # a child process already failed to load one here: do not build again
-                reason = (unusable.path / UNUSABLE_REASON_FILE).read_text(errors="replace").strip()
-                raise PackageUnusable(f"{reason} (recorded in the cache, entry {unusable.id[:12]}; delete it "
-                                      f"to try again)")
-            lookup = store.lookup(key)
-            if lookup.entry is not None:
-                package = self.compiler.load_package(lookup.entry.path)
-                self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
-                            f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
-                return package
+        if store is None:   # a package pays off only in a later process, through the cache: not worth a build
+            raise PackageUnusable("no artifact cache to keep it in")
+        key = self.package_key(bucket)
+        unusable = store.get(self.package_key(bucket, UNUSABLE_PACKAGE))
+        if unusable is not None:   # a child process already failed to load one here: do not build again
+            reason = (unusable.path / UNUSABLE_REASON_FILE).read_text(errors="replace").strip()
+            raise PackageUnusable(f"{reason} (recorded in the cache, entry {unusable.id[:12]}; delete it "
+                                  f"to try again)")
+        lookup = store.lookup(key)
+        if lookup.entry is not None:
+            package = self.compiler.load_package(lookup.entry.path)
+            self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
+                        f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
+            return package
         problem = self.package_environment_problem(store, bucket, inputs[0])
         if problem:
-            entry = f" (recorded in the cache, entry {self.package_key(bucket, PACKAGE_PROBE).id[:12]}; delete " \
-                    f"it to try again)" if key is not None else ""
-            raise PackageUnusable(f"a test package did not load here: {problem}{entry}")
-        if key is not None:
-            self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
-                        f"{miss_reason(store, key, lookup)}; compiling", level="info")
+            raise PackageUnusable(f"a test package did not load here: {problem} (recorded in the cache, entry "
+                                  f"{self.package_key(bucket, PACKAGE_PROBE).id[:12]}; delete it to try again)")
+        self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
+                    f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
         try:
             try:
                 package = self.compiler.build_package(unet, inputs, transformer_options, folder)
             except PackageUnusable as exc:
-                if key is not None:   # remembered, so that the next process does not spend a build on it
-                    try:
-                        store.put(self.package_key(bucket, UNUSABLE_PACKAGE),
-                                  {UNUSABLE_REASON_FILE: str(exc).encode()},
-                                  meta=self._package_meta(bucket, "record: AOTInductor packages do not load here"))
-                    except Exception as store_exc:
-                        log.debug("could not record the unusable package: %s", store_exc)
+                try:   # remembered, so that the next process does not spend a build on it
+                    store.put(self.package_key(bucket, UNUSABLE_PACKAGE), {UNUSABLE_REASON_FILE: str(exc).encode()},
+                              meta=self._package_meta(bucket, "record: AOTInductor packages do not load here"))
+                except Exception as store_exc:
+                    log.debug("could not record the unusable package: %s", store_exc)
                 raise
-            if key is not None:
-                try:
-                    store.put(key, self.compiler.package_files(folder),
-                              meta=self._package_meta(bucket, "AOTInductor package"))
-                except Exception as exc:  # a full disk must not fail the image
-                    self.notice(f"could not store the compiled UNet package: {exc}", once="store-failed")
+            try:
+                store.put(key, self.compiler.package_files(folder),
+                          meta=self._package_meta(bucket, "AOTInductor package"))
+            except Exception as exc:  # a full disk must not fail the image
+                self.notice(f"could not store the compiled UNet package: {exc}", once="store-failed")
             return package
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the loader has its own copy of the library

@@ -130,6 +130,22 @@ def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_bu
     assert sdxl.package_key(bucket, UNUSABLE_PACKAGE).id != first.package_key(bucket, UNUSABLE_PACKAGE).id
 
 
+def test_without_an_artifact_cache_no_package_is_built(pack):
+    """A package only pays off in a later process, through the cache: with none (e.g. a read-only disk) the
+    session compiles with torch.compile at once instead of spending a build, and says why."""
+    from comfy_accel.accelerators.compiled_unet import bucket_of, session_of
+    from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
+
+    model = build_model("tiny-sd15", seed=45)
+    unet = model.model.diffusion_model
+    x, t, c = unet_inputs(model, batch=2)[:3]
+    session = session_of(apply(model, {"fallback": "error", "store": None}))
+    session.compiler.package_accelerator = INDUCTOR_AOT
+    call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
+    assert not hasattr(call, "loader") and session.compiler.compile_events == []
+    assert session.package_failed == "PackageUnusable: no artifact cache to keep it in"
+
+
 def test_packages_are_on_unless_switched_off(pack, monkeypatch):
     from comfy_accel.accelerators.aot_package import available
     from comfy_accel.accelerators.torch_compile import packages_enabled
