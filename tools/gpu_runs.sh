@@ -14,17 +14,7 @@ set -u
 runs="tests | package | kernels | warm | sd15 | sdxl | precompile"
 what=${1:?"$runs"}
 case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile) ;;
-  *) echo "unknown run: $what ($runs)" >&2; exit 2 ;;   precompile)
-    # build in one process; load in a new one with an empty inductor cache, then with the builder's cache
-    built=$(fresh ind); file=$(fresh pre)/unet.precompiled
-    TORCHINDUCTOR_CACHE_DIR=$built timeout 300 python3 -m tools.probe_precompile save "$file" --model sd15 \
-      > "$out/precompile-save.log" 2>&1
-    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
-      > "$out/precompile-load-empty.log" 2>&1
-    TORCHINDUCTOR_CACHE_DIR=$built timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
-      > "$out/precompile-load-warm.log" 2>&1
-    grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
-esac
+  *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
 if [ -d .gpu_carry/whl ]; then
