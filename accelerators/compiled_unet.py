@@ -481,7 +481,6 @@ class CompileSession:
                     level="info", once="package-probe")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_probe_"))
         try:
-            self.compiler.compile_events.append({"what": "package probe", "inputs": []})
             problem = self.compiler.probe_packages(x.device, x.dtype, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -180,6 +180,7 @@ class InductorCompiler(Compiler):
     def probe_packages(self, device, dtype, folder) -> str:
         from .aot_package import probe_environment
 
+        self.compile_events.append({"what": "package probe", "inputs": []})   # a build too, as build_package's
         return probe_environment(device, dtype, folder, inductor_configs=dict(self.config_patches))
 
     def load_package(self, folder):
