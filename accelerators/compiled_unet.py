@@ -126,8 +126,12 @@ class Compiler:
         return contextlib.nullcontext()
 
     # a backend that can build an ahead-of-time package of the whole UNet (no tracing in a new process) names
-    # its cache accelerator here and implements `probe_packages` / `build_package` / `load_package`
+    # its cache accelerator here and implements `build_package` / `load_package` / `package_files` (and
+    # `probe_packages` where a package's loader may crash the process: see aot_package.py)
     package_accelerator: str | None = None
+    package_kind = "AOTInductor package"   # what notices and the cache's records call one
+    package_needs_probe = True   # a small package is checked in a child process before the first UNet package
+    package_format = 0           # the package files' format version, part of their cache key
 
     def probe_packages(self, device, dtype, folder) -> str:
         """"" when a small package of this kind loads in a child process here, else the child's failure."""
@@ -136,7 +140,8 @@ class Compiler:
     def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
         raise NotImplementedError
 
-    def load_package(self, folder):
+    def load_package(self, folder, unet, transformer_options: dict):
+        """The stored package in `folder`, for `unet` (bound by the session before use)."""
         raise NotImplementedError
 
     def package_files(self, folder) -> dict:
@@ -448,7 +453,6 @@ class CompileSession:
     def package_key(self, bucket: tuple, part: str = "unet-package"):
         """The package's key; part="unet-package-unusable" is the record that packages failed to load here,
         part="package-probe" the environment probe's outcome."""
-        from .aot_package import FORMAT_VERSION
         from .cache import ArtifactKey
 
         unet_bucket = _unet_bucket(bucket)
@@ -458,7 +462,7 @@ class CompileSession:
         model_config = {} if part == PACKAGE_PROBE else self.model_config
         return ArtifactKey.build(accelerator=self.compiler.package_accelerator,
                                  options={**self.compiler.artifact_options(), "part": part,
-                                          "package_format": FORMAT_VERSION},
+                                          "package_format": self.compiler.package_format},
                                  model_config=model_config, profile=profile,
                                  dtype=unet_bucket[5], device=unet_bucket[6])
 
@@ -484,8 +488,7 @@ class CompileSession:
             problem = self.compiler.probe_packages(x.device, x.dtype, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        kind = "record: AOTInductor packages do not load here" if problem else \
-            "record: AOTInductor packages load here"
+        kind = f"record: {self.compiler.package_kind}s {'do not load' if problem else 'load'} here"
         try:
             store.put(key, {PROBE_OUTCOME_FILE: json.dumps({"problem": problem}).encode()},
                       meta={"family": "any", "backend": self.name, "profile": "any", "kind": kind})
@@ -519,16 +522,20 @@ class CompileSession:
             raise PackageUnusable(f"{reason} (recorded in the cache, entry {unusable.id[:12]}; delete it "
                                   f"to try again)")
         lookup = store.lookup(key)
+        kind = self.compiler.package_kind
         if lookup.entry is not None:
-            package = self.compiler.load_package(lookup.entry.path)
-            self.notice(f"warm start: compiled UNet package for {describe_bucket(bucket)} loaded from the "
-                        f"cache (entry {lookup.entry.id[:12]}); nothing to trace or compile", level="info")
+            started = time.monotonic()
+            package = self.compiler.load_package(lookup.entry.path, unet, transformer_options)
+            self.notice(f"warm start: {kind} of the UNet for {describe_bucket(bucket)} loaded from the cache in "
+                        f"{time.monotonic() - started:.1f} s (entry {lookup.entry.id[:12]}); nothing to trace or "
+                        f"compile", level="info")
             return package
-        problem = self.package_environment_problem(store, bucket, inputs[0])
+        problem = self.package_environment_problem(store, bucket, inputs[0]) \
+            if self.compiler.package_needs_probe else ""
         if problem:
             raise PackageUnusable(f"a test package did not load here: {problem} (recorded in the cache, entry "
                                   f"{self.package_key(bucket, PACKAGE_PROBE).id[:12]}; delete it to try again)")
-        self.notice(f"cache miss for the UNet package at {describe_bucket(bucket)}: "
+        self.notice(f"cache miss for the UNet's {kind} at {describe_bucket(bucket)}: "
                     f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
         try:
@@ -537,13 +544,12 @@ class CompileSession:
             except PackageUnusable as exc:
                 try:   # remembered, so that the next process does not spend a build on it
                     store.put(self.package_key(bucket, UNUSABLE_PACKAGE), {UNUSABLE_REASON_FILE: str(exc).encode()},
-                              meta=self._package_meta(bucket, "record: AOTInductor packages do not load here"))
+                              meta=self._package_meta(bucket, f"record: {kind}s do not load here"))
                 except Exception as store_exc:
                     log.debug("could not record the unusable package: %s", store_exc)
                 raise
             try:
-                store.put(key, self.compiler.package_files(folder),
-                          meta=self._package_meta(bucket, "AOTInductor package"))
+                store.put(key, self.compiler.package_files(folder), meta=self._package_meta(bucket, kind))
             except Exception as exc:  # a full disk must not fail the image
                 self.notice(f"could not store the compiled UNet package: {exc}", once="store-failed")
             return package

@@ -36,7 +36,7 @@ case "$what" in
       | tail -40 ;;
   kernels)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
-      --configs default,benchmark-fusion,autotune --cudnn-benchmark 2>&1 | tee "$out/kernels.log" | tail -20 ;;
+      --configs default,default+cl --cudnn-benchmark --profile 2>&1 | tee "$out/kernels.log" | tail -20 ;;
   warm)
     store=$(fresh store)
     for tag in cold warm; do
@@ -55,10 +55,13 @@ case "$what" in
     # build in one process; load in a new one with an empty inductor cache, then with the builder's cache
     built=$(fresh ind); file=$(fresh pre)/unet.precompiled
     TORCHINDUCTOR_CACHE_DIR=$built timeout 300 python3 -m tools.probe_precompile save "$file" --model sd15 \
-      > "$out/precompile-save.log" 2>&1
+      --with-cache-artifacts > "$out/precompile-save.log" 2>&1
+    # the realistic warm start first: an empty inductor cache filled from the compile-cache artifacts
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
-      > "$out/precompile-load-empty.log" 2>&1
-    TORCHINDUCTOR_CACHE_DIR=$built timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      --with-cache-artifacts > "$out/precompile-load-artifacts.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$built timeout 100 python3 -m tools.probe_precompile load "$file" --model sd15 \
       > "$out/precompile-load-warm.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 90 python3 -m tools.probe_precompile load "$file" --model sd15 \
+      > "$out/precompile-load-empty.log" 2>&1
     grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
 esac

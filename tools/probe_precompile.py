@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("stage", choices=("save", "load"))
     parser.add_argument("path", help="the precompiled file to write (save) or read (load)")
     parser.add_argument("--model", default="tiny-sd15", help="tiny-sd15, sd15, sdxl, ... (tools.model_factory)")
+    parser.add_argument("--with-cache-artifacts", action="store_true",
+                        help="save: also write torch's compile-cache artifacts to PATH.cache; load: load them "
+                             "first (what the shared cache would hold beside the precompiled file)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     from tools.comfy_host import import_comfy, import_pack
@@ -78,7 +81,17 @@ def main(argv: list[str]) -> int:
             size_bytes = len(compiled._save_aot_compiled_module(args.path))
             print(f"[precompile] compiled in {time.perf_counter() - begun:.1f} s; {size_bytes / 2**20:.1f} MiB "
                   f"written", flush=True)
+            if args.with_cache_artifacts:
+                saved = torch.compiler.save_cache_artifacts()
+                if saved is not None:
+                    with open(args.path + ".cache", "wb") as f:
+                        f.write(saved[0])
+                    print(f"[precompile] cache artifacts {len(saved[0]) / 2**20:.1f} MiB written", flush=True)
         else:
+            if args.with_cache_artifacts:
+                with open(args.path + ".cache", "rb") as f:
+                    torch.compiler.load_cache_artifacts(f.read())
+                print(f"[precompile] cache artifacts loaded in {time.perf_counter() - begun:.1f} s", flush=True)
             # loaded in the mode it runs in (ComfyUI samples under inference_mode): the tensor guards compare
             # dispatch keys against the thread's state at load time
             with open(args.path, "rb") as f, torch.inference_mode():

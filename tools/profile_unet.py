@@ -50,7 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.profile_unet", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--configs", default="default",
-                        help=f"comma-separated inductor configs to compile with: {', '.join(CONFIGS)}")
+                        help=f"comma-separated inductor configs to compile with: {', '.join(CONFIGS)}; a '+cl' "
+                             "suffix converts the UNet's weights and input to channels-last in place first (it "
+                             "stays so for the configs after it)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="also re-capture each compiled UNet with torch.backends.cudnn.benchmark on")
     parser.add_argument("--channels-last", action="store_true",
@@ -58,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="print the top kernels of the first config's compiled call (torch.profiler)")
     args = parser.parse_args(argv)
-    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    unknown = [c for c in args.configs.split(",") if c.removesuffix("+cl") not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
     return args
@@ -98,10 +100,13 @@ def main(argv: list[str]) -> int:
         if args.channels_last:
             unet.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        for number, label in enumerate(args.configs.split(",")):
+        for label in args.configs.split(","):
+            if label.endswith("+cl"):
+                unet.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
             torch._dynamo.reset()
             compiler = InductorCompiler(parse_options({}, "inductor"))
-            compiler.config_patches = dict(CONFIGS[label])
+            compiler.config_patches = dict(CONFIGS[label.removesuffix("+cl")])
             compiled = compiler.compile_module(unet)
 
             def call(a, b, cc):
@@ -121,7 +126,7 @@ def main(argv: list[str]) -> int:
                 line += f"; cudnn.benchmark graph {time_ms(lambda: tuned(x, t, c)):.2f} ms"
                 tuned = None
             print(line, flush=True)
-            if args.profile and number == 0:
+            if args.profile:
                 print_top_kernels(lambda: call(x, t, c))
             graph = None
     return 0

@@ -148,8 +148,8 @@ def test_deepcache_segments_are_captured_once(pack, store, family):
 
 
 def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compiling(pack, tmp_path):
-    """inductor+cudagraphs checks that a small package loads here, then builds an AOTInductor package of the plain
-    UNet (checked in a child process first); a second process loads it from the store, compiles nothing (no
+    """inductor+cudagraphs builds its ahead-of-time form of the plain UNet (dynamo's precompile where torch has it;
+    an AOTInductor package after a small one loaded in a child process); a second process loads it from the store, compiles nothing (no
     dynamo trace, no package build) and gives the same latent. Where a child could not load the probe or the
     package, both processes must use torch.compile, the second without probing or building again, and the test
     then skips naming the failure."""
@@ -180,7 +180,11 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
         assert any("recorded in the cache" in n for n in warm["notices"]), warm["notices"]
         assert rel(second, first) < 1e-3
         pytest.skip(f"AOTInductor packages unusable on torch {torch.__version__} here: {unusable[0]}")
-    assert cold["packages"] == 1 and cold["compile_events"] == ["package probe", "unet package"]
+    from comfy_accel.accelerators.torch_compile import PACKAGE_KINDS, package_kind
+
+    probed = PACKAGE_KINDS[package_kind()][2]   # an AOTInductor package is preceded by the environment probe
+    assert cold["packages"] == 1
+    assert cold["compile_events"] == (["package probe"] if probed else []) + ["unet package"]
     assert cold["calls"]["graph"] == 3
     assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
     assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]

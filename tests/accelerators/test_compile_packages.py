@@ -18,7 +18,7 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
     from comfy_accel.accelerators.aot_package import available
     from comfy_accel.accelerators.cache import ArtifactStore
     from comfy_accel.accelerators.compiled_unet import bucket_of, session_of
-    from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
+    from comfy_accel.accelerators.torch_compile import AOTI, INDUCTOR_AOT, apply
 
     ready = available()
     if not ready:
@@ -33,7 +33,7 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
     for _ in range(2):
         session = session_of(apply(model, {"fallback": "error", "store": store}))
         # what inductor+cudagraphs (a GPU backend) sets; the session logic is the same
-        session.compiler.package_accelerator = INDUCTOR_AOT
+        session.compiler.use_packages(AOTI)
         assert session.uses_package({})
         call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
         runs.append((session, call(x, t, c), call))
@@ -67,7 +67,7 @@ def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_bu
     from comfy_accel.accelerators.aot_package import available
     from comfy_accel.accelerators.cache import ArtifactStore
     from comfy_accel.accelerators.compiled_unet import PACKAGE_PROBE, UNUSABLE_PACKAGE, bucket_of, session_of
-    from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
+    from comfy_accel.accelerators.torch_compile import AOTI, INDUCTOR_AOT, apply
 
     ready = available()
     if not ready:
@@ -81,7 +81,7 @@ def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_bu
         made = []
         for _ in range(2):
             session = session_of(apply(model, {"fallback": "error", "store": store}))
-            session.compiler.package_accelerator = INDUCTOR_AOT
+            session.compiler.use_packages(AOTI)
             call = session.graph_callable(unet, bucket, (x, t, c), {})
             assert session.package_failed and not session.packages and not session.uses_package({})
             assert not hasattr(call, "loader")   # the module compiled by torch.compile (compiles on its first call)
@@ -110,7 +110,7 @@ def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_bu
     store = ArtifactStore(tmp_path / "package-fails")
     monkeypatch.delenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S")
     probing = session_of(apply(model, {"fallback": "error", "store": store}))
-    probing.compiler.package_accelerator = INDUCTOR_AOT
+    probing.compiler.use_packages(AOTI)
     assert probing.package_environment_problem(store, bucket, x) == ""
     monkeypatch.setenv("COMFY_ACCEL_AOT_VERIFY_TIMEOUT_S", "0.05")
     first, second = sessions_with(store)
@@ -125,7 +125,7 @@ def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_bu
     assert first.package_key(other, UNUSABLE_PACKAGE).id == first.package_key(bucket, UNUSABLE_PACKAGE).id
     assert first.package_key(other).id != first.package_key(bucket).id
     sdxl = session_of(apply(build_model("tiny-sdxl", seed=1), {"fallback": "error", "store": store}))
-    sdxl.compiler.package_accelerator = INDUCTOR_AOT
+    sdxl.compiler.use_packages(AOTI)
     assert sdxl.package_key(bucket, PACKAGE_PROBE).id == first.package_key(bucket, PACKAGE_PROBE).id
     assert sdxl.package_key(bucket, UNUSABLE_PACKAGE).id != first.package_key(bucket, UNUSABLE_PACKAGE).id
 
@@ -134,26 +134,31 @@ def test_without_an_artifact_cache_no_package_is_built(pack):
     """A package only pays off in a later process, through the cache: with none (e.g. a read-only disk) the
     session compiles with torch.compile at once instead of spending a build, and says why."""
     from comfy_accel.accelerators.compiled_unet import bucket_of, session_of
-    from comfy_accel.accelerators.torch_compile import INDUCTOR_AOT, apply
+    from comfy_accel.accelerators.torch_compile import AOTI, INDUCTOR_AOT, apply
 
     model = build_model("tiny-sd15", seed=45)
     unet = model.model.diffusion_model
     x, t, c = unet_inputs(model, batch=2)[:3]
     session = session_of(apply(model, {"fallback": "error", "store": None}))
-    session.compiler.package_accelerator = INDUCTOR_AOT
+    session.compiler.use_packages(AOTI)
     call = session.graph_callable(unet, bucket_of(x, c, None), (x, t, c), {})
     assert not hasattr(call, "loader") and session.compiler.compile_events == []
     assert session.package_failed == "PackageUnusable: no artifact cache to keep it in"
 
 
-def test_packages_are_on_unless_switched_off(pack, monkeypatch):
-    from comfy_accel.accelerators.aot_package import available
-    from comfy_accel.accelerators.torch_compile import packages_enabled
+def test_packages_are_on_unless_switched_off_precompile_first(pack, monkeypatch):
+    from comfy_accel.accelerators.aot_package import available as aoti_available
+    from comfy_accel.accelerators.precompile import available as precompile_available
+    from comfy_accel.accelerators.torch_compile import AOTI, PRECOMPILE, package_kind, packages_enabled
 
+    expected_default = PRECOMPILE if precompile_available() else (AOTI if aoti_available() else "")
     monkeypatch.delenv("COMFY_ACCEL_AOT_PACKAGES", raising=False)
-    assert packages_enabled() == bool(available())
+    assert package_kind() == expected_default and packages_enabled() == bool(expected_default)
     for off in ("0", "off", "false"):
         monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", off)
-        assert not packages_enabled()
-    monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", "1")
-    assert packages_enabled() == bool(available())
+        assert package_kind() == "" and not packages_enabled()
+    for default in ("1", "auto"):
+        monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", default)
+        assert package_kind() == expected_default
+    monkeypatch.setenv("COMFY_ACCEL_AOT_PACKAGES", "aoti")
+    assert package_kind() == (AOTI if aoti_available() else "")

@@ -1,0 +1,155 @@
+"""Dynamo's precompile of the whole UNet (the warm-restart artifact of inductor+cudagraphs where torch has it) on
+the real ComfyUI UNet, CPU, from one build by a compile session: the session stores it; a second session loads it
+from the store and compiles nothing; the output matches eager; the weights are read live (in-place edits, another
+model of the architecture); other inputs are refused with the reason; a fresh process that only loads it traces
+nothing and gets the parent's output. These are also the tests that fail when torch changes the experimental API
+(precompile.py is the one place that uses it).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tools.model_factory import build_model, unet_inputs
+
+SEED = 51
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def eager(unet, inputs):
+    x, t, context = inputs
+    with torch.inference_mode():
+        return unet(x, t, context=context, transformer_options={})
+
+
+def unet_options() -> dict:
+    """transformer_options as the session's stand-in passes them (attention through SDPA, which dynamo traces)."""
+    from comfy_accel.accelerators.compiled_unet import use_compile_friendly_attention
+
+    options: dict = {}
+    use_compile_friendly_attention(options)
+    return options
+
+
+def precompile_session(model, store):
+    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.torch_compile import PRECOMPILE, apply
+
+    session = session_of(apply(model, {"fallback": "error", "store": store}))
+    session.compiler.use_packages(PRECOMPILE)   # what inductor+cudagraphs (a GPU backend) sets by default
+    return session
+
+
+@pytest.fixture(scope="module")
+def built(pack, tmp_path_factory):
+    """The one build of this module: the tiny SD1.5 UNet at batch 2, 64×64 px, 77 tokens, through a session."""
+    from comfy_accel.accelerators.cache import ArtifactStore
+    from comfy_accel.accelerators.compiled_unet import bucket_of
+    from comfy_accel.accelerators.precompile import available
+
+    ready = available()
+    if not ready:
+        pytest.skip(ready.reason)
+    model = build_model("tiny-sd15", seed=SEED)   # its own model: the tests edit its weights
+    unet = model.model.diffusion_model
+    inputs = tuple(unet_inputs(model, batch=2)[:3])
+    store = ArtifactStore(tmp_path_factory.mktemp("precompile") / "cache")
+    session = precompile_session(model, store)
+    assert session.uses_package({})
+    bucket = bucket_of(inputs[0], inputs[2], None)
+    with torch.inference_mode():
+        call = session.graph_callable(unet, bucket, inputs, unet_options())
+        out = call(*inputs)
+    return SimpleNamespace(model=model, unet=unet, inputs=inputs, store=store, session=session, call=call,
+                           out=out, bucket=bucket)
+
+
+def test_the_session_builds_stores_and_a_second_session_loads_it_compiling_nothing(built):
+    from comfy_accel.accelerators import events
+    from comfy_accel.accelerators.precompile import PrecompiledUNet
+    from comfy_accel.accelerators.torch_compile import INDUCTOR_PRECOMPILE
+
+    assert isinstance(built.call, PrecompiledUNet) and not built.session.package_failed
+    assert [e["what"] for e in built.session.compiler.compile_events] == ["unet package"]   # no probe: no child
+    assert rel(built.out, eager(built.unet, built.inputs)) < 1e-4
+    entries = [e for e in built.store.entries() if e.accelerator == INDUCTOR_PRECOMPILE]
+    assert [built.store.lookup_id(e.id).entry.meta.get("kind") for e in entries] == ["precompiled UNet"]
+
+    second = precompile_session(built.model, built.store)
+    with torch.inference_mode():
+        loaded = second.graph_callable(built.unet, built.bucket, built.inputs, unet_options())
+        out = loaded(*built.inputs)
+    assert isinstance(loaded, PrecompiledUNet) and second.compiler.compile_events == []
+    assert torch.equal(out, built.out)
+    notes = [n["message"] for n in events.recent(20)]
+    assert any("precompiled UNet of the UNet" in n and "loaded from the cache" in n for n in notes), notes
+
+
+def test_the_weights_are_read_live_in_place_edits_and_another_model(built):
+    weight = built.unet.input_blocks[0][0].weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)   # what a LoRA patched in place does to the tensor
+        with torch.inference_mode():
+            edited = built.call(*built.inputs)
+        assert rel(edited, eager(built.unet, built.inputs)) < 1e-4 and rel(edited, built.out) > 1e-3
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+    other = build_model("tiny-sd15", seed=SEED + 1).model.diffusion_model   # another checkpoint, same shapes
+    assert built.call.needs_rebind(other)
+    built.call.bind(other)
+    try:
+        with torch.inference_mode():
+            out = built.call(*built.inputs)
+        assert rel(out, eager(other, built.inputs)) < 1e-4
+    finally:
+        built.call.bind(built.unet)
+    assert not built.call.needs_rebind(built.unet)
+
+
+def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, tmp_path):
+    from comfy_accel.accelerators.precompile import PackageMismatch, PrecompiledUNet, precompile_files
+
+    x, t, c = built.inputs
+    assert built.call.matches(built.inputs) == ""
+    assert "shape" in built.call.matches((x[:1], t[:1], c[:1]))
+    assert "dtype" in built.call.matches((x.double(), t, c))
+    assert "takes 3 inputs" in built.call.matches((x, t, c, torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="do not fit the precompiled UNet"):
+        built.call(x[:1], t[:1], c[:1])
+
+    files = precompile_files(built.store.lookup(built.session.package_key(built.bucket)).entry.path)
+    assert set(files) == {"unet.precompiled", "record.json"}
+    record = json.loads(files["record.json"])
+    record["torch"] = "0.0.1"
+    (tmp_path / "unet.precompiled").write_bytes(files["unet.precompiled"])
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    with pytest.raises(PackageMismatch, match="built with torch 0.0.1"):
+        PrecompiledUNet.load(tmp_path, built.unet, unet_options())
+
+
+def test_a_fresh_process_loads_it_traces_nothing_and_gets_the_same_output(built, tmp_path):
+    folder = built.store.lookup(built.session.package_key(built.bucket)).entry.path
+    torch.save(built.inputs, tmp_path / "inputs.pt")
+    worker = Path(__file__).with_name("precompile_worker.py")
+    # inductor's cache as this process left it: on a CPU the precompiled file holds the kernels' C++ source,
+    # compiled again where the cache is empty (≈30 s here; on a GPU the kernels are in the file)
+    done = subprocess.run([sys.executable, str(worker), str(folder), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "out.pt"), str(SEED)], env=dict(os.environ), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    assert result["frames_traced"] == 0, result
+    assert torch.equal(torch.load(tmp_path / "out.pt"), built.out)
+    print(f"fresh process: load {result['load_s']:.2f} s, first call {result['call_s']:.3f} s")
