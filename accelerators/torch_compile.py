@@ -23,6 +23,7 @@ weights, so one entry serves every checkpoint of the architecture):
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -85,8 +86,6 @@ def package_kind() -> str:
     AOTInductor package is first loaded, run and graph-captured in a child process (aot_package.py); where that
     fails the failure is recorded in the cache and torch.compile is used, with one line saying why.
     Calls with patches (FreeU, attention patches) and DeepCache's segments always use torch.compile."""
-    import os
-
     from .aot_package import available as aoti_available
     from .precompile import available as precompile_available
 
@@ -122,6 +121,10 @@ class InductorCompiler(Compiler):
         self.config_patches = dict(MODE_CONFIG[options.mode])
         if torch.cuda.is_available():
             self.config_patches = {**GPU_DEFAULT_CONFIG, **self.config_patches}
+        # convolution weights channels-last on a GPU (compiled_unet.channels_last_weights); COMFY_ACCEL_CHANNELS_LAST=0
+        # keeps the host's layout
+        self.channels_last = torch.cuda.is_available() and os.environ.get(
+            "COMFY_ACCEL_CHANNELS_LAST", "1").strip().lower() not in ("0", "false", "no", "off")
         self.package_form = ""
         if options.cuda_graphs and options.dynamic != "dynamic":
             self.use_packages(package_kind())

@@ -45,7 +45,7 @@ case "$what" in
     done ;;
   sd15)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
-      --stacks eager,comfy-compile,inductor+cudagraphs,inductor+cudagraphs+keep,fp8+inductor+cudagraphs \
+      --stacks eager,comfy-compile,inductor+cudagraphs+keep \
       --runs 5 --lora-switch --out "$out/sd15" 2>&1 | tee "$out/sd15.log" | grep "^|\|\[bench\]" | tail -20 ;;
   sdxl)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \

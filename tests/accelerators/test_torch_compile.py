@@ -255,3 +255,38 @@ def test_fp8_weights_from_comfyuis_unet_loader_compile_and_match_their_eager_run
     eager_lora = sample(with_lora(fp8, lora), steps=3)
     assert rel(eager_lora, reference) > 1e-3
     assert rel(sample(with_lora(accelerated, lora), steps=3), eager_lora) < 1e-4
+
+
+def test_channels_last_weights_keep_values_lora_and_survive_a_replaced_parameter(pack, twin, store):
+    """What the GPU lanes do by default (convolution weights stored channels-last), forced on here on the CPU:
+    the same latent as eager, the same Parameter objects, a LoRA loaded after the node applied without a
+    recompile, and a weight ComfyUI replaces with a contiguous tensor converted again before the next run."""
+    import comfy.utils
+
+    from comfy_accel.accelerators.compiled_unet import channels_last_weights, session_of
+    from comfy_accel.accelerators.torch_compile import apply
+
+    model = build_model("tiny-sd15", seed=21)   # the twin's weights; its own tensors change layout
+    unet = model.model.diffusion_model
+    conv_weights = {name: p for name, p in unet.named_parameters() if p.dim() == 4}
+    accelerated = apply(model, {"fallback": "error", "store": store, "node_id": "cl"})
+    session = session_of(accelerated)
+    session.compiler.channels_last = True
+    eager = sample(twin, steps=3)
+    out = sample(accelerated, steps=3)
+    assert rel(out, eager) < 1e-4
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in conv_weights.values())
+    assert all(p is dict(unet.named_parameters())[name] for name, p in conv_weights.items())
+    assert any("convolution weights stored channels-last" in n for n in notices("cl")), notices("cl")
+    assert channels_last_weights(unet) == 0   # already done: nothing to change
+
+    compiled = len(session.compiler.compile_events)
+    lora = make_lora(twin, TARGETS)
+    assert rel(sample(with_lora(accelerated, lora), steps=3), sample(with_lora(twin, lora), steps=3)) < 1e-4
+    assert len(session.compiler.compile_events) == compiled
+
+    name = "input_blocks.0.0.weight"
+    comfy.utils.set_attr_param(unet, name, conv_weights[name].detach().contiguous().clone())
+    assert not dict(unet.named_parameters())[name].is_contiguous(memory_format=torch.channels_last)
+    assert rel(sample(accelerated, steps=3), eager) < 1e-4
+    assert dict(unet.named_parameters())[name].is_contiguous(memory_format=torch.channels_last)
