@@ -113,6 +113,7 @@ def _has_module(name: str) -> bool:
 class InductorCompiler(Compiler):
     name = INDUCTOR
     artifact_accelerator = INDUCTOR
+    warm_compile_threads: int | None = 1   # inductor's compile threads while loading cached kernels (None: its own)
 
     def __init__(self, options):
         super().__init__(options)
@@ -183,9 +184,13 @@ class InductorCompiler(Compiler):
         importing torch and triton) took the CPU from the sampler for the next ~20 s: on an H100 the first
         images after a warm start took 0.35 s instead of 0.17 s (0.17 s with one compile thread).
         `compile_threads` is not part of inductor's cache key, so this changes no hit or miss."""
+        import contextlib
+
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch(compile_threads=1)
+        if self.warm_compile_threads is None:
+            return contextlib.nullcontext()
+        return inductor_config.patch(compile_threads=self.warm_compile_threads)
 
     # -- the whole UNet ahead of time (inductor+cudagraphs, static shape buckets) -----------------------------
     def use_packages(self, kind: str) -> None:

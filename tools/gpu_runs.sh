@@ -3,7 +3,7 @@
 # tool), with ComfyUI and the missing wheels carried in .gpu_carry/ (../shared/gpu/make_carry.sh pytest pluggy
 # iniconfig pytest-timeout). Results land in $OUT (or ./gpu_out), one log per run.
 #
-#   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min)
+#   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min; GPU_TESTS=<pytest -k expression> narrows)
 #   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈4 min)
 #   bash tools/gpu_runs.sh kernels    # one UNet call: inductor configs, cudnn.benchmark, channels-last
 #   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
@@ -29,7 +29,7 @@ case "$what" in
   tests|package)
     # a per-test limit, so that one slow test fails with its traceback instead of the call's limit killing
     # pytest before its summary (what happened to the first GPU run of this file)
-    if [ "$what" = tests ]; then select=(-k "not package"); else select=(-k package); fi
+    if [ "$what" = tests ]; then select=(-k "${GPU_TESTS:-not package}"); else select=(-k package); fi
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m pytest -q -p no:cacheprovider -s --timeout 240 \
       --tb=short -rfEs "${select[@]}" tests/accelerators/test_compile_gpu.py > "$out/$what.log" 2>&1
     grep -v "^WARNING\|Warning\|warn(" "$out/$what.log" | grep "^E \|passed\|failed\|SKIPPED\|FAILED\|cold:" \
@@ -38,10 +38,13 @@ case "$what" in
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
       --configs default,default+cl --cudnn-benchmark --profile 2>&1 | tee "$out/kernels.log" | tail -20 ;;
   warm)
+    # cold, then warm twice: with one compile thread while the cached kernels load (the default) and with
+    # inductor's own thread count
     store=$(fresh store)
-    for tag in cold warm; do
+    for tag in cold warm warm-threads; do
+      threads=1; [ $tag = warm-threads ] && threads=default
       TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 python3 -m tools.warm_restart --store "$store" $tag \
-        2>&1 | tee "$out/warm-$tag.log" | grep "^\[$tag\]"
+        --model "${WARM_MODEL:-sd15}" --load-threads $threads 2>&1 | tee "$out/warm-$tag.log" | grep "^\[$tag\]"
     done ;;
   sd15)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \

@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also profile one sample (kernels, CPU time)")
+    parser.add_argument("--load-threads", default="1",
+                        help="inductor's compile threads while cached kernels load ('default': its own count)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     from tools.comfy_host import import_comfy, import_pack
@@ -30,9 +32,10 @@ def main(argv: list[str]) -> int:
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.cache import ArtifactStore
     from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.torch_compile import InductorCompiler, apply_cudagraphs
     from tools.model_factory import build_model, make_conditioning, sample
 
+    InductorCompiler.warm_compile_threads = None if args.load_threads == "default" else int(args.load_threads)
     size = 1024 if args.model == "sdxl" else 512
     imported = time.perf_counter() - started
     model = build_model(args.model, dtype=torch.float16, device="cuda")
