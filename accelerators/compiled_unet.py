@@ -547,7 +547,7 @@ class CompileSession:
         if lookup.entry is not None:
             started = time.monotonic()
             package = self.compiler.load_package(lookup.entry.path, unet, transformer_options)
-            self.notice(f"warm start: {kind} of the UNet for {describe_bucket(bucket)} loaded from the cache in "
+            self.notice(f"warm start: {kind} for {describe_bucket(bucket)} loaded from the cache in "
                         f"{time.monotonic() - started:.1f} s (entry {lookup.entry.id[:12]}); nothing to trace or "
                         f"compile", level="info")
             return package
@@ -556,7 +556,7 @@ class CompileSession:
         if problem:
             raise PackageUnusable(f"a test package did not load here: {problem} (recorded in the cache, entry "
                                   f"{self.package_key(bucket, PACKAGE_PROBE).id[:12]}; delete it to try again)")
-        self.notice(f"cache miss for the UNet's {kind} at {describe_bucket(bucket)}: "
+        self.notice(f"cache miss for the {kind} at {describe_bucket(bucket)}: "
                     f"{miss_reason(store, key, lookup)}; compiling", level="info")
         folder = Path(tempfile.mkdtemp(prefix="comfy_accel_package_"))
         try:

@@ -38,7 +38,7 @@ INDUCTOR_PRECOMPILE = "inductor-precompile"   # cache name of dynamo's precompil
 PRECOMPILE, AOTI = "precompile", "aoti"
 # per package kind: (cache accelerator name, what notices call one, checked in a child first, format version)
 PACKAGE_KINDS = {PRECOMPILE: (INDUCTOR_PRECOMPILE, "precompiled UNet", False, 1),
-                 AOTI: (INDUCTOR_AOT, "AOTInductor package", True, 2)}
+                 AOTI: (INDUCTOR_AOT, "AOTInductor package of the UNet", True, 2)}
 RECOMPILE_LIMIT = 16   # dynamo's per-function limit: buckets × (batch 1, 2) with room to spare
 # inductor settings for the UNet on a GPU: 1×1 convolutions as matmuls (cuBLAS beats cuDNN there). Coordinate-
 # descent tuning is left to max-autotune: on full SD1.5 it made the first compile take minutes.

@@ -62,6 +62,7 @@ def test_graphs_match_eager_and_lora_needs_no_recompile(pack, gpu_model, twin, s
     # (milliseconds), never recompiled
     assert graphs(session) == captured and len(session.compiler.compile_events) == compiles
     notes = [n["message"] for n in events.recent() if n["accelerator"] == "inductor+cudagraphs"]
+    print("notices:", notes)
     assert not any("recompiled" in n for n in notes), notes
     assert rel(sample(accelerated, steps=4), out) < 1e-3     # removed again: back to the base result
 
@@ -74,7 +75,7 @@ def test_keep_weights_on_gpu_makes_a_lora_change_move_nothing(pack, twin, store)
     from comfy_accel.accelerators.compiled_unet import session_of
 
     model = build_model("tiny-sd15", dtype=torch.float16, device="cuda", seed=5)
-    accelerated, in_effect = accelerate(model, backend="inductor+cudagraphs", fallback="error",
+    accelerated, in_effect = accelerate(model, backend="inductor+cudagraphs", fallback="error", node_id="keep",
                                         get_store=lambda: store, keep_weights_on_gpu=True)
     assert "weights stay on cuda" in in_effect["keep_weights_on_gpu"]
     out = sample(accelerated, steps=4)
@@ -86,8 +87,8 @@ def test_keep_weights_on_gpu_makes_a_lora_change_move_nothing(pack, twin, store)
     assert rel(sample(accelerated, steps=4), out) < 1e-3
     assert [p.data_ptr() for p in model.model.diffusion_model.parameters()] == addresses
     assert graphs(session) == captured and len(session.compiler.compile_events) == compiles
-    notes = [n["message"] for n in events.recent() if n["accelerator"] == "inductor+cudagraphs"]
-    assert not any("re-capturing" in n for n in notes[-10:]), notes
+    notes = [n["message"] for n in events.recent() if n.get("node") == "keep"]   # this test's notices only
+    assert notes and not any("re-capturing" in n for n in notes), notes
 
 
 def test_cfg_cutoff_captures_batch_1_and_2_once(pack, gpu_model, twin, store):
@@ -187,7 +188,7 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     assert cold["compile_events"] == (["package probe"] if probed else []) + ["unet package"]
     assert cold["calls"]["graph"] == 3
     assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
-    assert any("package" in n and "loaded from the cache" in n for n in warm["notices"]), warm["notices"]
+    assert any("loaded from the cache" in n and "nothing to trace" in n for n in warm["notices"]), warm["notices"]
     assert torch.equal(first, second)
 
 

@@ -90,7 +90,7 @@ def test_the_session_builds_stores_and_a_second_session_loads_it_compiling_nothi
     assert isinstance(loaded, PrecompiledUNet) and second.compiler.compile_events == []
     assert torch.equal(out, built.out)
     notes = [n["message"] for n in events.recent(20)]
-    assert any("precompiled UNet of the UNet" in n and "loaded from the cache" in n for n in notes), notes
+    assert any("warm start: precompiled UNet for" in n and "loaded from the cache" in n for n in notes), notes
 
 
 def test_the_weights_are_read_live_in_place_edits_and_another_model(built):
