@@ -12,7 +12,7 @@ Warm restart, two artifacts in the shared cache, both keyed on the architecture 
 weights, so one entry serves every checkpoint of the architecture):
 - inductor+cudagraphs, plain UNet calls (see package_kind): the whole UNet compiled ahead of time, once per
   bucket instead of the torch.compile trace: dynamo's precompile where torch has it (`precompile.py`; on an
-  H100 a new process loads SD1.5's in 3–4 s), else an AOTInductor package (`aot_package.py`). A new process
+  H100 a new process loads SD1.5's in 4–6 s), else an AOTInductor package (`aot_package.py`). A new process
   loads it onto the live weights (read in place, so a LoRA patched in place needs nothing) and captures its
   graph: no dynamo trace, no kernel compile. Either bakes one signature, so calls with patches and
   DeepCache's segments use:
