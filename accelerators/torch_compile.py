@@ -28,8 +28,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 
+from .aot_package import FORMAT_VERSION as AOTI_FORMAT
 from .base import AcceleratorSpec, Availability, cuda_available
 from .compiled_unet import Compiler, apply_backend
+from .precompile import FORMAT_VERSION as PRECOMPILE_FORMAT
 
 INDUCTOR = "inductor"
 INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
@@ -37,8 +39,8 @@ INDUCTOR_AOT = "inductor-aot"   # cache name of the AOTInductor packages (see pa
 INDUCTOR_PRECOMPILE = "inductor-precompile"   # cache name of dynamo's precompiled UNets
 PRECOMPILE, AOTI = "precompile", "aoti"
 # per package kind: (cache accelerator name, what notices call one, checked in a child first, format version)
-PACKAGE_KINDS = {PRECOMPILE: (INDUCTOR_PRECOMPILE, "precompiled UNet", False, 1),
-                 AOTI: (INDUCTOR_AOT, "AOTInductor package of the UNet", True, 2)}
+PACKAGE_KINDS = {PRECOMPILE: (INDUCTOR_PRECOMPILE, "precompiled UNet", False, PRECOMPILE_FORMAT),
+                 AOTI: (INDUCTOR_AOT, "AOTInductor package", True, AOTI_FORMAT)}
 RECOMPILE_LIMIT = 16   # dynamo's per-function limit: buckets × (batch 1, 2) with room to spare
 # inductor settings for the UNet on a GPU: 1×1 convolutions as matmuls (cuBLAS beats cuDNN there). Coordinate-
 # descent tuning is left to max-autotune: on full SD1.5 it made the first compile take minutes.

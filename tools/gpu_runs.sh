@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min; GPU_TESTS=<pytest -k expression> narrows)
 #   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈4 min)
-#   bash tools/gpu_runs.sh kernels    # one UNet call: inductor configs, cudnn.benchmark, channels-last
+#   bash tools/gpu_runs.sh kernels    # one UNet call: channels-last (the default now) vs autotuned GEMMs on top
 #   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side, LoRA switch, fp8
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
@@ -36,7 +36,7 @@ case "$what" in
       | tail -40 ;;
   kernels)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
-      --configs default,default+cl --cudnn-benchmark --profile 2>&1 | tee "$out/kernels.log" | tail -20 ;;
+      --configs default+cl,autotune-gemm+cl --profile 2>&1 | tee "$out/kernels.log" | tail -20 ;;
   warm)
     # cold, then warm twice: with one compile thread while the cached kernels load (the default) and with
     # inductor's own thread count
