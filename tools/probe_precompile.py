@@ -17,7 +17,10 @@ bucket, no patches), as the AOTInductor package path already does. The tensor gu
 the thread's state when the file is loaded, so it must be loaded in the mode it runs in (inference_mode, as
 ComfyUI samples; loaded outside it, the first call fails its guard). On this project's CPU box (torch 2.13, tiny
 SD1.5): build 67 s, 2 MiB; a new process loads it in 2.4 s with inductor's cache warm (34 s with it empty: the
-C++ kernels are compiled again), traces no dynamo frame and gives the building process's output.
+C++ kernels are compiled again), traces no dynamo frame and gives the building process's output. On an H100
+(torch 2.11, full SD1.5 fp16): build 61 s, 47 MiB (the triton kernels are in the file); a new process loads it
+in 3.3 s even with inductor's cache empty. This result made it the default of inductor+cudagraphs
+(accelerators/precompile.py); the probe stays as the quick check for a new torch.
 """
 from __future__ import annotations
 
