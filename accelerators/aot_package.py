@@ -80,14 +80,31 @@ def describe_tensor(tensor) -> dict:
             "device": str(tensor.device)}
 
 
-def _first_difference(expected: dict, actual: dict) -> str:
+def first_difference(expected: dict, actual: dict) -> str:
     for field in ("shape", "stride", "dtype", "device"):
         if expected[field] != actual[field]:
             return f"{field} {actual[field]} instead of {expected[field]}"
     return ""
 
 
-def _unet_forward_module(unet, transformer_options: dict):
+def inputs_mismatch(recorded: list[dict], inputs: tuple, what: str) -> str:
+    """'' when `inputs` have the recorded shapes, strides, dtypes and devices (y=None: the three-input
+    signature), else why not, naming `what` takes them."""
+    given = list(inputs)
+    while given and given[-1] is None:
+        given.pop()
+    if len(given) != len(recorded):
+        return f"{what} takes {len(recorded)} inputs ({', '.join(i['name'] for i in recorded)}), got {len(given)}"
+    for expected, tensor in zip(recorded, given):
+        if tensor is None:
+            return f"{expected['name']} is missing"
+        difference = first_difference(expected, describe_tensor(tensor))
+        if difference:
+            return f"{expected['name']} has {difference}"
+    return ""
+
+
+def unet_forward_module(unet, transformer_options: dict):
     """The module that is exported: the UNet's forward with a fixed signature, the UNet as its only child."""
     import torch
 
@@ -136,12 +153,12 @@ class PackagedUNet:
         package to `folder` and returns it bound to `unet`."""
         import torch
 
-        inputs = _check_input_count(inputs)
+        inputs = check_input_count(inputs)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         package_path = folder / PACKAGE_FILE
         package_path.unlink(missing_ok=True)   # the packager refuses to overwrite in some versions
-        module = _unet_forward_module(unet, dict(transformer_options or {}))
+        module = unet_forward_module(unet, dict(transformer_options or {}))
         was_training = unet.training
         unet.eval()   # dropout and the like traced off, as ComfyUI runs the UNet
         try:
@@ -200,7 +217,7 @@ class PackagedUNet:
             tensor = live.get(name)
             if tensor is None:
                 raise PackageMismatch(f"weight {name} is missing from the model")
-            difference = _first_difference(expected, describe_tensor(tensor))
+            difference = first_difference(expected, describe_tensor(tensor))
             if difference:
                 raise PackageMismatch(f"weight {name} has {difference}")
         chosen = {name: live[name] for name in self.weights}
@@ -223,19 +240,7 @@ class PackagedUNet:
     # -- running ----------------------------------------------------------------------------------------------
     def matches(self, inputs: tuple) -> str:
         """'' when these inputs have the packaged shapes, strides, dtypes and devices, else why not."""
-        given = list(inputs)
-        while given and given[-1] is None:   # y=None is the three-input signature
-            given.pop()
-        if len(given) != len(self.inputs):
-            return (f"the package takes {len(self.inputs)} inputs ({', '.join(i['name'] for i in self.inputs)}), "
-                    f"got {len(given)}")
-        for expected, tensor in zip(self.inputs, given):
-            if tensor is None:
-                return f"{expected['name']} is missing"
-            difference = _first_difference(expected, describe_tensor(tensor))
-            if difference:
-                return f"{expected['name']} has {difference}"
-        return ""
+        return inputs_mismatch(self.inputs, inputs, "the package")
 
     def __call__(self, x, timesteps, context, y=None):
         if not self.bound:   # the loader dereferences unset weight pointers: a crash, not an exception
@@ -442,7 +447,7 @@ def probe_environment(device, dtype, folder: Path, inductor_configs: dict | None
     return ""
 
 
-def _check_input_count(inputs: tuple) -> tuple:
+def check_input_count(inputs: tuple) -> tuple:
     inputs = tuple(inputs)
     if len(inputs) == 4 and inputs[3] is None:
         inputs = inputs[:3]

@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .aot_package import (INPUT_NAMES, PackageMismatch, PackageUnusable, _check_input_count, _first_difference,
-                          _unet_forward_module, describe_tensor)
+from .aot_package import (INPUT_NAMES, PackageMismatch, PackageUnusable, check_input_count, describe_tensor,
+                          inputs_mismatch, unet_forward_module)
 from .base import Availability
 
 PRECOMPILED_FILE = "unet.precompiled"
@@ -84,10 +84,10 @@ class PrecompiledUNet:
         import torch
         from torch._dynamo.aot_compile import ModelInput
 
-        inputs = _check_input_count(inputs)
+        inputs = check_input_count(inputs)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        wrapper = _unet_forward_module(unet, dict(transformer_options or {}))
+        wrapper = unet_forward_module(unet, dict(transformer_options or {}))
         optimized = _optimized(wrapper, inductor_configs)
         was_training = unet.training
         unet.eval()
@@ -121,7 +121,7 @@ class PrecompiledUNet:
         if record.get("torch") != torch.__version__:   # compiled code is tied to the torch that generated it
             raise PackageMismatch(f"the precompiled UNet was built with torch {record.get('torch')}, this is "
                                   f"torch {torch.__version__}")
-        wrapper = _unet_forward_module(unet, dict(transformer_options or {}))
+        wrapper = unet_forward_module(unet, dict(transformer_options or {}))
         optimized = _optimized(wrapper, None)
         # loaded in the mode it runs in: the tensor guards take the thread's dispatch state at load time
         with torch._dynamo.config.patch(enable_aot_compile=True), torch.inference_mode():
@@ -138,17 +138,7 @@ class PrecompiledUNet:
 
     def matches(self, inputs: tuple) -> str:
         """'' when these inputs have the compiled shapes, strides, dtypes and devices, else why not."""
-        given = list(inputs)
-        while given and given[-1] is None:
-            given.pop()
-        if len(given) != len(self.inputs):
-            return (f"the precompiled UNet takes {len(self.inputs)} inputs "
-                    f"({', '.join(i['name'] for i in self.inputs)}), got {len(given)}")
-        for expected, tensor in zip(self.inputs, given):
-            difference = _first_difference(expected, describe_tensor(tensor))
-            if difference:
-                return f"{expected['name']} has {difference}"
-        return ""
+        return inputs_mismatch(self.inputs, inputs, "the precompiled UNet")
 
     def __call__(self, x, timesteps, context, y=None):
         inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
