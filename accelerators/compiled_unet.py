@@ -314,6 +314,7 @@ class CompileSession:
         self.last_layout_marker = None
         self.loaded_entries: set[str] = set()
         self.packages: dict[tuple, object] = {}   # bucket -> AOT package of the whole UNet (graph path)
+        self.packages_from_cache: set[tuple] = set()   # buckets whose package was loaded, not built
         self.package_failed: str = ""
         self.calls = {"compiled": 0, "graph": 0, "eager": 0, "segments": 0}
         # set by the stand-in for each DeepCache call, read by the segment compiler during it
@@ -455,7 +456,10 @@ class CompileSession:
         detail = f" ({', '.join(f'{k} {v}' for k, v in reused.items() if v)})" if any(reused.values()) else ""
         events.progress(task, 1, 1, accelerator=self.name, node_id=self.options.node_id, done=True,
                         message=f"{state.seconds:.1f} s{detail}")
-        self.notice(f"compiled for {describe_bucket(bucket)} in {state.seconds:.1f} s{detail}", level="info")
+        # a warm start from a stored package compiled nothing: say so rather than "compiled"
+        done = "ready (loaded from the cache, nothing compiled)" if bucket in self.packages_from_cache \
+            else "compiled"
+        self.notice(f"{done} for {describe_bucket(bucket)} in {state.seconds:.1f} s{detail}", level="info")
         if not packaged or bucket not in self.packages:  # a failed package fell back to the compiled module
             self.save_warm_artifacts(bucket)
         return out
@@ -547,6 +551,7 @@ class CompileSession:
         if lookup.entry is not None:
             started = time.monotonic()
             package = self.compiler.load_package(lookup.entry.path, unet, transformer_options)
+            self.packages_from_cache.add(bucket)
             self.notice(f"warm start: {kind} for {describe_bucket(bucket)} loaded from the cache in "
                         f"{time.monotonic() - started:.1f} s (entry {lookup.entry.id[:12]}); nothing to trace or "
                         f"compile", level="info")

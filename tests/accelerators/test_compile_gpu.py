@@ -189,6 +189,7 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     assert cold["calls"]["graph"] == 3
     assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
     assert any("loaded from the cache" in n and "nothing to trace" in n for n in warm["notices"]), warm["notices"]
+    assert any(n.startswith("ready (loaded from the cache, nothing compiled)") for n in warm["notices"])
     assert torch.equal(first, second)
 
 

@@ -91,6 +91,11 @@ def test_the_session_builds_stores_and_a_second_session_loads_it_compiling_nothi
     assert torch.equal(out, built.out)
     notes = [n["message"] for n in events.recent(20)]
     assert any("warm start: precompiled UNet for" in n and "loaded from the cache" in n for n in notes), notes
+    # through run_bucket, as a sampler calls it, the bucket's line says it compiled nothing
+    with torch.inference_mode():   # as ComfyUI samples (outside it the tensor guards refuse the call)
+        second.run_bucket(built.bucket, lambda: loaded(*built.inputs), lambda: None, packaged=True)
+    assert any(n["message"].startswith("ready (loaded from the cache, nothing compiled) for batch 2")
+               for n in events.recent(5)), events.recent(5)
 
 
 def test_the_weights_are_read_live_in_place_edits_and_another_model(built):
@@ -128,6 +133,8 @@ def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, 
     assert "takes 3 inputs" in built.call.matches((x, t, c, torch.zeros(2, 4)))
     with pytest.raises(ValueError, match="do not fit the precompiled UNet"):
         built.call(x[:1], t[:1], c[:1])
+    with pytest.raises(RuntimeError, match="Guard"):   # outside inference_mode: refused by its guard, not run
+        built.call(*built.inputs)
 
     files = precompile_files(built.store.lookup(built.session.package_key(built.bucket)).entry.path)
     assert set(files) == {"unet.precompiled", "record.json"}
