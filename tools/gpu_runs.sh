@@ -4,10 +4,10 @@
 # iniconfig pytest-timeout). Results land in $OUT (or ./gpu_out), one log per run.
 #
 #   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min; GPU_TESTS=<pytest -k expression> narrows)
-#   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈4 min)
+#   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈2 min)
 #   bash tools/gpu_runs.sh kernels    # one UNet call: channels-last (the default now) vs autotuned GEMMs on top
-#   bash tools/gpu_runs.sh warm       # cold vs warm process (AOT package path, now on by default)
-#   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side, LoRA switch, fp8
+#   bash tools/gpu_runs.sh warm       # cold vs warm process (the precompiled UNet, the default), SD1.5 (WARM_MODEL)
+#   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side with eager and TorchCompileModel, LoRA switch
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
 #   bash tools/gpu_runs.sh precompile # dynamo's AOT compile of the UNet: new-process load time (tools/probe_precompile)
 set -u
@@ -55,11 +55,10 @@ case "$what" in
       --model sdxl --stacks eager,inductor+cudagraphs,fp8+inductor+cudagraphs --runs 3 --out "$out/sdxl" \
       2>&1 | tee "$out/sdxl.log" | grep "^|\|\[bench\]" | tail -20 ;;
   precompile)
-    # build in one process; load in a new one with an empty inductor cache, then with the builder's cache
+    # build in one process; load in new ones: compile-cache artifacts first, the builder's cache, an empty cache
     built=$(fresh ind); file=$(fresh pre)/unet.precompiled
     TORCHINDUCTOR_CACHE_DIR=$built timeout 300 python3 -m tools.probe_precompile save "$file" --model sd15 \
       --with-cache-artifacts > "$out/precompile-save.log" 2>&1
-    # the realistic warm start first: an empty inductor cache filled from the compile-cache artifacts
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 120 python3 -m tools.probe_precompile load "$file" --model sd15 \
       --with-cache-artifacts > "$out/precompile-load-artifacts.log" 2>&1
     TORCHINDUCTOR_CACHE_DIR=$built timeout 100 python3 -m tools.probe_precompile load "$file" --model sd15 \
