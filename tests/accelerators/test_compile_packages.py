@@ -1,4 +1,5 @@
-"""The compile session's AOTInductor packages (inductor+cudagraphs) on the real ComfyUI, CPU: a session first
+"""The compile session's AOTInductor packages (inductor+cudagraphs with COMFY_ACCEL_AOT_PACKAGES=aoti, or where
+torch has no dynamo precompile; the default kind is tested in test_precompile.py) on the real ComfyUI, CPU: a session first
 checks once per environment that a small package loads in a child process, then builds the UNet package once
 and stores it; a new session of the same architecture loads it from the store and compiles nothing; calls with
 patches never use a package (it bakes one forward); a probe or a package that a child process could not load is
