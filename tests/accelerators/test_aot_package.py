@@ -172,9 +172,9 @@ def test_a_fresh_process_loads_the_stored_package_and_gets_the_same_output(built
     restored = write_package_files(files, tmp_path / "restored")
 
     torch.save(built.inputs, tmp_path / "inputs.pt")
-    worker = Path(__file__).with_name("aot_worker.py")
+    worker = Path(__file__).with_name("package_worker.py")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-inductor-cache")}
-    done = subprocess.run([sys.executable, str(worker), str(restored), str(tmp_path / "inputs.pt"),
+    done = subprocess.run([sys.executable, str(worker), "aoti", str(restored), str(tmp_path / "inputs.pt"),
                            str(tmp_path / "out.pt"), str(SEED)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -149,10 +149,10 @@ def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, 
 def test_a_fresh_process_loads_it_traces_nothing_and_gets_the_same_output(built, tmp_path):
     folder = built.store.lookup(built.session.package_key(built.bucket)).entry.path
     torch.save(built.inputs, tmp_path / "inputs.pt")
-    worker = Path(__file__).with_name("precompile_worker.py")
+    worker = Path(__file__).with_name("package_worker.py")
     # inductor's cache as this process left it: on a CPU the precompiled file holds the kernels' C++ source,
     # compiled again where the cache is empty (≈30 s here; on a GPU the kernels are in the file)
-    done = subprocess.run([sys.executable, str(worker), str(folder), str(tmp_path / "inputs.pt"),
+    done = subprocess.run([sys.executable, str(worker), "precompile", str(folder), str(tmp_path / "inputs.pt"),
                            str(tmp_path / "out.pt"), str(SEED)], env=dict(os.environ), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
