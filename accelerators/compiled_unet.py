@@ -436,7 +436,7 @@ class CompileSession:
                 self.explain_recompile(bucket)
             return out
         state = self.buckets.setdefault(bucket, _Bucket())
-        task = f"compiling the UNet ({self.name}) for {describe_bucket(bucket)}"
+        task = self.first_use_task(bucket, packaged)
         events.progress(task, 0, 1, accelerator=self.name, node_id=self.options.node_id)
         started = time.monotonic()
         counters = self.compiler.cache_counters()
@@ -463,6 +463,21 @@ class CompileSession:
         if not packaged or bucket not in self.packages:  # a failed package fell back to the compiled module
             self.save_warm_artifacts(bucket)
         return out
+
+    def first_use_task(self, bucket: tuple, packaged: bool) -> str:
+        """The progress line of a bucket's first call: a stored package is loaded, not compiled (seconds either
+        way, so the toast should not say "compiling" on a warm start)."""
+        where = f"({self.name}) for {describe_bucket(bucket)}"
+        if packaged and bucket in self.packages_from_cache:
+            return f"loading the compiled UNet {where} from the cache"
+        if packaged:
+            try:
+                store = self._store()
+                if store is not None and self.package_key(bucket) in store:  # a manifest check, no hashing
+                    return f"loading the compiled UNet {where} from the cache"
+            except Exception:   # an unreadable cache: the load itself reports it
+                log.debug("package lookup for the progress line", exc_info=True)
+        return f"compiling the UNet {where}"
 
     def explain_recompile(self, bucket: tuple) -> None:
         reason = self.compiler.last_recompile_reason() if hasattr(self.compiler, "last_recompile_reason") else ""

@@ -244,11 +244,37 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     if getattr(args, "lora_switch", False):
         row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
+    if getattr(args, "steps_sweep", False):
+        row.update(_steps_sweep(model, kwargs, cuda, row["median_s"]))
     row["latent"] = latent
     if ctx.get("vae") is not None:
         row["image"] = ctx["vae"].decode(latent[:1].to(torch.float32)).float().cpu()
     model = None   # the stack's graphs and compiled code go before the next stack
     return row
+
+
+def _steps_sweep(model, kwargs: dict, cuda: bool, median_at_steps: float) -> dict:
+    """Splits a sample's time into a cost per step and a fixed cost per sample (ComfyUI's set-up: noise,
+    conditioning, the model-loading check, copying the latent back), from the medians of 3 samples at half and
+    twice the step count and the timed runs: what a faster UNet call can still win and what it cannot."""
+    from tools.model_factory import sample
+
+    steps = kwargs["steps"]
+    points = {steps: median_at_steps}
+    for count in (max(steps // 2, 1), steps * 2):
+        times = []
+        for _ in range(3):
+            _sync(cuda)
+            start = time.perf_counter()
+            sample(model, **{**kwargs, "steps": count})
+            _sync(cuda)
+            times.append(time.perf_counter() - start)
+        points[count] = statistics.median(times)
+    xs = sorted(points)
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(points[x] for x in xs)
+    per_step = (sum((x - mean_x) * (points[x] - mean_y) for x in xs) / sum((x - mean_x) ** 2 for x in xs))
+    return {"per_step_ms": per_step * 1e3, "fixed_ms": (mean_y - per_step * mean_x) * 1e3,
+            "steps_sweep_s": {str(x): points[x] for x in xs}}
 
 
 def _time_lora_switch(model, kwargs: dict, cuda: bool) -> float:
@@ -418,6 +444,8 @@ def parse_args(argv):
     parser.add_argument("--vae", action="store_true", help="also compare full VAE decode with the Tiny VAE")
     parser.add_argument("--lora-switch", action="store_true",
                         help="also time the first sample after a LoRA is loaded after each stack")
+    parser.add_argument("--steps-sweep", action="store_true",
+                        help="also time half and twice the steps: the cost per step and the fixed cost per sample")
     parser.add_argument("--vae-size", type=int, default=1024)
     parser.add_argument("--decode", action="store_true",
                         help="time sampling + VAE decode (full VAE; the Tiny VAE for stacks that swap it in)")
@@ -503,6 +531,10 @@ def main(argv=None) -> int:
         speed = f", {baseline['median_s'] / row['median_s']:.2f}x eager" if baseline else ""
         print(f"[bench] {stack.name}: median {row['median_s']:.3f} s{speed}, first run {row['first_run_s']:.1f} s",
               flush=True)
+        if "per_step_ms" in row:
+            print(f"[bench] {stack.name}: {row['per_step_ms']:.2f} ms per step + {row['fixed_ms']:.1f} ms per "
+                  f"sample ({', '.join(f'{k} steps {v:.3f} s' for k, v in row['steps_sweep_s'].items())})",
+                  flush=True)
         _reset_compilers()
         _release(cuda)
 

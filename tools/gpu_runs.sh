@@ -5,7 +5,7 @@
 #
 #   bash tools/gpu_runs.sh tests      # GPU tests: graphs, LoRA (also keep_weights_on_gpu), fp8 (≈6 min; GPU_TESTS=<pytest -k expression> narrows)
 #   bash tools/gpu_runs.sh package    # the GPU package test: two processes, cold and warm (≈2 min)
-#   bash tools/gpu_runs.sh kernels    # one UNet call: channels-last (the default now) vs autotuned GEMMs on top
+#   bash tools/gpu_runs.sh kernels    # one UNet call, SD1.5 and SDXL: flash vs cuDNN attention (KERNEL_CONFIGS, KERNEL_MODELS)
 #   bash tools/gpu_runs.sh warm       # cold vs warm process (the precompiled UNet, the default), SD1.5 (WARM_MODEL)
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side with eager and TorchCompileModel, LoRA switch
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
@@ -35,8 +35,13 @@ case "$what" in
     grep -v "^WARNING\|Warning\|warn(" "$out/$what.log" | grep "^E \|passed\|failed\|SKIPPED\|FAILED\|cold:" \
       | tail -40 ;;
   kernels)
-    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.profile_unet sd15 \
-      --configs default+cl,autotune-gemm+cl --profile 2>&1 | tee "$out/kernels.log" | tail -20 ;;
+    # SD1.5 then SDXL: flash attention (inductor's choice) vs cuDNN's attention preferred
+    for model in ${KERNEL_MODELS:-sd15 sdxl}; do
+      limit=250; [ "$model" = sdxl ] && limit=320
+      TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout $limit python3 -m tools.profile_unet "$model" \
+        --configs "${KERNEL_CONFIGS:-default+cl,default+cl+cudnn}" --profile > "$out/kernels-$model.log" 2>&1
+      grep -h "^eager\|^inductor\|^NVIDIA\|Error" "$out/kernels-$model.log"
+    done ;;
   warm)
     # cold, then warm twice: with one compile thread while the cached kernels load (the default) and with
     # inductor's own thread count
@@ -49,7 +54,7 @@ case "$what" in
   sd15)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
       --stacks eager,comfy-compile,inductor+cudagraphs+keep \
-      --runs 5 --lora-switch --out "$out/sd15" 2>&1 | tee "$out/sd15.log" | grep "^|\|\[bench\]" | tail -20 ;;
+      --runs 5 --lora-switch --steps-sweep --out "$out/sd15" 2>&1 | tee "$out/sd15.log" | grep "^|\|\[bench\]" | tail -20 ;;
   sdxl)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
       --model sdxl --stacks eager,inductor+cudagraphs,fp8+inductor+cudagraphs --runs 3 --out "$out/sdxl" \

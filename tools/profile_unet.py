@@ -50,9 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.profile_unet", description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--configs", default="default",
-                        help=f"comma-separated inductor configs to compile with: {', '.join(CONFIGS)}; a '+cl' "
-                             "suffix converts the UNet's weights and input to channels-last in place first (it "
-                             "stays so for the configs after it)")
+                        help=f"comma-separated inductor configs to compile with: {', '.join(CONFIGS)}; "
+                             "suffixes: " + "; ".join(f"'+{k}' {v}" for k, v in SUFFIXES.items()))
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="also re-capture each compiled UNet with torch.backends.cudnn.benchmark on")
     parser.add_argument("--channels-last", action="store_true",
@@ -60,10 +59,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="print the top kernels of the first config's compiled call (torch.profiler)")
     args = parser.parse_args(argv)
-    unknown = [c for c in args.configs.split(",") if c.removesuffix("+cl") not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    for label in args.configs.split(","):
+        name, *suffixes = label.split("+")
+        if name not in CONFIGS:
+            parser.error(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
+        if set(suffixes) - set(SUFFIXES):
+            parser.error(f"unknown suffix in {label!r}; choose from {', '.join(SUFFIXES)}")
     return args
+
+
+# '+'-suffixes of a config name
+SUFFIXES = {
+    "cl": "convert the UNet's weights and input to channels-last in place first (it stays so for later configs)",
+    "cudnn": "compile and capture with cuDNN's attention preferred to flash attention (SDPA's backend choice is "
+             "made while tracing, so it is baked into the compiled code)",
+}
+
+
+def attention_preference(suffixes: list[str]):
+    """A context that makes SDPA prefer cuDNN's attention (flash where cuDNN cannot run a shape), or nothing."""
+    import contextlib
+
+    if "cudnn" not in suffixes:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
+                       set_priority=True)
 
 
 def main(argv: list[str]) -> int:
@@ -101,17 +123,20 @@ def main(argv: list[str]) -> int:
             unet.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         for label in args.configs.split(","):
-            if label.endswith("+cl"):
+            name, *suffixes = label.split("+")
+            if "cl" in suffixes:
                 unet.to(memory_format=torch.channels_last)
                 x = x.contiguous(memory_format=torch.channels_last)
             torch._dynamo.reset()
             compiler = InductorCompiler(parse_options({}, "inductor"))
-            compiler.config_patches = dict(CONFIGS[label.removesuffix("+cl")])
+            compiler.config_patches = dict(CONFIGS[name])
             compiled = compiler.compile_module(unet)
 
             def call(a, b, cc):
                 return compiled(a, b, context=cc, y=y, transformer_options=dict(options))
 
+            preference = attention_preference(suffixes)
+            preference.__enter__()   # left after this config's timings and profile
             started = time.time()
             graph = CapturedCall(call, (x, t, c), torch.cuda.graph_pool_handle())
             seconds = time.time() - started
@@ -128,6 +153,7 @@ def main(argv: list[str]) -> int:
             print(line, flush=True)
             if args.profile:
                 print_top_kernels(lambda: call(x, t, c))
+            preference.__exit__(None, None, None)
             graph = None
     return 0
 

@@ -91,9 +91,19 @@ def test_the_session_builds_stores_and_a_second_session_loads_it_compiling_nothi
     assert torch.equal(out, built.out)
     notes = [n["message"] for n in events.recent(20)]
     assert any("warm start: precompiled UNet for" in n and "loaded from the cache" in n for n in notes), notes
-    # through run_bucket, as a sampler calls it, the bucket's line says it compiled nothing
-    with torch.inference_mode():   # as ComfyUI samples (outside it the tensor guards refuse the call)
-        second.run_bucket(built.bucket, lambda: loaded(*built.inputs), lambda: None, packaged=True)
+    # through run_bucket, as a sampler calls it, the progress toast and the bucket's line say it compiled nothing
+    heard = []
+    listener = lambda event, data: heard.append(data) if event == "accel.progress" else None  # noqa: E731
+    events.add_listener(listener)
+    try:
+        with torch.inference_mode():   # as ComfyUI samples (outside it the tensor guards refuse the call)
+            second.run_bucket(built.bucket, lambda: loaded(*built.inputs), lambda: None, packaged=True)
+    finally:
+        events.remove_listener(listener)
+    assert heard and all(d["task"].startswith("loading the compiled UNet") for d in heard), heard
+    third = precompile_session(built.model, built.store)   # nothing loaded yet: the store tells
+    assert third.first_use_task(built.bucket, packaged=True).startswith("loading the compiled UNet")
+    assert third.first_use_task(built.bucket, packaged=False).startswith("compiling the UNet")
     assert any(n["message"].startswith("ready (loaded from the cache, nothing compiled) for batch 2")
                for n in events.recent(5)), events.recent(5)
 
