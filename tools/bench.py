@@ -270,11 +270,18 @@ def _steps_sweep(model, kwargs: dict, cuda: bool, median_at_steps: float) -> dic
             _sync(cuda)
             times.append(time.perf_counter() - start)
         points[count] = statistics.median(times)
-    xs = sorted(points)
-    mean_x, mean_y = statistics.mean(xs), statistics.mean(points[x] for x in xs)
-    per_step = (sum((x - mean_x) * (points[x] - mean_y) for x in xs) / sum((x - mean_x) ** 2 for x in xs))
-    return {"per_step_ms": per_step * 1e3, "fixed_ms": (mean_y - per_step * mean_x) * 1e3,
-            "steps_sweep_s": {str(x): points[x] for x in xs}}
+    per_step, fixed = fit_steps(points)
+    return {"per_step_ms": per_step * 1e3, "fixed_ms": fixed * 1e3,
+            "steps_sweep_s": {str(x): points[x] for x in sorted(points)}}
+
+
+def fit_steps(seconds_by_steps: dict) -> tuple[float, float]:
+    """Least-squares line through (steps, seconds): (seconds per step, fixed seconds per sample)."""
+    xs = sorted(seconds_by_steps)
+    mean_x, mean_y = statistics.mean(xs), statistics.mean(seconds_by_steps[x] for x in xs)
+    per_step = (sum((x - mean_x) * (seconds_by_steps[x] - mean_y) for x in xs)
+                / sum((x - mean_x) ** 2 for x in xs))
+    return per_step, mean_y - per_step * mean_x
 
 
 def _time_lora_switch(model, kwargs: dict, cuda: bool) -> float:
@@ -532,9 +539,10 @@ def main(argv=None) -> int:
         print(f"[bench] {stack.name}: median {row['median_s']:.3f} s{speed}, first run {row['first_run_s']:.1f} s",
               flush=True)
         if "per_step_ms" in row:
-            print(f"[bench] {stack.name}: {row['per_step_ms']:.2f} ms per step + {row['fixed_ms']:.1f} ms per "
-                  f"sample ({', '.join(f'{k} steps {v:.3f} s' for k, v in row['steps_sweep_s'].items())})",
-                  flush=True)
+            points = ", ".join(f"{k} steps {v:.3f} s" for k, v in row["steps_sweep_s"].items())
+            fit = (f"{row['per_step_ms']:.2f} ms per step + {row['fixed_ms']:.1f} ms per sample"
+                   if row["fixed_ms"] >= 0 else "not linear in the step count (a CPU-bound run varies)")
+            print(f"[bench] {stack.name}: {fit} ({points})", flush=True)
         _reset_compilers()
         _release(cuda)
 

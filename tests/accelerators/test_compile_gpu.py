@@ -195,8 +195,13 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
 
 def test_fp8_weights_from_the_unet_loader_run_graphed(pack, store, tmp_path):
     """UNETLoader weight_dtype fp8_e4m3fn_fast (fp8 matrix multiplies where the GPU has them, e.g. Hopper) under
-    inductor+cudagraphs: no fallback, the same latent as that fp8 model run eager."""
+    inductor+cudagraphs: no fallback, and no further from that fp8 model run eager than ComfyUI's own
+    TorchCompileModel is. Any compiled fp8 sample is far from the eager one (measured on an H100, 4 steps:
+    TorchCompileModel 1.17e-1, ours 1.18e-1, fp8 vs fp16 eager 1.55e-1): activations are cast to e4m3 (3
+    mantissa bits) before every fp8 matrix multiply, so the last-bit differences of fused kernels flip whole
+    fp8 steps, and the sampler amplifies them. The host's own compiled sample is the yardstick, not 1e-2."""
     import comfy.model_management
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     from comfy_accel.accelerators.compiled_unet import session_of
     from comfy_accel.accelerators.torch_compile import apply_cudagraphs
@@ -204,11 +209,19 @@ def test_fp8_weights_from_the_unet_loader_run_graphed(pack, store, tmp_path):
 
     base = build_model("small-sd15", dtype=torch.float16, device="cuda", seed=9)
     fp8 = load_unet_as(base, "fp8_e4m3fn_fast", tmp_path)
-    print("fp8 compute:", comfy.model_management.supports_fp8_compute(fp8.load_device),
-          type(fp8.model.diffusion_model.input_blocks[1][1].proj_in).__mro__[0])
+    if not comfy.model_management.supports_fp8_compute(fp8.load_device):
+        pytest.skip("this GPU has no fp8 compute (ComfyUI's supports_fp8_compute: Ada/Hopper or newer)")
     eager = sample(fp8, steps=4)
+    fp16 = sample(base, steps=4)
+    host_compiled = fp8.clone()
+    set_torch_compile_wrapper(host_compiled, backend="inductor")
+    host_out = sample(host_compiled, steps=4)
+    torch._dynamo.reset()
     accelerated = apply_cudagraphs(fp8, {"fallback": "error", "store": store})
     out = sample(accelerated, steps=4)
     session = session_of(accelerated)
     assert session.calls["graph"] == 4 and session.calls["eager"] == 0
-    assert rel(out, eager) < 1e-2
+    print(f"fp8: ours vs eager {rel(out, eager):.3e}, TorchCompileModel vs eager {rel(host_out, eager):.3e}, "
+          f"fp8 vs fp16 eager {rel(eager, fp16):.3e}")
+    assert rel(out, eager) <= 1.5 * rel(host_out, eager) + 1e-3
+    assert rel(out, eager) < rel(eager, fp16)   # compiling costs less than fp8 itself

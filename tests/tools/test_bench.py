@@ -26,3 +26,12 @@ def test_bench_rejects_unknown_stacks(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "unknown stack(s): warp" in proc.stderr
+
+
+def test_steps_sweep_fit_splits_per_step_and_fixed_cost():
+    from tools.bench import fit_steps
+
+    per_step, fixed = fit_steps({10: 0.010 + 10 * 0.007, 20: 0.010 + 20 * 0.007, 40: 0.010 + 40 * 0.007})
+    assert abs(per_step - 0.007) < 1e-12 and abs(fixed - 0.010) < 1e-12
+    # a run whose time does not grow linearly with the steps gives a negative fixed cost: the bench says so
+    assert fit_steps({10: 0.33, 20: 0.68, 40: 1.92})[1] < 0
