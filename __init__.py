@@ -23,6 +23,18 @@ def _register_with_server():
     cache_store.configure()
 
 
+def _start_compiler_import():
+    """The compiler's modules load in the background while ComfyUI starts (accelerators/preimport.py)."""
+    from .accelerators import preimport
+
+    preimport.start_background_import()
+
+
+try:
+    _start_compiler_import()
+except Exception:  # an optimisation only
+    logging.getLogger("comfy_accel").debug("[comfy-accel] background import not started", exc_info=True)
+
 try:
     _register_with_server()
 except Exception:  # the routes are a convenience: never let them stop the nodes from loading

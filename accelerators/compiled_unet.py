@@ -411,6 +411,7 @@ class CompileSession:
 
     # -- the compiled callables ------------------------------------------------------------------------------
     def compiled_module(self, unet) -> Callable:
+        self.wait_for_compiler_imports()
         with self.lock:
             found = self.module_compiled.get(id(unet))
             if found is None:
@@ -419,6 +420,7 @@ class CompileSession:
 
     def compiled_function(self, name: str, fn: Callable) -> Callable:
         key = (name, id(getattr(fn, "__func__", fn)), id(getattr(fn, "__self__", None)))
+        self.wait_for_compiler_imports()
         with self.lock:
             found = self.functions.get(key)
             if found is None:
@@ -436,6 +438,7 @@ class CompileSession:
                 self.explain_recompile(bucket)
             return out
         state = self.buckets.setdefault(bucket, _Bucket())
+        self.wait_for_compiler_imports()
         task = self.first_use_task(bucket, packaged)
         events.progress(task, 0, 1, accelerator=self.name, node_id=self.options.node_id)
         started = time.monotonic()
@@ -463,6 +466,15 @@ class CompileSession:
         if not packaged or bucket not in self.packages:  # a failed package fell back to the compiled module
             self.save_warm_artifacts(bucket)
         return out
+
+    def wait_for_compiler_imports(self) -> None:
+        """Nothing compiles or loads while the startup thread imports the compiler (accelerators/preimport.py)."""
+        from . import preimport
+
+        waited = preimport.wait()
+        if waited > 0.1:
+            self.notice(f"waited {waited:.1f} s for the compiler's modules (imported in the background since "
+                        f"startup)", level="info", once="preimport-wait")
 
     def first_use_task(self, bucket: tuple, packaged: bool) -> str:
         """The progress line of a bucket's first call: a stored package is loaded, not compiled (seconds either

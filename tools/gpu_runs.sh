@@ -43,13 +43,21 @@ case "$what" in
       grep -h "^eager\|^inductor\|^NVIDIA\|Error" "$out/kernels-$model.log"
     done ;;
   warm)
-    # cold, then warm twice: with one compile thread while the cached kernels load (the default) and with
-    # inductor's own thread count
+    # cold, then warm: as shipped (the compiler's modules imported in the background from the pack's import),
+    # without that background import, and (WARM_TAGS=... warm-threads) with inductor's own compile-thread count
+    # while the cached kernels load; a bytecode check first (the box's site-packages may hold no .pyc files)
+    python3 -c "import sys, torch, pathlib; p = pathlib.Path(torch.__file__).parent / '_inductor' / '__pycache__'; \
+print('[pyc] dont_write_bytecode', sys.dont_write_bytecode, '| torch/_inductor/__pycache__:', \
+len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
     store=$(fresh store)
-    for tag in cold warm warm-threads; do
+    for tag in ${WARM_TAGS:-cold warm warm-no-preimport}; do
       threads=1; [ $tag = warm-threads ] && threads=default
-      TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 python3 -m tools.warm_restart --store "$store" $tag \
-        --model "${WARM_MODEL:-sd15}" --load-threads $threads 2>&1 | tee "$out/warm-$tag.log" | grep "^\[$tag\]"
+      preimport=1; [ $tag = warm-no-preimport ] && preimport=0
+      extra=""; [ $tag != cold ] && extra="${WARM_ARGS:-}"   # e.g. --cprofile 40 for the warm processes
+      COMFY_ACCEL_PREIMPORT=$preimport TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 \
+        python3 -m tools.warm_restart --store "$store" $tag \
+        --model "${WARM_MODEL:-sd15}" --load-threads $threads $extra 2>&1 | tee "$out/warm-$tag.log" \
+        | grep "^\[$tag\]" | sed -n "1,${WARM_LINES:-20}p"   # sed reads on: no SIGPIPE
     done ;;
   sd15)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \

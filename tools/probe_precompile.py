@@ -39,6 +39,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--with-cache-artifacts", action="store_true",
                         help="save: also write torch's compile-cache artifacts to PATH.cache; load: load them "
                              "first (what the shared cache would hold beside the precompiled file)")
+    parser.add_argument("--preimport", action="store_true",
+                        help="load: import the compiler's modules first, as the pack's startup thread does "
+                             "(accelerators/preimport.py), so that the load time is the load alone")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     from tools.comfy_host import import_comfy, import_pack
@@ -75,6 +78,12 @@ def main(argv: list[str]) -> int:
         reference = unet(x, t, **{**kwargs, "transformer_options": dict(options)}).float()
     print(f"[precompile] {args.stage}: torch {torch.__version__}, {args.model} on {device}, ready in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
+    if args.preimport:
+        from comfy_accel.accelerators import preimport
+
+        begun = time.perf_counter()
+        preimport.import_compiler_modules(preimport.MODULES + preimport.GPU_MODULES)
+        print(f"[precompile] compiler modules imported in {time.perf_counter() - begun:.1f} s", flush=True)
     compiled = torch.compile(unet, fullgraph=True, backend="inductor",
                              options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe})
     begun = time.perf_counter()

@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="sd15")
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="also profile one sample (kernels, CPU time)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="profile the first sample's Python (cProfile) and print its N costliest functions")
     parser.add_argument("--load-threads", default="1",
                         help="inductor's compile threads while cached kernels load ('default': its own count)")
     args = parser.parse_args(argv)
@@ -49,9 +51,30 @@ def main(argv: list[str]) -> int:
         torch.cuda.synchronize()
         return round(time.perf_counter() - start, 3)
 
-    times = [one_sample() for _ in range(args.samples)]
+    if args.cprofile:   # where a warm start's seconds go: deserializing, loading kernels, capturing
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        times = [profiler.runcall(one_sample)]
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.cprofile)
+        print("\n".join(f"[{args.tag}] {line}" for line in text.getvalue().splitlines() if line.strip()))
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.cprofile // 2)
+        print("\n".join(f"[{args.tag}] self {line}" for line in text.getvalue().splitlines() if line.strip()))
+        times += [one_sample() for _ in range(args.samples - 1)]
+    else:
+        times = [one_sample() for _ in range(args.samples)]
     print(f"[{args.tag}] import {imported:.1f} s; first sample {times[0]} s, then {times[1:]}; "
           f"calls {session_of(accelerated).calls}", flush=True)
+    from comfy_accel.accelerators import preimport
+
+    done = preimport.summary()
+    print(f"[{args.tag}] background import of the compiler since the pack's import: "
+          + (f"{done['total']:.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in done['seconds'].items())})"
+             if done else f"not run ({preimport.not_wanted_reason() or 'already imported'})"), flush=True)
     for notice in events.recent(10):
         print(f"[{args.tag}] notice: {notice['message'][:200]}")
     if args.profile:
