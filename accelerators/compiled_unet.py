@@ -411,6 +411,9 @@ class CompileSession:
 
     # -- the compiled callables ------------------------------------------------------------------------------
     def compiled_module(self, unet) -> Callable:
+        found = self.module_compiled.get(id(unet))   # every compiled call asks: the hit needs no lock, no wait
+        if found is not None:
+            return found
         self.wait_for_compiler_imports()
         with self.lock:
             found = self.module_compiled.get(id(unet))
@@ -420,6 +423,9 @@ class CompileSession:
 
     def compiled_function(self, name: str, fn: Callable) -> Callable:
         key = (name, id(getattr(fn, "__func__", fn)), id(getattr(fn, "__self__", None)))
+        found = self.functions.get(key)
+        if found is not None:
+            return found
         self.wait_for_compiler_imports()
         with self.lock:
             found = self.functions.get(key)
@@ -480,16 +486,17 @@ class CompileSession:
         """The progress line of a bucket's first call: a stored package is loaded, not compiled (seconds either
         way, so the toast should not say "compiling" on a warm start)."""
         where = f"({self.name}) for {describe_bucket(bucket)}"
-        if packaged and bucket in self.packages_from_cache:
+        if packaged and (bucket in self.packages_from_cache or self._package_stored(bucket)):
             return f"loading the compiled UNet {where} from the cache"
-        if packaged:
-            try:
-                store = self._store()
-                if store is not None and self.package_key(bucket) in store:  # a manifest check, no hashing
-                    return f"loading the compiled UNet {where} from the cache"
-            except Exception:   # an unreadable cache: the load itself reports it
-                log.debug("package lookup for the progress line", exc_info=True)
         return f"compiling the UNet {where}"
+
+    def _package_stored(self, bucket: tuple) -> bool:
+        try:
+            store = self._store()
+            return store is not None and self.package_key(bucket) in store   # a manifest check, no hashing
+        except Exception:   # an unreadable cache: the load itself reports it
+            log.debug("package lookup for the progress line", exc_info=True)
+            return False
 
     def explain_recompile(self, bucket: tuple) -> None:
         reason = self.compiler.last_recompile_reason() if hasattr(self.compiler, "last_recompile_reason") else ""

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.tiny_unet import tiny_unet_or_skip
 from tools.model_factory import build_model, unet_inputs
 
 SEED = 31
@@ -38,12 +39,7 @@ def built(pack, tmp_path_factory):
     """The one compile of this module: the tiny SD1.5 UNet at batch 2, 64×64 px, 77 tokens."""
     from comfy_accel.accelerators.aot_package import PackagedUNet, available
 
-    ready = available()
-    if not ready:
-        pytest.skip(ready.reason)
-    model = build_model("tiny-sd15", seed=SEED)   # its own model: the tests edit its weights
-    unet = model.model.diffusion_model
-    inputs = unet_inputs(model, batch=2)[:3]
+    _, unet, inputs = tiny_unet_or_skip(available(), SEED)
     folder = tmp_path_factory.mktemp("aot") / "package"
     package = PackagedUNet.build(unet, inputs, {}, folder)
     return SimpleNamespace(unet=unet, inputs=inputs, package=package, folder=folder)

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tools.model_factory import build_model, unet_inputs
+from tests.tiny_unet import tiny_unet_or_skip
+from tools.model_factory import build_model
 
 SEED = 51
 
@@ -55,12 +56,7 @@ def built(pack, tmp_path_factory):
     from comfy_accel.accelerators.compiled_unet import bucket_of
     from comfy_accel.accelerators.precompile import available
 
-    ready = available()
-    if not ready:
-        pytest.skip(ready.reason)
-    model = build_model("tiny-sd15", seed=SEED)   # its own model: the tests edit its weights
-    unet = model.model.diffusion_model
-    inputs = tuple(unet_inputs(model, batch=2)[:3])
+    model, unet, inputs = tiny_unet_or_skip(available(), SEED)
     store = ArtifactStore(tmp_path_factory.mktemp("precompile") / "cache")
     session = precompile_session(model, store)
     assert session.uses_package({})
