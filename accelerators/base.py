@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -127,12 +127,3 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
     if not low <= value <= high:
         raise AcceleratorInputError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
     return value
-
-
-@dataclass
-class Notice:
-    """One line that says why something happened (fallback, recompile, cache miss)."""
-    accelerator: str
-    message: str
-    level: str = "warning"
-    data: dict = field(default_factory=dict)
