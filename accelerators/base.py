@@ -41,6 +41,9 @@ class AcceleratorSpec:
     kind: str = "model"            # "model" (MODEL → MODEL), "vae", or "backend" (chosen in Accelerate Model)
     lossless: bool = True          # same images as eager up to float noise
     order: int = 100               # display order in the panel
+    # why applying it to its own output is not the same as applying it once ("" = it is: a second apply
+    # replaces the first); tests/contract/test_accelerator_contract.py holds every spec to this
+    not_idempotent: str = ""
 
     def status(self) -> dict:
         try:

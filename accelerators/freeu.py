@@ -44,5 +44,5 @@ ACCELERATOR_SPECS = [
         name="freeu", title="FreeU (core)",
         description="ComfyUI's FreeU/FreeU_V2 quality patch; kept working inside DeepCache and compiled paths.",
         config=FreeUConfig, available=_freeu_available, apply=apply_freeu, kind="model", lossless=True,
-        order=55)
+        order=55, not_idempotent="it adds the host's own FreeU patch, which stacks as two core FreeU nodes do")
 ]
