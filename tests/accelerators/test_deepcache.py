@@ -222,6 +222,7 @@ def sdpa_override(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_each_segment_once_not_per_step(pack, tiny_sd15):
     """With a torch.compile segment compiler, each segment compiles once per shape: no per-step recompiles."""
     import torch._dynamo
