@@ -168,8 +168,8 @@ def resolve_backend(requested, settings=None, availability: Callable[[str], Avai
 
         gpu = cuda_available()
     if not gpu:
-        # On a CPU every backend but inductor needs CUDA, and inductor's compile costs more than it saves: on a
-        # tiny UNet the first prompt took 3x eager's time and each re-execution re-traced (docs/benchmarks.md).
+        # On a CPU every backend but inductor needs CUDA, and inductor's compile costs more than it saves
+        # (docs/benchmarks.md, "`auto` on a CPU").
         return BackendChoice(EAGER, f"{prefix}auto picked eager: torch sees no CUDA GPU here, and compiling on "
                                     f"a CPU costs more time than it saves")
     availability = availability or registry_availability
