@@ -24,8 +24,8 @@ def _register_with_server():
 
 
 def _start_compiler_import():
-    """The compiler's modules load in the background while ComfyUI starts (accelerators/preimport.py)."""
-    from .accelerators import preimport
+    """The compiler's modules load in the background while ComfyUI starts (accelerators/compile/preimport.py)."""
+    from .accelerators.compile import preimport
 
     preimport.start_background_import()
 

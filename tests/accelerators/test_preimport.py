@@ -1,4 +1,4 @@
-"""The compiler's modules imported in the background at startup (accelerators/preimport.py), each case in a
+"""The compiler's modules imported in the background at startup (accelerators/compile/preimport.py), each case in a
 fresh interpreter: whether a module is imported is process state."""
 import json
 import os
@@ -12,7 +12,7 @@ import json, sys, time
 from tools.comfy_host import import_comfy, import_pack
 import_comfy()
 import_pack()   # this machine has no CUDA: the pack's import starts nothing
-from comfy_accel.accelerators import preimport
+from comfy_accel.accelerators.compile import preimport
 out = {"after_pack_import": "torch._inductor.compile_fx" in sys.modules}
 """
 
@@ -29,8 +29,8 @@ def run(body: str, **env) -> dict:
 def test_the_thread_imports_the_compiler_and_the_session_waits_for_it(pack):
     out = run("""
 from comfy_accel.accelerators import events
-from comfy_accel.accelerators.compiled_unet import session_of
-from comfy_accel.accelerators.torch_compile import apply
+from comfy_accel.accelerators.compile.stand_in import session_of
+from comfy_accel.accelerators.compile.inductor import apply
 from tools.model_factory import build_model
 
 model = build_model("tiny-sd15")

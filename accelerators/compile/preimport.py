@@ -22,8 +22,7 @@ import time
 log = logging.getLogger("comfy_accel")
 
 ENV_SWITCH = "COMFY_ACCEL_PREIMPORT"
-# the load path of a stored compiled UNet (dynamo's precompile, AOTInductor packages, compile-cache
-# artifacts): inductor's compile_fx imports AOTAutograd, the partitioner and inductor's codegen
+# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's compile_fx imports AOTAutograd, the partitioner and inductor's codegen
 MODULES = ("torch._inductor.compile_fx",)
 GPU_MODULES = ("triton",)   # inductor's GPU kernels are triton's
 
