@@ -31,11 +31,11 @@ def _start_compiler_import():
 
 
 try:
-    _start_compiler_import()
-except Exception:  # an optimisation only
-    logging.getLogger("comfy_accel").debug("[comfy-accel] background import not started", exc_info=True)
-
-try:
     _register_with_server()
 except Exception:  # the routes are a convenience: never let them stop the nodes from loading
     logging.getLogger("comfy_accel").exception("[comfy-accel] could not register routes")
+
+try:  # after the settings are loaded (the preimport setting)
+    _start_compiler_import()
+except Exception:  # an optimisation only
+    logging.getLogger("comfy_accel").debug("[comfy-accel] background import not started", exc_info=True)

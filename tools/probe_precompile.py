@@ -13,7 +13,7 @@ module without tracing it; the weights are read from the module on every call (a
 seen). ComfyUI's layer classes are defined inside `comfy.ops` classes, which dynamo's guard serializer refuses
 ("defined in local scope"), so the guards are filtered to the input tensors' (`torch.compiler.
 keep_tensor_guards_unsafe`): the caller must then only use it for the signature it was built for (one shape
-bucket, no patches), as the AOTInductor package path already does. The tensor guards compare dispatch keys with
+bucket, no patches), as the compile session does. The tensor guards compare dispatch keys with
 the thread's state when the file is loaded, so it must be loaded in the mode it runs in (inference_mode, as
 ComfyUI samples; loaded outside it, the first call fails its guard). On this project's CPU box (torch 2.13, tiny
 SD1.5): build 67 s, 2 MiB; a new process loads it in 2.4 s with inductor's cache warm (34 s with it empty: the

@@ -22,12 +22,12 @@ weights, so one entry serves every checkpoint of the architecture):
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 
 from ..base import AcceleratorSpec, Availability, cuda_available
+from ..settings import get_settings
 from .precompile import FORMAT_VERSION as PRECOMPILE_FORMAT
 from .session import Compiler, apply_backend
 
@@ -73,14 +73,11 @@ def available_cudagraphs() -> Availability:
 def precompile_wanted() -> bool:
     """Whether inductor+cudagraphs precompiles the plain UNet, so that a new process runs it without dynamo
     tracing the UNet again (the compile-cache artifacts alone leave that trace): where this torch has dynamo's
-    precompile (`precompile.py`) and COMFY_ACCEL_AOT_PACKAGES is not 0/off. Calls with patches (FreeU,
-    attention patches) and DeepCache's segments always use torch.compile."""
+    precompile (`precompile.py`) and the `precompile` setting is on. Calls with patches (FreeU, attention
+    patches) and DeepCache's segments always use torch.compile."""
     from .precompile import available as precompile_available
 
-    wanted = os.environ.get("COMFY_ACCEL_AOT_PACKAGES", "auto").strip().lower()
-    if wanted in ("0", "false", "no", "off", ""):
-        return False
-    return bool(precompile_available())
+    return get_settings().precompile and bool(precompile_available())
 
 
 def _has_module(name: str) -> bool:
@@ -104,10 +101,9 @@ class InductorCompiler(Compiler):
         self.config_patches = dict(MODE_CONFIG[options.mode])
         if torch.cuda.is_available():
             self.config_patches = {**GPU_DEFAULT_CONFIG, **self.config_patches}
-        # convolution weights channels-last on a GPU (graphs.channels_last_weights); COMFY_ACCEL_CHANNELS_LAST=0
+        # convolution weights channels-last on a GPU (graphs.channels_last_weights); the channels_last setting off
         # keeps the host's layout
-        self.channels_last = torch.cuda.is_available() and os.environ.get(
-            "COMFY_ACCEL_CHANNELS_LAST", "1").strip().lower() not in ("0", "false", "no", "off")
+        self.channels_last = torch.cuda.is_available() and get_settings().channels_last
         if options.cuda_graphs and options.dynamic != "dynamic":
             self.use_precompile(precompile_wanted())
         limit = getattr(torch._dynamo.config, "recompile_limit", None)

@@ -178,7 +178,7 @@ class CompileSession:
         self.calls = {"compiled": 0, "graph": 0, "eager": 0, "segments": 0}
         self.artifacts = Artifacts(self)
         self.graphs = GraphSet(self) if self.options.cuda_graphs else None
-        self.layout = ChannelsLastLayout(self.notice) if self.compiler.channels_last else None
+        self.layout = ChannelsLastLayout(self.notice)
         # set by the stand-in for each DeepCache call, read by the segment compiler during it
         self.segment_call: tuple = ({}, None, "no graphs")   # (transformer_options, UNet bucket, graph reason)
 
@@ -323,7 +323,7 @@ class CompileSession:
 
     # -- weights ---------------------------------------------------------------------------------------------
     def prepare_layout(self, unet, transformer_options: dict) -> None:
-        if self.layout is not None:
+        if self.compiler.channels_last:
             self.layout.prepare(unet, transformer_options)
 
     def release(self) -> None:
