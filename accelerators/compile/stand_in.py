@@ -215,6 +215,9 @@ def _define_compiled_unet():
 
         def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
                     **kwargs):
+            """One route per call, in order: eager with the reason (a call the session refuses); DeepCache's
+            segments compiled; the whole UNet replayed as a CUDA graph; the UNet compiled without a graph (a call
+            a graph cannot replay faithfully: eager instead where the backend bakes the Python into a trace)."""
             unet, session = self.unet, self.session
 
             def eager():

@@ -164,7 +164,7 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     results = []
     for run in range(2):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
-        env.pop("COMFY_ACCEL_AOT_PACKAGES", None)   # the default
+        env.pop("COMFY_ACCEL_PRECOMPILE", None)   # the default (on)
         done = subprocess.run([sys.executable, str(worker), str(tmp_path / "store"),
                                str(tmp_path / f"latent-{run}.pt"), "inductor+cudagraphs"],
                               capture_output=True, text=True, timeout=900, env=env)
