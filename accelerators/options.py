@@ -81,14 +81,19 @@ def parse_choice(name: str, value, allowed: tuple[str, ...]) -> str:
     return text
 
 
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                "off": False}   # the on/off words of every face and environment variable (any case)
+
+
 def parse_bool(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
-        return value.strip().lower() in ("true", "on", "yes", "1")
-    raise AcceleratorInputError(f"{name} must be on or off (true/false), got {value!r}")
+    found = SWITCH_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+    if found is None:
+        raise AcceleratorInputError(f"{name} must be on or off (true/false), got {value!r}")
+    return found
 
 
 def parse_backend(value) -> str:
@@ -202,5 +207,14 @@ def describe() -> dict:
                                 "default": FALLBACKS[0]},
             "cache_budget_gb": CACHE_BUDGET_GB.as_dict(),
             "memory_budget_gb": MEMORY_BUDGET_GB.as_dict(),
+            **_switches(),
         },
     }
+
+
+def _switches() -> dict:
+    """The settings' on/off switches (settings.ENV_OVERRIDES), with their defaults."""
+    from . import settings as settings_module
+
+    defaults = settings_module.Settings()
+    return {name: {"default": getattr(defaults, name)} for name in settings_module.ENV_OVERRIDES}
