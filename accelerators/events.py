@@ -3,14 +3,17 @@
 Accelerators call `notice()` when they fall back, recompile or miss the cache, and `progress()` for work
 that takes seconds. Both log, and both reach every registered listener: the ComfyUI shim forwards them to
 the browser (PromptServer.send_sync), the WebUI shim to its console. Repeated notices with the same key
-are logged once, so a fallback that happens every step does not flood the log.
+are logged once, so a fallback that happens every step does not flood the log; `collect()` still sees every
+one raised while it is open (a later run's record must say it fell back, even though the line is not logged
+again).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger("comfy_accel")
 
@@ -18,6 +21,7 @@ _listeners: list[Callable[[str, dict], None]] = []
 _seen: dict[str, float] = {}
 _recent: list[dict] = []
 _lock = threading.Lock()
+_collecting = threading.local()   # the open collect() lists of this thread (sampling runs in one thread)
 
 
 def add_listener(fn: Callable[[str, dict], None]) -> None:
@@ -42,18 +46,33 @@ def notice(accelerator: str, message: str, level: str = "warning", once_key: str
            node_id: str | None = None, **data) -> bool:
     """Logs one line '[comfy-accel] <accelerator>: <message>' and tells listeners; False if deduplicated."""
     key = once_key if once_key is not None else f"{accelerator}:{message}"
+    record = {"accelerator": accelerator, "message": message, "level": level, "node": node_id,
+              "time": time.time(), **data}
+    for lines in getattr(_collecting, "open", ()):
+        lines.append(record)
     with _lock:
         if once_key is not None and key in _seen:
             return False
-        _seen[key] = time.time()
-        record = {"accelerator": accelerator, "message": message, "level": level, "node": node_id,
-                  "time": time.time(), **data}
+        _seen[key] = record["time"]
         _recent.append(record)
         del _recent[:-200]
     getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
         "[comfy-accel] %s: %s", accelerator, message)
     _emit("accel.notice", record)
     return True
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[dict]]:
+    """Every notice raised by this thread while open, deduplicated ones included: what one run did (a host's
+    record of a sampling run reads this, not only the lines logged during it)."""
+    lines: list[dict] = []
+    stack = _collecting.__dict__.setdefault("open", [])
+    stack.append(lines)
+    try:
+        yield lines
+    finally:
+        stack.pop()   # context managers nest within a thread: ours is the last one open
 
 
 def reset_once(prefix: str = "") -> None:

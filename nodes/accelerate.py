@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..accelerators.accelerate import NODE_BACKENDS, accelerate
 from ..accelerators.compiled_unet import DYNAMIC, MODES
-from .common import CATEGORY, record_in_model
+from .common import CATEGORY, backend_node_result
 
 
 def _store():
@@ -49,8 +49,7 @@ class AccelerateModel:
                    keep_weights_on_gpu=False, unique_id=None):
         out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
                                     node_id=unique_id, get_store=_store, keep_weights_on_gpu=keep_weights_on_gpu)
-        record_in_model(out, "accelerate_model", in_effect)
-        return (out,)
+        return backend_node_result(out, "accelerate_model", in_effect)
 
 
 NODE_CLASS_MAPPINGS = {"AccelAccelerateModel": AccelerateModel}
