@@ -45,15 +45,15 @@ def _emit(event: str, data: dict) -> None:
 def notice(accelerator: str, message: str, level: str = "warning", once_key: str | None = None,
            node_id: str | None = None, **data) -> bool:
     """Logs one line '[comfy-accel] <accelerator>: <message>' and tells listeners; False if deduplicated."""
+    for lines in getattr(_collecting, "open", ()):   # before deduplication: a run's record sees every one
+        lines.append({"accelerator": accelerator, "message": message, "level": level, "node": node_id, **data})
     key = once_key if once_key is not None else f"{accelerator}:{message}"
-    record = {"accelerator": accelerator, "message": message, "level": level, "node": node_id,
-              "time": time.time(), **data}
-    for lines in getattr(_collecting, "open", ()):
-        lines.append(record)
     with _lock:
         if once_key is not None and key in _seen:
             return False
-        _seen[key] = record["time"]
+        _seen[key] = time.time()
+        record = {"accelerator": accelerator, "message": message, "level": level, "node": node_id,
+                  "time": time.time(), **data}
         _recent.append(record)
         del _recent[:-200]
     getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
