@@ -121,10 +121,17 @@ class BuildTensorRTEngine:
 
         policy = fallback_policy(fallback)
         profiles = self.profiles(profile, static, **ranges)
-        unet_signature(model)  # a non-UNet model fails before any work, with the reason
-        ready = available()
-        if not ready:
-            out, settings = _run_eager(model, "Build TensorRT Engine", ready.reason, policy, unique_id, {
+        try:
+            unet_signature(model)  # a model the export cannot take is refused before any work, with the reason
+        except AcceleratorInputError as exc:
+            if policy == "error":
+                raise
+            reason = str(exc)
+        else:
+            ready = available()
+            reason = "" if ready else ready.reason
+        if reason:
+            out, settings = _run_eager(model, "Build TensorRT Engine", reason, policy, unique_id, {
                 "engine": None, "profiles": [p.describe() for p in profiles]})
             return backend_node_result(out, "tensorrt", settings, "")
         comfy.model_management.load_models_gpu([model], force_full_load=True)
@@ -181,8 +188,14 @@ class LoadTensorRTEngine:
                 raise AcceleratorInputError(reason)
             out, settings = _run_eager(model, "Load TensorRT Engine", reason, policy, unique_id, {"engine": engine})
             return backend_node_result(out, "tensorrt", settings)
-        out = apply(model, {"fallback": policy, "node_id": unique_id, "get_store": _store, "engine": target,
-                            "build_on_demand": False})
+        try:
+            out = apply(model, {"fallback": policy, "node_id": unique_id, "get_store": _store, "engine": target,
+                                "build_on_demand": False})
+        except AcceleratorInputError as exc:   # a model the engine's lane cannot take
+            if policy == "error":
+                raise
+            out, settings = _run_eager(model, "Load TensorRT Engine", str(exc), policy, unique_id, {"engine": engine})
+            return backend_node_result(out, "tensorrt", settings)
         settings = {"engine": engine, "fallback": policy}
         ready = available()
         if not ready:   # the engine is here but cannot run: every call runs eager (said by the session)

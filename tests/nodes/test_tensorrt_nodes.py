@@ -41,6 +41,17 @@ def test_build_node_refuses_a_non_unet_model_before_any_work(pack):
         BuildTensorRTEngine().build(build_model("tiny-flux"), "512x512 (SD1.5)", False, fallback="error")
 
 
+def test_build_node_runs_a_non_unet_model_eager_under_the_default_policy(pack):
+    from comfy_accel.nodes.tensorrt import BuildTensorRTEngine
+    from tools.model_factory import build_model
+
+    flux = build_model("tiny-flux")
+    result = BuildTensorRTEngine().build(flux, "512x512 (SD1.5)", False, unique_id="71")
+    (out, engine_id), (shown,) = result["result"], result["ui"]["comfy_accel"]
+    assert out is not flux and not out.wrappers.get("apply_model") and engine_id == ""
+    assert shown["attached"] == "eager" and "this MODEL is Flux" in shown["fallback"], shown
+
+
 def test_load_node_names_an_unknown_engine_under_error(pack, tiny_sd15):
     from comfy_accel.accelerators.base import AcceleratorInputError
     from comfy_accel.nodes.tensorrt import LoadTensorRTEngine
