@@ -77,7 +77,7 @@ def hold_lock(root: str, artifact_id: str, ready_file: str) -> None:
 
 def warm_start(root: str) -> None:
     from accelerators import events
-    from accelerators.compiled_unet import Compiler, CompileSession, parse_options
+    from accelerators.compile.session import Compiler, CompileSession, parse_options
 
     class SmallArtifactCompiler(Compiler):
         artifact_accelerator = "inductor"
@@ -95,7 +95,7 @@ def warm_start(root: str) -> None:
     bucket = (1, 8, 8, 77, 0, "float32", "cpu")
     with events.collect() as raised:
         session.run_bucket(bucket, run=lambda: "ran", run_eager=lambda: "eager")
-    print(json.dumps({"id": session.artifact_key(bucket).id, "notices": [n["message"] for n in raised]}))
+    print(json.dumps({"id": session.artifacts.artifact_key(bucket).id, "notices": [n["message"] for n in raised]}))
 
 
 if __name__ == "__main__":
