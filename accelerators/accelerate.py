@@ -39,11 +39,24 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
         ready = spec.available()
         if not ready:
             in_effect["unavailable"] = ready.reason
-        out = spec.apply(model, backend_options)
+        try:
+            out = spec.apply(model, backend_options)
+        except AcceleratorInputError as exc:   # the options are checked above: the lane refuses this model
+            out, in_effect["unavailable"] = refused_model(model, exc, backend, chosen, fallback, node)
     if keep_weights_on_gpu:
         in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
         events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)
     return out, in_effect
+
+
+def refused_model(model, refusal: Exception, requested: str, chosen: str, fallback: str, node: str | None):
+    """(the model unaccelerated, the reason) when the chosen backend cannot serve it (a DiT given to a UNet
+    lane): one line naming what was asked and the model, or the prompt failed under the `error` policy."""
+    reason = f"backend '{requested}'" + (f" (picked {chosen})" if chosen != requested else "") + f": {refusal}"
+    if fallback == "error":
+        raise AcceleratorInputError(reason) from None
+    events.notice(NAME, f"{reason}; running eager", node_id=node)
+    return model.clone(), reason
 
 
 def keep_on_load_device(model) -> str:

@@ -5,14 +5,17 @@ that takes seconds. Both log, and both reach every registered listener: the Comf
 the browser (PromptServer.send_sync), the WebUI shim to its console. Repeated notices with the same key
 are logged once, so a fallback that happens every step does not flood the log; the keys remembered for that
 are the last SEEN_LIMIT (least recently seen forgotten first), so a server that runs for weeks does not grow.
+`collect()` still sees every notice raised while it is open (a later run's record must say it fell back, even
+though the line is not logged again).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterator
 
 log = logging.getLogger("comfy_accel")
 
@@ -22,6 +25,7 @@ RECENT_LIMIT = 200    # notices kept for GET /accel/notices
 _seen: OrderedDict[str, float] = OrderedDict()
 _recent: list[dict] = []
 _lock = threading.Lock()
+_collecting = threading.local()   # the open collect() lists of this thread (sampling runs in one thread)
 
 
 def add_listener(fn: Callable[[str, dict], None]) -> None:
@@ -45,6 +49,8 @@ def _emit(event: str, data: dict) -> None:
 def notice(accelerator: str, message: str, level: str = "warning", once_key: str | None = None,
            node_id: str | None = None, **data) -> bool:
     """Logs one line '[comfy-accel] <accelerator>: <message>' and tells listeners; False if deduplicated."""
+    for lines in getattr(_collecting, "open", ()):   # before deduplication: a run's record sees every one
+        lines.append({"accelerator": accelerator, "message": message, "level": level, "node": node_id, **data})
     with _lock:
         if once_key is not None:
             if once_key in _seen:
@@ -61,6 +67,19 @@ def notice(accelerator: str, message: str, level: str = "warning", once_key: str
         "[comfy-accel] %s: %s", accelerator, message)
     _emit("accel.notice", record)
     return True
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[dict]]:
+    """Every notice raised by this thread while open, deduplicated ones included: what one run did (a host's
+    record of a sampling run reads this, not only the lines logged during it)."""
+    lines: list[dict] = []
+    stack = _collecting.__dict__.setdefault("open", [])
+    stack.append(lines)
+    try:
+        yield lines
+    finally:
+        stack.pop()   # context managers nest within a thread: ours is the last one open
 
 
 def recent(limit: int = 50) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..accelerators import options
 from ..accelerators.accelerate import accelerate
 from .cache_store import comfy_store
-from .common import CATEGORY, record_in_model
+from .common import CATEGORY, backend_node_result
 
 
 class AccelerateModel:
@@ -45,8 +45,7 @@ class AccelerateModel:
                    keep_weights_on_gpu=False, unique_id=None):
         out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
                                     node_id=unique_id, get_store=comfy_store, keep_weights_on_gpu=keep_weights_on_gpu)
-        record_in_model(out, "accelerate_model", in_effect)
-        return (out,)
+        return backend_node_result(out, "accelerate_model", in_effect)
 
 
 NODE_CLASS_MAPPINGS = {"AccelAccelerateModel": AccelerateModel}

@@ -8,9 +8,14 @@ PNG text chunk. Three official hooks fill a "comfy_accel" entry there:
   wrapper; at sample time — every run, even when the accelerator node itself was served from ComfyUI's
   output cache — the wrapper copies what the model carries (`model_options["comfy_accel_applied"]`) into the
   record of the prompt being executed;
-- an events listener adds every notice (fallback, recompile, cache miss) raised while that prompt runs.
+- an events listener adds every notice (fallback, recompile, cache miss) raised while that prompt runs, and
+  the wrapper adds those its sampling raised that were not logged again (a session logs a fallback once, but
+  falls back on every run).
 After sampling, "in_effect" says per accelerator what actually ran ("tensorrt", or "eager (fallback: why)"),
-and an `accel.applied` event tells the browser, which puts it on the node's badge.
+from state that holds when the node is served from ComfyUI's cache: the settings the node left in the model
+(`"unavailable"`: it attached nothing that can run here) and what the attached wrappers did during this
+sampling. An `accel.applied` event tells the browser, which puts it on the node's badge. The record is also in
+the prompt's `/history` entry (`prompt[3]["extra_pnginfo"]["comfy_accel"]`), for API clients.
 """
 from __future__ import annotations
 
@@ -56,6 +61,15 @@ def record_for(prompt_id: str | None) -> dict | None:
         return _records.get(prompt_id) if prompt_id else None
 
 
+class PromptRecord(dict):
+    """One prompt's record, filled while it runs. ComfyUI deep-copies a queue item when it starts running and
+    keeps that copy as the prompt's /history entry: a copy of the record is the record itself, so the entry
+    an API client reads says what ran, like the saved image."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 def new_record(prompt: dict, node_types: set[str]) -> dict:
     """The record a prompt starts with: the pack nodes it uses and the values it asks of them."""
     requested = {}
@@ -63,7 +77,7 @@ def new_record(prompt: dict, node_types: set[str]) -> dict:
         if isinstance(node, dict) and node.get("class_type") in node_types:
             inputs = {k: v for k, v in (node.get("inputs") or {}).items() if not isinstance(v, list)}
             requested[str(node_id)] = {"class_type": node["class_type"], "inputs": inputs}
-    return {"version": 1, "requested": requested, "applied": {}, "in_effect": {}, "notices": []}
+    return PromptRecord(version=1, requested=requested, applied={}, in_effect={}, notices=[])
 
 
 def on_prompt(json_data: dict) -> dict:
@@ -94,6 +108,14 @@ def on_prompt(json_data: dict) -> dict:
     return json_data
 
 
+def _add_notice(record: dict, data: dict, running_node: str | None) -> None:
+    """Adds one notice to a record, once per prompt (the caller holds _lock)."""
+    line = {"accelerator": data.get("accelerator"), "message": data.get("message"),
+            "level": data.get("level"), "node": data.get("node") or None, "while_running": running_node}
+    if line not in record["notices"]:
+        record["notices"].append(line)
+
+
 def _on_event(event: str, data: dict) -> None:
     if event != "accel.notice":
         return
@@ -101,11 +123,8 @@ def _on_event(event: str, data: dict) -> None:
     record = record_for(prompt_id)
     if record is None:
         return
-    line = {"accelerator": data.get("accelerator"), "message": data.get("message"),
-            "level": data.get("level"), "node": data.get("node") or None, "while_running": node_id}
     with _lock:
-        if line not in record["notices"]:
-            record["notices"].append(line)
+        _add_notice(record, data, node_id)
 
 
 def _json_safe(value):
@@ -119,24 +138,27 @@ def _json_safe(value):
 
 
 def in_effect(applied: dict, nodes: dict, notices: list[dict]) -> dict:
-    """Per recorded accelerator: what actually ran. A notice from the same node (or, when the notice names
-    no node, from an accelerator of the same name as the recorded backend) marks a fallback."""
+    """Per recorded accelerator: what actually ran. Settings with "unavailable" (the node attached nothing
+    that can run here: the model is the eager one) mark a fallback on every run; otherwise a warning from the
+    same node (or, when the notice names no node, from an accelerator of the same name as the recorded
+    backend) raised during this prompt or its sampling does."""
     out = {}
     for key, settings in applied.items():
+        settings = settings if isinstance(settings, dict) else {}
         node = nodes.get(key)
-        backend = settings.get("backend") if isinstance(settings, dict) else None
+        backend = settings.get("backend")
         names = {key, backend} - {None}
         reasons = [n["message"] for n in notices if n.get("level") in ("warning", "error") and (
             (node is not None and n.get("node") == node) or (n.get("node") is None and n.get("accelerator") in names))]
+        reason = settings.get("unavailable") or (reasons[-1] if reasons else None)
         used = backend or key
-        out[key] = {"node": node, "used": f"eager (fallback: {reasons[-1]})" if reasons else used,
-                    "fallback": reasons[-1] if reasons else None}
+        out[key] = {"node": node, "used": f"eager (fallback: {reason})" if reason else used, "fallback": reason}
     return out
 
 
 def metadata_sample_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: copies what this model applied into the running prompt's record."""
-    prompt_id, _ = _executing_prompt_and_node()
+    """OUTER_SAMPLE wrapper: copies what this model applied, and what ran, into the running prompt's record."""
+    prompt_id, running_node = _executing_prompt_and_node()
     record = record_for(prompt_id)
     guider = getattr(executor, "class_obj", None)
     options = getattr(guider, "model_options", None) or getattr(getattr(guider, "model_patcher", None),
@@ -146,14 +168,17 @@ def metadata_sample_wrapper(executor, *args, **kwargs):
     if record is not None:
         with _lock:
             record["applied"].update(applied)
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        if record is not None:
-            with _lock:
-                effect = in_effect(applied, nodes, list(record["notices"]))
-                record["in_effect"].update(effect)
-            _tell_browser(prompt_id, effect)
+    with events.collect() as raised:   # what the attached wrappers do during this sampling, logged or not
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if record is not None:
+                with _lock:
+                    for data in raised:
+                        _add_notice(record, data, running_node)
+                    effect = in_effect(applied, nodes, list(record["notices"]))
+                    record["in_effect"].update(effect)
+                _tell_browser(prompt_id, effect)
 
 
 def _tell_browser(prompt_id: str | None, effect: dict) -> None:

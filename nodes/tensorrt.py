@@ -4,14 +4,17 @@ Build exports the UNet, builds a refittable fp16 engine for the chosen profiles 
 shared timing cache) into the artifact cache, and returns the model running through it. Load takes an
 engine from the cache (built here earlier, by either host) or a file from models/tensorrt built elsewhere.
 LoRAs loaded after either node are applied by refit; FreeU, ControlNet and other block patches run eager
-with a one-line reason.
+with a one-line reason. Where there is no TensorRT (or no engine to load), both follow their fallback input:
+`eager` (the default, also for workflows saved before the input existed) returns the model unaccelerated and
+says why, `error` fails the prompt with the reason.
 """
 from __future__ import annotations
 
+from ..accelerators import events
 from ..accelerators.base import AcceleratorInputError, BackendUnavailable
-from ..accelerators.tensorrt import apply, available
+from ..accelerators.tensorrt import NAME, apply, available
 from ..accelerators.tensorrt.profiles import make_profile, preset, preset_names
-from .common import CATEGORY, record_in_model
+from .common import CATEGORY, FALLBACK_CHOICES, backend_node_result, fallback_policy
 
 CUSTOM = "custom (min/opt/max below)"
 ENGINE_FOLDER = "tensorrt"
@@ -52,6 +55,20 @@ def _cached_engines() -> dict[str, str]:
     return out
 
 
+def _fallback_input() -> tuple:
+    return (list(FALLBACK_CHOICES), {"default": "eager", "tooltip":
+            "When TensorRT or the engine is missing here: eager runs the model unaccelerated and says why; "
+            "error fails the prompt; default follows the settings."})
+
+
+def _run_eager(model, node_title: str, reason: str, policy: str, node_id, settings: dict):
+    """The model unaccelerated, with the reason said once (or the prompt failed under the `error` policy)."""
+    if policy == "error":
+        raise BackendUnavailable(f"{node_title}: {reason}")
+    events.notice(NAME, f"{reason}; running eager", node_id=None if node_id is None else str(node_id))
+    return model.clone(), {**settings, "fallback": policy, "unavailable": reason}
+
+
 def _range(prefix: str, default: tuple, low: int, high: int, step: int) -> dict:
     return {f"{prefix}_{k}": ("INT", {"default": v, "min": low, "max": high, "step": step})
             for k, v in zip(("min", "opt", "max"), default)}
@@ -76,7 +93,7 @@ class BuildTensorRTEngine:
             **_range("tokens", (77, 77, 154), 1, 924, 1),
             "optimization_level": ("INT", {"default": 3, "min": 0, "max": 5,
                                            "tooltip": "TensorRT builder effort; 5 tunes longest"}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": {"fallback": _fallback_input()}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "engine_id")
@@ -93,7 +110,7 @@ class BuildTensorRTEngine:
             triples = {dim: (t[1], t[1], t[1]) for dim, t in triples.items()}
         return [make_profile(**triples)]
 
-    def build(self, model, profile, static, optimization_level=3, unique_id=None, **ranges):
+    def build(self, model, profile, static, optimization_level=3, fallback="eager", unique_id=None, **ranges):
         import comfy.model_management
         import comfy.utils
 
@@ -102,11 +119,21 @@ class BuildTensorRTEngine:
         from ..accelerators.tensorrt.loader import TensorRTSession, build_into_store
         from ..accelerators.tensorrt import parse_options
 
+        policy = fallback_policy(fallback)
         profiles = self.profiles(profile, static, **ranges)
-        unet_signature(model)  # a non-UNet model fails before any work, with the reason
-        ready = available()
-        if not ready:
-            raise BackendUnavailable(f"Build TensorRT Engine: {ready.reason}")
+        try:
+            unet_signature(model)  # a model the export cannot take is refused before any work, with the reason
+        except AcceleratorInputError as exc:
+            if policy == "error":
+                raise
+            reason = str(exc)
+        else:
+            ready = available()
+            reason = "" if ready else ready.reason
+        if reason:
+            out, settings = _run_eager(model, "Build TensorRT Engine", reason, policy, unique_id, {
+                "engine": None, "profiles": [p.describe() for p in profiles]})
+            return backend_node_result(out, "tensorrt", settings, "")
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         bar = comfy.utils.ProgressBar(100)
         options = {"fallback": "eager", "node_id": unique_id, "get_store": _store,
@@ -116,9 +143,9 @@ class BuildTensorRTEngine:
                                   on_progress=lambda share, _phase: bar.update_absolute(int(share * 100), 100),
                                   node_id=unique_id, settings=BuildSettings(optimization_level=optimization_level))
         bar.update_absolute(100, 100)
-        out = apply(model, options, engines=[record])
-        record_in_model(out, "tensorrt", {"engine": record.source, "profiles": [p.describe() for p in profiles]})
-        return (out, record.source)
+        out = apply(model, {**options, "fallback": policy}, engines=[record])
+        return backend_node_result(out, "tensorrt", {"engine": record.source, "fallback": policy,
+                                                     "profiles": [p.describe() for p in profiles]}, record.source)
 
 
 class LoadTensorRTEngine:
@@ -132,27 +159,48 @@ class LoadTensorRTEngine:
         return {"required": {
             "model": ("MODEL",),
             "engine": (choices, {"tooltip": "cache:<id> entries were built by Build TensorRT Engine"}),
-            "fallback": (["eager", "error"], {"default": "eager"}),
+            "fallback": _fallback_input(),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, engine):
+        """Any engine name passes ComfyUI's validation: a workflow shared from a machine with engines names
+        one this machine lacks, and what then happens is the fallback input's choice."""
+        return isinstance(engine, str) or f"engine must be a name, got {engine!r}"
     CATEGORY = CATEGORY
 
     def load(self, model, engine, fallback="eager", unique_id=None):
         import folder_paths
 
+        policy = fallback_policy(fallback)
         cached = _cached_engines()
         if engine in cached:
             target = cached[engine]
         elif engine in _engine_files():
             target = folder_paths.get_full_path_or_raise(ENGINE_FOLDER, engine)
         else:
-            raise AcceleratorInputError(f"TensorRT engine {engine!r} is neither in the cache nor in models/tensorrt")
-        out = apply(model, {"fallback": fallback, "node_id": unique_id, "get_store": _store, "engine": target,
-                            "build_on_demand": False})
-        record_in_model(out, "tensorrt", {"engine": engine})
-        return (out,)
+            reason = (f"TensorRT engine {engine!r} is neither in the cache nor in models/tensorrt (build one "
+                      f"with Build TensorRT Engine, or put an engine file in models/tensorrt)")
+            if policy == "error":
+                raise AcceleratorInputError(reason)
+            out, settings = _run_eager(model, "Load TensorRT Engine", reason, policy, unique_id, {"engine": engine})
+            return backend_node_result(out, "tensorrt", settings)
+        try:
+            out = apply(model, {"fallback": policy, "node_id": unique_id, "get_store": _store, "engine": target,
+                                "build_on_demand": False})
+        except AcceleratorInputError as exc:   # a model the engine's lane cannot take
+            if policy == "error":
+                raise
+            out, settings = _run_eager(model, "Load TensorRT Engine", str(exc), policy, unique_id, {"engine": engine})
+            return backend_node_result(out, "tensorrt", settings)
+        settings = {"engine": engine, "fallback": policy}
+        ready = available()
+        if not ready:   # the engine is here but cannot run: every call runs eager (said by the session)
+            settings["unavailable"] = ready.reason
+        return backend_node_result(out, "tensorrt", settings)
 
 
 NODE_CLASS_MAPPINGS = {"AccelBuildTensorRTEngine": BuildTensorRTEngine, "AccelLoadTensorRTEngine": LoadTensorRTEngine}

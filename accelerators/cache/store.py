@@ -214,13 +214,13 @@ class ArtifactStore:
         if not files:
             raise ValueError(f"building {key.describe()} wrote no files")
         now = time.time()
+        target = self.objects / key.id
         manifest = {"schema": MANIFEST_SCHEMA, "id": key.id, "key": key.fields, "files": files,
                     "size_bytes": sum(f["size"] for f in files.values()), "created": now, "last_used": now,
-                    "hits": 0, "nonce": secrets.token_hex(8), "meta": dict(meta)}
+                    "hits": self._hits_of(target), "nonce": secrets.token_hex(8), "meta": dict(meta)}
         write_json_atomic(folder / "manifest.json", manifest, fsync=self.fsync)
         if self.fsync:
             fsync_dir(folder)
-        target = self.objects / key.id
         self.objects.mkdir(parents=True, exist_ok=True)
         if target.exists():
             self._discard(target)
@@ -231,6 +231,15 @@ class ArtifactStore:
         self._index.flush()
         self.evict_to_budget(keep={key.id})
         return CacheEntry(target, manifest)
+
+    @staticmethod
+    def _hits_of(path: Path) -> int:
+        """The hits of the entry a new build of the same key replaces: they count lookups of the key, and a
+        warm start stores its artifacts again (with whatever it compiled on top) right after its hit."""
+        try:
+            return int(read_json(path / "manifest.json").get("hits", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
 
     # ---- management ----------------------------------------------------------------------------------
     def entries(self) -> list[CacheEntry]:

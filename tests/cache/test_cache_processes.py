@@ -1,5 +1,5 @@
 """The store across real processes: a writer killed with SIGKILL mid-write, two processes racing on one key,
-a lock held by another process (lock timeout → run eager), and the CLI."""
+a lock held by another process (lock timeout → run eager), a warm start counted as a hit, and the CLI."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from accelerators.cache import ArtifactStore
-from tests.cache.cache_helpers import REPO_ROOT, make_key
+from tests.cache.cache_helpers import REPO_ROOT, make_key, run_worker
 from tests.cache.workers import PAYLOAD
 
 pytestmark = [pytest.mark.slow,   # fresh processes
@@ -88,6 +88,25 @@ def test_lock_held_by_another_process_times_out_so_the_caller_runs_eager(tmp_pat
     finally:
         holder.communicate(input="", timeout=10)
     assert ArtifactStore(root).get_or_build(key, lambda f: (f / "x.bin").write_bytes(b"1"), lock_timeout=5).built
+
+
+def test_a_warm_start_in_a_new_process_counts_a_hit_in_the_manifest_and_the_stats_route(comfy_server):
+    """Process 1 compiles a shape bucket and stores its artifacts; process 2 starts warm from them (and, as a
+    warm start does, stores them again): the entry's manifest and the server's GET /accel/cache/stats count it."""
+    root = comfy_server.cache_dir
+    hits_before = comfy_server.get("/accel/cache/stats")["hits"]
+    cold = json.loads(run_worker("warm-start", str(root)).stdout)
+    assert any(n.startswith("cache miss for batch 1, 64×64 px, 77 tokens") for n in cold["notices"]), cold
+    manifest = root / "objects" / cold["id"] / "manifest.json"
+    assert json.loads(manifest.read_text())["hits"] == 0
+    warm = json.loads(run_worker("warm-start", str(root)).stdout)
+    assert warm["id"] == cold["id"]
+    assert any(n.startswith("warm start: compiled artifacts for batch 1, 64×64 px, 77 tokens loaded from the "
+                            f"cache (entry {cold['id'][:12]}") for n in warm["notices"]), warm
+    assert json.loads(manifest.read_text())["hits"] == 1
+    listed = {e["id"]: e for e in comfy_server.get("/accel/cache")["entries"]}
+    assert listed[cold["id"]]["hits"] == 1
+    assert comfy_server.get("/accel/cache/stats")["hits"] == hits_before + 1
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

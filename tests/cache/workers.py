@@ -6,6 +6,10 @@ build ROOT COUNT_FILE GO_FILE READY_FILE
                                 "id", "payload_sha256"}
 slow-writer ROOT READY_FILE     start building, write half a payload, touch READY_FILE, then sleep (to be killed)
 hold-lock ROOT ID READY_FILE    hold the key's build lock until stdin closes
+warm-start ROOT                 a compile session's first use of a shape bucket, as in a new process: its
+                                artifacts loaded from the store when there (a warm start), else "compiled" and
+                                stored; a small blob stands in for torch's compile artifacts (no compile);
+                                prints {"id", "notices"}
 """
 from __future__ import annotations
 
@@ -71,6 +75,29 @@ def hold_lock(root: str, artifact_id: str, ready_file: str) -> None:
     lock.release()
 
 
+def warm_start(root: str) -> None:
+    from accelerators import events
+    from accelerators.compile.session import Compiler, CompileSession, parse_options
+
+    class SmallArtifactCompiler(Compiler):
+        artifact_accelerator = "inductor"
+
+        def save_artifacts(self) -> bytes:
+            return b"compiled kernels of one shape bucket"
+
+        def load_artifacts(self, blob: bytes) -> str:
+            return f"{len(blob)} bytes"
+
+    store = ArtifactStore(root)
+    options = parse_options({"fallback": "error", "node_id": "w"}, "inductor")
+    session = CompileSession(SmallArtifactCompiler(options), options, get_store=lambda: store,
+                             model_config={"family": "sd15"})
+    bucket = (1, 8, 8, 77, 0, "float32", "cpu")
+    with events.collect() as raised:
+        session.run_bucket(bucket, run=lambda: "ran", run_eager=lambda: "eager")
+    print(json.dumps({"id": session.artifacts.artifact_key(bucket).id, "notices": [n["message"] for n in raised]}))
+
+
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"build": build, "slow-writer": slow_writer, "hold-lock": hold_lock}[command](*args)
+    {"build": build, "slow-writer": slow_writer, "hold-lock": hold_lock, "warm-start": warm_start}[command](*args)

@@ -51,3 +51,56 @@ def test_an_unknown_backend_is_refused_with_the_allowed_values(comfy_server):
     with pytest.raises(HostError, match="backend") as err:
         comfy_server.queue_prompt(prompt_with("warp", "accel_test/bad_backend"))
     assert "warp" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def refused(pack):
+    """(name, model) of a model the factory builds that the compile lane refuses, or a skip when it serves them
+    all (what the lane serves grows; whatever it refuses must follow the fallback policy)."""
+    from comfy_accel.accelerators import registry
+    from comfy_accel.accelerators.base import AcceleratorInputError
+    from tools.model_factory import MODEL_SPECS, build_model
+
+    for name in sorted((n for n in MODEL_SPECS if n.startswith("tiny-")), key=lambda n: "sd" in n):
+        model = build_model(name)
+        try:
+            registry.get("inductor").apply(model, {"fallback": "error"})
+        except AcceleratorInputError:
+            return name, model
+    pytest.skip("the compile lane serves every model tools/model_factory builds")
+
+
+@pytest.mark.parametrize("backend", ["auto", "inductor"])
+def test_a_model_the_lane_cannot_serve_runs_eager_under_the_default_policy(refused, backend):
+    from comfy_accel.accelerators import events
+    from comfy_accel.nodes.accelerate import AccelerateModel
+    from comfy_accel.nodes.metadata import in_effect
+
+    name, model = refused
+    family = type(model.model.model_config).__name__
+    with events.collect() as raised:
+        result = AccelerateModel().accelerate(model, backend=backend, unique_id="61")
+    (out,) = result["result"]
+    assert out is not model and not out.wrappers.get("apply_model"), "nothing may be attached: it runs eager"
+    settings = out.model_options["comfy_accel_applied"]["accelerate_model"]
+    warnings = [n["message"] for n in raised if n["level"] == "warning" and n["node"] == "61"]
+    if settings["backend"] == "eager":   # `auto` chose eager here (a CPU): no lane was asked
+        assert backend == "auto" and not warnings and settings["note"].startswith("auto"), (settings, warnings)
+        return
+    (line,) = warnings
+    asked = f"backend 'auto' (picked {settings['backend']})" if backend == "auto" else f"backend '{backend}'"
+    assert line.startswith(f"{asked}: ") and f"this MODEL is {family}" in line, line
+    assert line.endswith("; running eager"), line
+    effect = in_effect({"accelerate_model": settings}, {"accelerate_model": "61"}, [])["accelerate_model"]
+    assert effect["used"] == f"eager (fallback: {line.removesuffix('; running eager')})", effect
+    assert result["ui"]["comfy_accel"][0]["attached"] == "eager", (name, result["ui"])
+
+
+def test_a_model_the_lane_cannot_serve_fails_under_error_naming_what_was_asked(refused):
+    from comfy_accel.accelerators.base import AcceleratorInputError
+    from comfy_accel.nodes.accelerate import AccelerateModel
+
+    _, model = refused
+    family = type(model.model.model_config).__name__
+    with pytest.raises(AcceleratorInputError, match=rf"^backend 'inductor': .*this MODEL is {family}"):
+        AccelerateModel().accelerate(model, backend="inductor", fallback="error", unique_id="62")
