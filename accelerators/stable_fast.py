@@ -29,6 +29,8 @@ from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_availa
 from .compiled_unet import Compiler, apply_backend, bucket_of, patch_signature
 
 NAME = "stable-fast"
+# its passes that swap in its own C++/CUDA operators (the rest only rewrite the TorchScript graph)
+FUSED_OPERATOR_FLAGS = ("enable_cnn_optimization", "prefer_lowp_gemm", "enable_fused_linear_geglu")
 BUILD_HINT = "tools/build_stable_fast.sh --into-env (run from the comfy-accel folder with ComfyUI's python)"
 
 
@@ -161,7 +163,25 @@ class StableFastCompiler(Compiler):
         self.traces.append(traced)
         return traced
 
+    def fused_operators(self) -> bool:
+        return any(getattr(self.config, f, False) for f in FUSED_OPERATOR_FLAGS)
+
+    def without_fused_operators(self, exc: Exception) -> None:
+        """stable-fast's own operators (cuDNN fusions, fp16 GEMMs) failed in this environment: trace again with
+        its graph passes only, and say so once."""
+        from . import events
+        from .compiled_unet import exception_line
+
+        for flag in FUSED_OPERATOR_FLAGS:
+            setattr(self.config, flag, False)
+        reason = exception_line(exc)
+        self.compile_events.append({"what": "re-trace without fused operators", "inputs": [], "reason": reason})
+        events.notice(NAME, f"stable-fast's fused operators failed here ({reason}); traced again without them",
+                      node_id=self.options.node_id)
+
     def compile_module(self, unet):
+        import torch
+
         traces: dict = {}
         state = {"parameters": None}
         make_target = _trace_target_class()
@@ -175,12 +195,21 @@ class StableFastCompiler(Compiler):
                 traces.clear()
                 state["parameters"] = parameters
             key = (patch_signature(options), bucket_of(x, context, y))
+            frozen_options = {k: v for k, v in options.items()
+                              if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
+            args = (x, timesteps, context) if y is None else (x, timesteps, context, y)
             traced = traces.get(key)
             if traced is None:
-                frozen_options = {k: v for k, v in options.items()
-                                  if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
                 traced = traces[key] = self._trace(make_target(unet, frozen_options))
-            return traced(x, timesteps, context) if y is None else traced(x, timesteps, context, y)
+            try:
+                return traced(*args)
+            except Exception as exc:
+                if not self.fused_operators() or torch.cuda.is_current_stream_capturing():
+                    raise
+                self.without_fused_operators(exc)
+                traces.clear()
+                traced = traces[key] = self._trace(make_target(unet, frozen_options))
+                return traced(*args)
 
         return run
 
