@@ -102,6 +102,9 @@ def _trace_target_class():
                 super().__init__()
                 self.unet = unet
                 self.transformer_options = transformer_options
+                # ComfyUI's UNet is in eval mode: stable-fast's inference-only passes key on this flag (set here
+                # alone: train() would recurse into the host's UNet)
+                self.training = unet.training
 
             def forward(self, x, timesteps, context, y=None):
                 return self.unet(x, timesteps, context=context, y=y,
