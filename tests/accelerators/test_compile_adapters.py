@@ -102,10 +102,14 @@ def test_stable_fast_trace_reads_the_live_weights(pack):
     if stable_fast._extension_error():
         pytest.skip(f"stable-fast's C++ extension does not load: {stable_fast._extension_error()}")
     model = build_model("tiny-sd15", seed=3)
+    if torch.cuda.is_available():   # its passes pick cuDNN operators there: the weights must be where they run
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
     unet = model.model.diffusion_model
     compiler = stable_fast.StableFastCompiler(parse_options({}, "stable-fast", cuda_graphs=True))
     run = compiler.compile_module(unet)
-    x, t, context, _ = unet_inputs(model)
+    x, t, context, _ = unet_inputs(model)   # on the model's load device
     tolerance = 1e-4 if x.device.type == "cpu" else 1e-2   # on a GPU: TF32 convolutions, fused or not
     with torch.inference_mode():
         eager = unet(x, t, context=context, transformer_options={})
