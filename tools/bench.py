@@ -488,6 +488,9 @@ def main(argv=None) -> int:
         for stack in STACKS:
             ok, reason = stack_availability(stack, cuda, args.decode)
             print(f"{stack.name:24s} {'ready' if ok else 'skip: ' + reason}")
+        from tools.optional_libraries import xformers_status
+
+        print(f"{'xformers':24s} {xformers_status()[1]}")
         return 0
 
     from tools.model_factory import build_model, make_conditioning

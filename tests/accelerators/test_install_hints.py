@@ -65,3 +65,17 @@ def test_bench_list_prints_the_reasons(pack):
         ready = module.available()
         if not ready:
             assert lines[name].endswith(f"skip: {name}: {ready.reason}"), lines[name]
+    from tools.optional_libraries import xformers_status
+
+    assert lines["xformers"].endswith(xformers_status()[1])
+
+
+def test_xformers_hint_names_the_release_that_fits(pack):
+    from tools.optional_libraries import xformers_hint, xformers_status
+
+    assert xformers_hint("2.11.0", "13.0") == 'pip install "xformers>=0.0.35" nvidia-cuda-runtime-cu12 ' \
+                                              '(it links the CUDA 12 runtime)'
+    assert xformers_hint("2.10.0", "12.8") == 'pip install "xformers>=0.0.35"'
+    assert "built for torch 2.9.1" in xformers_hint("2.9.1", "12.8")
+    usable, line = xformers_status()
+    assert "\n" not in line and (usable or "pip install" in line)
