@@ -18,7 +18,8 @@ Differences from ComfyUI_stable_fast, on purpose: no freezing (LoRA stays live),
 ComfyUI unloads the model), one trace per shape bucket and set of patches (a trace bakes the forward's Python:
 calls with ControlNet or unknown patches run eager with the reason). `mode`: "default" keeps fp32 accumulation
 (stable-fast's cuDNN convolution fusions only); "max-autotune" adds its fp16-accumulating GEMMs and fused
-Linear-GEGLU (faster, less exact: its own docs warn of quality loss).
+Linear-GEGLU (its docs warn of quality loss; on an H200 neither faster nor measurably less exact:
+docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def apply(model, options: dict | None = None):
 
 @dataclass
 class StableFastConfig:
-    mode: str = "default"        # "max-autotune" adds stable-fast's fp16-accumulating GEMMs (faster, less exact)
+    mode: str = "default"        # "max-autotune" adds stable-fast's fp16-accumulating GEMMs (see the docstring)
     dynamic: str = "buckets"
     fallback: str = "eager"
 
