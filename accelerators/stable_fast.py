@@ -17,9 +17,9 @@ trace is used and the traces are redone when they changed.
 Differences from ComfyUI_stable_fast, on purpose: no freezing (LoRA stays live), our CUDA graphs (freed when
 ComfyUI unloads the model), one trace per shape bucket and set of patches (a trace bakes the forward's Python:
 calls with ControlNet or unknown patches run eager with the reason). `mode`: "default" applies its graph passes
-and cuDNN convolution fusions (SD1.5 on an H200: 4.0x eager, latent 1.1e-2 from eager, three times inductor's
-fp16 noise); "max-autotune" adds its fp16-accumulating GEMMs and fused Linear-GEGLU (its docs warn of quality
-loss; there neither faster nor measurably less exact). Figures: docs/benchmarks.md.
+and cuDNN convolution fusions (further from eager than inductor's fp16 noise, still lossless in practice);
+"max-autotune" adds its fp16-accumulating GEMMs and fused Linear-GEGLU (its docs warn of quality loss; on an
+H200 neither faster nor measurably less exact). Figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

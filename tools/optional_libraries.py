@@ -2,9 +2,8 @@
 a user can act on (printed by `python -m tools.bench --list`, i.e. `./run_demo.sh --list`).
 
 xformers: ComfyUI picks its attention at import (`comfy/ldm/modules/attention.py`: xformers before PyTorch's
-SDPA when it loads). Measured on an H200 with torch 2.11+cu130 (docs/benchmarks.md, issue 20): 0.0.35 loads
-with the CUDA 12 runtime wheel beside it and ComfyUI then uses it, but SD1.5 sampling was no faster than with
-SDPA (1.02x, within run-to-run noise).
+SDPA when it loads). On an H200 with torch 2.11+cu130, 0.0.35 loaded with the CUDA 12 runtime wheel beside it
+and ComfyUI used it, but SD1.5 sampling was no faster than with SDPA (docs/benchmarks.md, issue 20).
 """
 from __future__ import annotations
 
