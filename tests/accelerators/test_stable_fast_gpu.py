@@ -11,6 +11,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible to torch)")]
 
 
+# stable-fast's cuDNN convolution fusions move the latent about three times as far from eager as inductor's fp16
+# noise (docs/benchmarks.md: tiny models 8.5e-3 / 9.5e-3 at 4 steps on an H200), still far below what a CFG step of
+# 0.5 moves (≈4.5e-2)
+TOLERANCE = 2e-2
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -46,7 +52,7 @@ def test_matches_eager_as_graphs_and_a_lora_after_the_node_applies(stable_fast, 
     session = session_of(accelerated)
     assert session.calls["graph"] == 4 and session.calls["eager"] == 0
     print(f"{family}: stable-fast vs eager {rel(out, eager):.2e}, traces {trace_events(session)}")
-    assert rel(out, eager) < 1e-2
+    assert rel(out, eager) < TOLERANCE
     assert session.compiler.traces and all(stable_fast.reads_live_parameters(t) for t in session.compiler.traces)
     traced = trace_events(session)
 
@@ -55,8 +61,8 @@ def test_matches_eager_as_graphs_and_a_lora_after_the_node_applies(stable_fast, 
     out_lora = sample(with_lora(accelerated, lora), steps=4)
     print(f"{family}: LoRA changes eager by {rel(eager_lora, eager):.2e}; stable-fast vs eager with it "
           f"{rel(out_lora, eager_lora):.2e}")
-    assert rel(eager_lora, eager) > 1e-2                 # the LoRA is a real change
-    assert rel(out_lora, eager_lora) < 1e-2              # ... applied through the trace, not baked out
+    assert rel(eager_lora, eager) > 10 * TOLERANCE       # the LoRA is a real change
+    assert rel(out_lora, eager_lora) < TOLERANCE         # ... applied through the trace, not baked out
     assert trace_events(session) == traced               # no re-trace: only the graphs were re-captured
     assert rel(sample(accelerated, steps=4), out) < 1e-3   # removed again: the base result
 
@@ -78,7 +84,7 @@ def test_replaced_parameter_objects_are_traced_again(stable_fast):
         comfy.utils.set_attr_param(unet, key, comfy.utils.get_attr(unet, key).detach() * 1.5)
     out = sample(accelerated, steps=3)
     assert "re-trace (parameters replaced)" in trace_events(session)
-    assert rel(out, sample(twin, steps=3)) < 1e-2
+    assert rel(out, sample(twin, steps=3)) < TOLERANCE
 
 
 def test_what_it_cannot_trace_runs_eager_with_the_reason(stable_fast):
