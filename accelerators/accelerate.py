@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import events, registry
 from . import settings as settings_module
 from .base import AcceleratorInputError, BackendUnavailable
-from .compiled_unet import DYNAMIC, FALLBACKS, MODES
+from .compile.session import DYNAMIC, FALLBACKS, MODES
 from .webui_mapping import AUTO_ORDER, BACKEND_NAMES
 
 NODE_BACKENDS = ("auto", "default", *BACKEND_NAMES, "eager")

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     chosen = attention.optimized_attention.__name__
     say(f"ComfyUI: XFORMERS_IS_AVAILABLE={mm.XFORMERS_IS_AVAILABLE}, xformers_enabled()={mm.xformers_enabled()}, "
         f"attention chosen: {chosen}")
-    from comfy_accel.accelerators.compiled_unet import sdpa_attention_override
+    from comfy_accel.accelerators.compile.stand_in import sdpa_attention_override
     from tools.model_factory import build_model, make_conditioning, sample
 
     model = build_model("sd15", dtype=torch.float16)

@@ -14,7 +14,7 @@ def _missing(module):
 
 
 def test_availability_names_what_is_missing(pack):
-    from comfy_accel.accelerators import onediff, stable_fast
+    from comfy_accel.accelerators.compile import onediff, stable_fast
 
     for module, found, pip in ((onediff, not _missing("onediff"), "onediff"),
                                (stable_fast, stable_fast.library_found(), "stable-fast")):
@@ -26,8 +26,8 @@ def test_availability_names_what_is_missing(pack):
 
 
 def test_our_options_map_to_theirs(pack):
-    from comfy_accel.accelerators.onediff import onediff_options
-    from comfy_accel.accelerators.stable_fast import sfast_flags
+    from comfy_accel.accelerators.compile.onediff import onediff_options
+    from comfy_accel.accelerators.compile.stable_fast import sfast_flags
 
     nexfort = onediff_options("nexfort", "default", "buckets")
     assert nexfort["mode"].startswith("max-optimize") and "freezing=False" in nexfort["mode"]
@@ -93,8 +93,8 @@ def test_stable_fast_trace_reads_the_live_weights(pack):
     """Where stable-fast imports (a CPU build here: WITH_CUDA=0 tools/build_stable_fast.sh), the adapter's trace of
     the tiny UNet matches eager and reads the weights as module attributes, not constants: a weight changed in
     place (how ComfyUI patches a LoRA under the backend) changes the traced output without a re-trace."""
-    from comfy_accel.accelerators import stable_fast
-    from comfy_accel.accelerators.compiled_unet import parse_options
+    from comfy_accel.accelerators.compile import stable_fast
+    from comfy_accel.accelerators.compile.session import parse_options
     from tools.model_factory import build_model, unet_inputs
 
     if not stable_fast.library_found():

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_stable_fast_points_at_the_wheel_that_exists_or_the_build_script(pack):
-    from comfy_accel.accelerators.stable_fast import install_hint
+    from comfy_accel.accelerators.compile.stable_fast import install_hint
 
     assert "pip install stable-fast-pruna==1.0.8" in install_hint("2.9.1")   # its wheels need torch 2.9
     for version in ("2.10.0", "2.11.0", "2.13.0"):
@@ -21,7 +21,7 @@ def test_stable_fast_points_at_the_wheel_that_exists_or_the_build_script(pack):
 
 
 def test_onediff_says_its_compilers_need_torch_2_5(pack):
-    from comfy_accel.accelerators.onediff import install_hint
+    from comfy_accel.accelerators.compile.onediff import install_hint
 
     assert install_hint("2.5.1") == "pip install onediff nexfort"
     hint = install_hint("2.11.0")
@@ -37,7 +37,8 @@ def test_tensorrt_names_the_package_for_the_cuda_and_nvidia_s_index(pack):
 
 
 def test_reasons_here_are_one_actionable_line(pack):
-    from comfy_accel.accelerators import onediff, stable_fast, tensorrt
+    from comfy_accel.accelerators import tensorrt
+    from comfy_accel.accelerators.compile import onediff, stable_fast
 
     version = torch.__version__.split("+")[0]
     expected = {stable_fast: stable_fast.install_hint(version), onediff: onediff.install_hint(version),
@@ -54,7 +55,8 @@ def test_reasons_here_are_one_actionable_line(pack):
 
 
 def test_bench_list_prints_the_reasons(pack):
-    from comfy_accel.accelerators import onediff, stable_fast, tensorrt
+    from comfy_accel.accelerators import tensorrt
+    from comfy_accel.accelerators.compile import onediff, stable_fast
     from tools import bench
 
     printed = io.StringIO()

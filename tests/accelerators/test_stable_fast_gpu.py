@@ -23,7 +23,7 @@ def rel(a, b):
 
 @pytest.fixture(scope="module")
 def stable_fast(pack):
-    from comfy_accel.accelerators import stable_fast
+    from comfy_accel.accelerators.compile import stable_fast
 
     ready = stable_fast.available()
     if not ready:
@@ -42,7 +42,7 @@ def trace_events(session):
 
 @pytest.mark.parametrize("family", ["tiny-sd15", "tiny-sdxl"])
 def test_matches_eager_as_graphs_and_a_lora_after_the_node_applies(stable_fast, family):
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from tests.lora import with_lora
 
     model, twin = pair(family)
@@ -72,7 +72,7 @@ def test_replaced_parameter_objects_are_traced_again(stable_fast):
     weight_inplace_update, comfy.utils.set_attr_param) the backend notices and traces again."""
     import comfy.utils
 
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     model, twin = pair("tiny-sd15", seed=6)
     accelerated = stable_fast.apply(model, {"fallback": "error"})
@@ -93,7 +93,7 @@ def test_replaced_parameter_objects_are_traced_again(stable_fast):
 def test_what_it_cannot_trace_runs_eager_with_the_reason(stable_fast):
     """A patch of unknown per-step state and DeepCache's segments: a trace would freeze their Python."""
     from comfy_accel.accelerators import events
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
     from comfy_accel.accelerators.deepcache import apply as deepcache
 

@@ -9,8 +9,8 @@ How the weights get in (checked with torch.jit.trace, which sfast's trace wraps)
 UNet records every weight as a graph constant (and refuses ones that require grad); a module records them as
 attributes read at run time (`prim::GetAttr`). We trace a module that owns the UNet, with JIT freezing off
 (freezing folds attributes into constants), so the trace reads the live parameters: a LoRA patched in place
-(ComfyUI's `weight_inplace_update`, set by compiled_unet.attach) and weights moved with `.to()` (same Parameter
-objects) are seen without a re-trace; the CUDA graphs over them are re-captured when they move (compiled_unet).
+(ComfyUI's `weight_inplace_update`, set by stand_in.attach) and weights moved with `.to()` (same Parameter
+objects) are seen without a re-trace; the CUDA graphs over them are re-captured when they move (graphs.py).
 A parameter *replaced* by a new object is not seen by a trace: the parameter objects are checked before each
 trace is used and the traces are redone when they changed.
 
@@ -26,8 +26,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
-from .compiled_unet import Compiler, apply_backend, bucket_of, patch_signature
+from ..base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
+from .session import Compiler, apply_backend, bucket_of
+from .stand_in import graph_options, patch_signature
 
 NAME = "stable-fast"
 # its passes that swap in its own C++/CUDA operators (the rest only rewrite the TorchScript graph)
@@ -145,7 +146,7 @@ class StableFastCompiler(Compiler):
                 setattr(self.config, field, value)
         if not torch.cuda.is_available():   # its convolution fusions are cuDNN operators
             self.config.enable_cnn_optimization = False
-        # its passes give convolutions channels-last inputs on tensor-core GPUs: the weights too (compiled_unet)
+        # its passes give convolutions channels-last inputs on tensor-core GPUs: the weights too (graphs.py)
         self.channels_last = getattr(self.config, "memory_format", None) == torch.channels_last
         self.traces: list = []   # every lazy_trace callable made, for diagnostics and tests
 
@@ -173,8 +174,8 @@ class StableFastCompiler(Compiler):
     def without_fused_operators(self, exc: Exception) -> None:
         """stable-fast's own operators (cuDNN fusions, fp16 GEMMs) failed in this environment: trace again with
         its graph passes only, and say so once."""
-        from . import events
-        from .compiled_unet import exception_line
+        from .. import events
+        from .artifacts import exception_line
 
         for flag in FUSED_OPERATOR_FLAGS:
             setattr(self.config, flag, False)
@@ -199,8 +200,7 @@ class StableFastCompiler(Compiler):
                 traces.clear()
                 state["parameters"] = parameters
             key = (patch_signature(options), bucket_of(x, context, y))
-            frozen_options = {k: v for k, v in options.items()
-                              if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
+            frozen_options = graph_options(options)
             args = (x, timesteps, context) if y is None else (x, timesteps, context, y)
             traced = traces.get(key)
             if traced is None:
