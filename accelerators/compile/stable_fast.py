@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 
 from ..base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
+from ..settings import get_settings
 from .session import Compiler, apply_backend, bucket_of
 from .stand_in import graph_options, patch_signature
 
@@ -146,7 +147,10 @@ class StableFastCompiler(Compiler):
                 setattr(self.config, field, value)
         if not torch.cuda.is_available():   # its convolution fusions are cuDNN operators
             self.config.enable_cnn_optimization = False
-        # its passes give convolutions channels-last inputs on tensor-core GPUs: the weights too (graphs.py)
+        # its passes give convolutions channels-last inputs on tensor-core GPUs, the weights follow (graphs.py);
+        # the channels_last setting off keeps the host's layout for both
+        if not get_settings().channels_last:
+            self.config.memory_format = None
         self.channels_last = getattr(self.config, "memory_format", None) == torch.channels_last
         self.traces: list = []   # every lazy_trace callable made, for diagnostics and tests
 
