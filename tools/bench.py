@@ -130,6 +130,8 @@ STACKS = [
           _chain(_fp8_weights, _backend("inductor+cudagraphs")), requires=("inductor+cudagraphs",), lossless=False,
           gpu_only=True),
     Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
+    Stack("stable-fast-max", "Accelerate Model: stable-fast, max-autotune (fp16-accumulating GEMMs)",
+          _backend("stable-fast", mode="max-autotune"), requires=("stable-fast",), lossless=False),
     Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),
     Stack("tensorrt", "Accelerate Model: tensorrt", _backend("tensorrt"), requires=("tensorrt",)),
     Stack("cfg-cutoff-50", "CFG cutoff at 50%", _accelerator("cfg_cutoff", cutoff_percent=50.0),
@@ -486,6 +488,9 @@ def main(argv=None) -> int:
         for stack in STACKS:
             ok, reason = stack_availability(stack, cuda, args.decode)
             print(f"{stack.name:24s} {'ready' if ok else 'skip: ' + reason}")
+        from tools.optional_libraries import xformers_status
+
+        print(f"{'xformers':24s} {xformers_status()[1]}")
         return 0
 
     from tools.model_factory import build_model, make_conditioning
