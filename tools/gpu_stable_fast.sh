@@ -55,6 +55,6 @@ case "$what" in
     bench sd15 5 eager,comfy-compile,inductor+cudagraphs,stable-fast,stable-fast-max ;;
   sdxl)
     gpu_tests
-    COMFY_ACCEL_AOT_PACKAGES=0 bench sdxl 3 eager,comfy-compile,inductor+cudagraphs,stable-fast,stable-fast-max ;;
+    COMFY_ACCEL_PRECOMPILE=0 bench sdxl 3 ${SDXL_STACKS:-eager,comfy-compile,inductor+cudagraphs,stable-fast,stable-fast-max} ;;
   *) echo "unknown run: $what (sd15 | sdxl)" >&2; exit 2 ;;
 esac
