@@ -159,8 +159,8 @@ class InductorCompiler(Compiler):
         """Kernels come from the loaded artifacts: load them in this process. With the default thread count
         inductor starts its pool of compile workers for them, and that pool's start-up (a process per core
         importing torch and triton) took the CPU from the sampler for many seconds and slowed the first images
-        after a warm start (docs/benchmarks.md, "warm, before the fix").
-        `compile_threads` is not part of inductor's cache key, so this changes no hit or miss."""
+        after a warm start (docs/benchmarks.md). `compile_threads` is not part of inductor's cache key, so this
+        changes no hit or miss."""
         import contextlib
 
         import torch._inductor.config as inductor_config

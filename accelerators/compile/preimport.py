@@ -1,10 +1,9 @@
 """The compiler's Python modules, imported in a background thread while ComfyUI starts.
 
 A warm restart loads a stored compiled UNet instead of compiling it, and that load needs inductor and
-AOTAutograd: importing `torch._inductor.compile_fx` pulls in several hundred modules, seconds of import where
-Python has to compile them from source. Started when the node pack is imported on a CUDA machine, the import
-is done by the time the first prompt samples, which shortens the first warm sample (docs/benchmarks.md, the
-fifth session's warm-start table).
+AOTAutograd: importing `torch._inductor.compile_fx` pulls in hundreds of modules, seconds of work where
+Python has no bytecode for them. Started when the node pack is imported on a CUDA machine, the import is done
+by the time the first prompt samples, and the first warm sample no longer waits for it (docs/benchmarks.md).
 
 The compile lane calls `wait()` before it compiles or loads anything: while the thread is importing, another
 thread importing the same modules could see a partly initialised module (CPython accepts that for circular
