@@ -19,7 +19,8 @@ import time
 
 log = logging.getLogger("comfy_accel")
 
-# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's compile_fx imports AOTAutograd, the partitioner and inductor's codegen
+# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's
+# compile_fx imports AOTAutograd, the partitioner and inductor's codegen
 MODULES = ("torch._inductor.compile_fx",)
 GPU_MODULES = ("triton",)   # inductor's GPU kernels are triton's
 
