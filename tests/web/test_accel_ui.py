@@ -210,7 +210,8 @@ def test_compile_toast_cache_entry_badge_delete_and_clear(server, browser):
     # bad ids: a clear message, nothing on disk lost
     import urllib.error
 
-    for bad, code in (("does-not-exist-0000", 404), ("..%2F..%2Fsettings.json", 400)):
+    # a well-formed id of no entry, a malformed one, a path
+    for bad, code in (("0" * 64, 404), ("does-not-exist-0000", 400), ("..%2F..%2Fsettings.json", 400)):
         with pytest.raises(urllib.error.HTTPError) as err:
             server.request("DELETE", f"/accel/cache/{bad}")
         assert err.value.code == code and err.value.read()
