@@ -64,7 +64,8 @@ def record_for(prompt_id: str | None) -> dict | None:
 class PromptRecord(dict):
     """One prompt's record, filled while it runs. ComfyUI deep-copies a queue item when it starts running and
     keeps that copy as the prompt's /history entry: a copy of the record is the record itself, so the entry
-    an API client reads says what ran, like the saved image."""
+    an API client reads says what ran, like the saved image. Its keys are fixed and their values are replaced,
+    never changed in place: the server may serialise the running item (GET /queue) while the sampler fills it."""
 
     def __deepcopy__(self, memo):
         return self
@@ -113,7 +114,7 @@ def _add_notice(record: dict, data: dict, running_node: str | None) -> None:
     line = {"accelerator": data.get("accelerator"), "message": data.get("message"),
             "level": data.get("level"), "node": data.get("node") or None, "while_running": running_node}
     if line not in record["notices"]:
-        record["notices"].append(line)
+        record["notices"] = [*record["notices"], line]
 
 
 def _on_event(event: str, data: dict) -> None:
@@ -167,7 +168,7 @@ def metadata_sample_wrapper(executor, *args, **kwargs):
     nodes = dict(options.get(NODES_KEY, {}))
     if record is not None:
         with _lock:
-            record["applied"].update(applied)
+            record["applied"] = {**record["applied"], **applied}
     with events.collect() as raised:   # what the attached wrappers do during this sampling, logged or not
         try:
             return executor(*args, **kwargs)
@@ -177,7 +178,7 @@ def metadata_sample_wrapper(executor, *args, **kwargs):
                     for data in raised:
                         _add_notice(record, data, running_node)
                     effect = in_effect(applied, nodes, list(record["notices"]))
-                    record["in_effect"].update(effect)
+                    record["in_effect"] = {**record["in_effect"], **effect}
                 _tell_browser(prompt_id, effect)
 
 

@@ -1,5 +1,7 @@
 """Warm start: what a compile session keeps in the shared artifact cache so that a new process does not compile
-again, both keyed on the architecture and shape bucket (not the weights: one entry serves every checkpoint).
+again, both keyed on the architecture and shape bucket (not the weights: one entry serves every checkpoint), and
+compile-cache artifacts also on the patch set (FreeU and its factors are compiled into the code): each patch set
+has its own entry, and a changed one is a miss that names the patch.
 
 - Compile-cache artifacts (`Compiler.save_artifacts` / `load_artifacts`, for inductor torch's portable FX-graph,
   AOTAutograd and autotuning caches): stored after the first compile of a bucket, loaded before the first
@@ -28,6 +30,48 @@ def exception_line(exc: Exception) -> str:
     """An exception as one short line for a notice: its type and the first line of its message."""
     text = str(exc)
     return f"{type(exc).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''}"
+
+
+def _plain(value) -> bool:
+    """A value that reads the same in every process (no objects, no empty or mutable-state containers)."""
+    if isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return bool(value) and all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+def describe_patch(fn) -> str:
+    """A patch function as the same text in every process: where it is defined, and the plain values it closes
+    over (FreeU's `scale_dict` holds b1/b2/s1/s2, which compiled code bakes in as constants)."""
+    target = getattr(fn, "func", fn)   # functools.partial
+    target = getattr(target, "__func__", target)   # a bound method
+    if not hasattr(target, "__code__"):   # a callable object: its class and its plain attributes
+        values = {k: v for k, v in vars(target).items() if _plain(v)} if hasattr(target, "__dict__") else {}
+        target = type(target)
+    else:
+        cells = zip(target.__code__.co_freevars, target.__closure__ or ())
+        values = {}
+        for name, cell in cells:
+            try:
+                if _plain(cell.cell_contents):
+                    values[name] = cell.cell_contents
+            except ValueError:   # an empty cell
+                continue
+    where = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}".replace("<locals>.", "")
+    return where + (f"({', '.join(f'{k}={v!r}' for k, v in sorted(values.items()))})" if values else "")
+
+
+def patch_set(transformer_options: dict | None) -> dict:
+    """{where: patch} of the block patches in effect, for an artifact key ({} without patches)."""
+    from .stand_in import patch_functions
+
+    out: dict[str, str] = {}
+    for where, fn in patch_functions(transformer_options or {}):
+        out[where] = f"{out[where]} + {describe_patch(fn)}" if where in out else describe_patch(fn)
+    return out
 
 
 class Artifacts:
@@ -70,21 +114,26 @@ class Artifacts:
                 "profile": describe_bucket(bucket), **more}
 
     # -- compile-cache artifacts -----------------------------------------------------------------------------
-    def artifact_key(self, bucket: tuple):
+    def artifact_key(self, bucket: tuple, transformer_options: dict | None = None):
         from .session import bucket_kind, bucket_profile
 
         accelerator = self.compiler.artifact_accelerator
         if accelerator is None:
             return None
         profile = {} if self.session.options.dynamic == "dynamic" else bucket_profile(bucket)
-        return self._key(accelerator, bucket, {"part": bucket_kind(bucket)}, profile)
+        options = {"part": bucket_kind(bucket)}
+        patches = patch_set(transformer_options)
+        if patches:   # absent without patches: the keys of plain compiles stay what they were
+            options["patches"] = patches
+        return self._key(accelerator, bucket, options, profile)
 
-    def load_warm(self, bucket: tuple) -> bool:
-        """Loads this bucket's artifacts from the store; True when they are in (now or by an earlier bucket)."""
+    def load_warm(self, bucket: tuple, transformer_options: dict | None = None) -> bool:
+        """Loads the artifacts of this bucket and patch set from the store; True when they are in (now or by an
+        earlier bucket)."""
         from .session import describe_bucket
 
         store = self.store()
-        key = self.artifact_key(bucket) if store is not None else None
+        key = self.artifact_key(bucket, transformer_options) if store is not None else None
         if key is None:
             return False
         lookup = store.lookup(key)
@@ -100,9 +149,9 @@ class Artifacts:
                             f"(entry {lookup.entry.id[:12]}{', ' + info if info else ''})", level="info")
         return True
 
-    def save_warm(self, bucket: tuple, seconds: float) -> None:
+    def save_warm(self, bucket: tuple, seconds: float, transformer_options: dict | None = None) -> None:
         store = self.store()
-        key = self.artifact_key(bucket) if store is not None else None
+        key = self.artifact_key(bucket, transformer_options) if store is not None else None
         if key is None:
             return
         blob = self.compiler.save_artifacts()

@@ -248,9 +248,11 @@ class CompileSession:
         return captured
 
     # -- running a bucket ------------------------------------------------------------------------------------
-    def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable, packaged: bool = False):
+    def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable, packaged: bool = False,
+                   transformer_options: dict | None = None):
         """Runs `run()` for a bucket, with compile progress, diagnostics and artifacts on its first use
-        (`packaged`: `run` uses a precompiled UNet, which is its own artifact: no compile-cache artifacts)."""
+        (`packaged`: `run` uses a precompiled UNet, which is its own artifact: no compile-cache artifacts;
+        `transformer_options`: the call's, whose patch set keys the artifacts)."""
         state = self.buckets.get(bucket)
         if state is not None and state.compiled:
             before = len(self.compiler.compile_events)
@@ -266,7 +268,7 @@ class CompileSession:
         started = time.monotonic()
         counters = self.compiler.cache_counters()
         try:
-            warm = not packaged and self.artifacts.load_warm(bucket)
+            warm = not packaged and self.artifacts.load_warm(bucket, transformer_options)
             with (self.compiler.warm_start() if warm else contextlib.nullcontext()):
                 out = run()
         except Exception as exc:
@@ -286,7 +288,7 @@ class CompileSession:
             else "compiled"
         self.notice(f"{done} for {describe_bucket(bucket)} in {state.seconds:.1f} s{detail}", level="info")
         if not packaged or bucket not in self.artifacts.packages:  # a failed package fell back to the module
-            self.artifacts.save_warm(bucket, state.seconds)
+            self.artifacts.save_warm(bucket, state.seconds, transformer_options)
         return out
 
     def wait_for_compiler_imports(self) -> None:

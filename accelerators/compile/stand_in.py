@@ -238,7 +238,8 @@ def _define_compiled_unet():
             if not graph_reason:
                 return session.run_bucket(bucket, lambda: self.replay(bucket, x, timesteps, context, y,
                                                                       transformer_options), eager,
-                                          packaged=session.artifacts.uses_package(transformer_options))
+                                          packaged=session.artifacts.uses_package(transformer_options),
+                                          transformer_options=transformer_options)
             if session.graphs is not None and session.compiler.freezes_python:
                 return session.fallback(graph_reason, eager)
             self.say_graphs_off(graph_reason)
@@ -246,7 +247,7 @@ def _define_compiled_unet():
             session.calls["compiled"] += 1
             return session.run_bucket(bucket, lambda: compiled(
                 x, timesteps, context=context, y=y, control=control, transformer_options=transformer_options,
-                **kwargs), eager)
+                **kwargs), eager, transformer_options=transformer_options)
 
         def refusal(self, bucket, control, transformer_options, segments: bool) -> str:
             """Why this call runs eager ('' when it runs compiled). Under DeepCache each segment is admitted by
@@ -305,7 +306,7 @@ def segment_compiler(session) -> Callable:
         session.calls["segments"] += 1
         compiled = session.compiled_function(name, fn)
         if session.graphs is None or graph_reason:
-            return session.run_bucket(bucket, lambda: compiled(*tensors), eager)
+            return session.run_bucket(bucket, lambda: compiled(*tensors), eager, transformer_options=options)
         key = (bucket, patch_signature(options))
 
         def replay():
@@ -324,6 +325,6 @@ def segment_compiler(session) -> Callable:
                 captured = session.graphs.capture(key, from_entry_state, tensors)
             return captured(*tensors)
 
-        return session.run_bucket(bucket, replay, eager)
+        return session.run_bucket(bucket, replay, eager, transformer_options=options)
 
     return compile_segment
