@@ -116,11 +116,11 @@ def parse_fallback(value, settings=None) -> str:
 
 
 def parse_dynamic(value) -> str:
-    return parse_choice("dynamic shapes", value or "buckets", DYNAMIC)
+    return parse_choice("dynamic shapes", value or DYNAMIC[0], DYNAMIC)
 
 
 def parse_mode(value) -> str:
-    return parse_choice("mode", value or "default", MODES)
+    return parse_choice("mode", value or MODES[0], MODES)
 
 
 def parse_backend_options(options: dict | None, settings=None) -> tuple[str, str, str]:
