@@ -34,6 +34,7 @@ from typing import Callable
 
 from . import events
 from .base import AcceleratorInputError, BackendUnavailable, model_family
+from .compiled_dit import BLOCKS, SCOPES, Served, block_function, blocks_compiled, served_model
 from .cuda_graphs import GraphSet
 from .segments import COMPILER_KEY
 
@@ -63,6 +64,7 @@ class CompileOptions:
     cuda_graphs: bool = False
     node_id: str | None = None
     max_buckets: int = MAX_BUCKETS
+    scope: str = "auto"             # auto: SD UNets whole, DiTs block by block; whole; blocks (compiled_dit.py)
 
 
 def fallback_and_dynamic(options: dict) -> tuple[str, str]:
@@ -87,8 +89,11 @@ def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 64:
         raise AcceleratorInputError(f"max_buckets must be a whole number 1..64; got {limit!r}")
     node_id = options.get("node_id")
+    scope = options.get("scope") or "auto"
+    if scope not in SCOPES:
+        raise AcceleratorInputError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
     return CompileOptions(backend=backend, mode=mode, dynamic=dynamic, fallback=fallback, cuda_graphs=cuda_graphs,
-                          node_id=None if node_id is None else str(node_id), max_buckets=limit)
+                          node_id=None if node_id is None else str(node_id), max_buckets=limit, scope=scope)
 
 
 class Compiler:
@@ -152,10 +157,12 @@ class Compiler:
 
 # ---- shape buckets ------------------------------------------------------------------------------------------
 def bucket_of(x, context, y) -> tuple:
-    """(batch, latent height, latent width, tokens, y width, dtype, device): what a static graph is built for."""
+    """(batch, latent height, latent width, tokens, y width, dtype, device, frames): what a static graph is built
+    for (frames: a video model's latent frames, 0 for 4-D latents)."""
     tokens = int(context.shape[1]) if context is not None and context.dim() >= 2 else 0
     return (int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1]), tokens,
-            int(y.shape[-1]) if y is not None else 0, str(x.dtype).removeprefix("torch."), str(x.device))
+            int(y.shape[-1]) if y is not None else 0, str(x.dtype).removeprefix("torch."), str(x.device),
+            int(x.shape[2]) if x.dim() == 5 else 0)
 
 
 def segment_bucket(name: str, unet_bucket: tuple) -> tuple:
@@ -173,13 +180,16 @@ def bucket_kind(bucket: tuple) -> str:
 
 def describe_bucket(bucket: tuple) -> str:
     batch, h, w, tokens = _unet_bucket(bucket)[:4]
-    shape = f"batch {batch}, {w * 8}×{h * 8} px, {tokens} tokens"
+    frames = _unet_bucket(bucket)[7] if len(_unet_bucket(bucket)) > 7 else 0
+    shape = f"batch {batch}, {f'{frames} latent frames of ' if frames else ''}{w * 8}×{h * 8} px, {tokens} tokens"
     return f"{bucket[0]} at {shape}" if isinstance(bucket[0], str) else shape
 
 
 def bucket_profile(bucket: tuple) -> dict:
     batch, h, w, tokens = _unet_bucket(bucket)[:4]
-    return {"batch": batch, "height": h * 8, "width": w * 8, "tokens": tokens}
+    profile = {"batch": batch, "height": h * 8, "width": w * 8, "tokens": tokens}
+    frames = _unet_bucket(bucket)[7] if len(_unet_bucket(bucket)) > 7 else 0
+    return {**profile, "frames": frames} if frames else profile
 
 
 # ---- what compiled code (and a graph) can honour -------------------------------------------------------------
@@ -299,6 +309,7 @@ class CompileSession:
     options: CompileOptions
     get_store: Callable | None = None
     model_config: dict = field(default_factory=dict)
+    served: Served | None = None    # what the lane compiles of this model (None: a UNet, whole)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
@@ -360,6 +371,8 @@ class CompileSession:
             return None
         profile = {} if self.options.dynamic == "dynamic" else bucket_profile(bucket)
         options = {**self.compiler.artifact_options(), "part": bucket_kind(bucket)}
+        if self.by_blocks:
+            options["scope"] = BLOCKS
         unet_bucket = _unet_bucket(bucket)
         return ArtifactKey.build(accelerator=accelerator, options=options, model_config=self.model_config,
                                  profile=profile, dtype=unet_bucket[5], device=unet_bucket[6])
@@ -410,6 +423,27 @@ class CompileSession:
             self.notice(f"could not store compiled artifacts: {exc}", once="store-failed")
 
     # -- the compiled callables ------------------------------------------------------------------------------
+    @property
+    def by_blocks(self) -> bool:
+        return self.served is not None and self.served.scope == BLOCKS
+
+    def compiled_block(self, block_class: type) -> Callable:
+        """The compiled code every block of this class runs through (compiled_dit.py)."""
+        key = ("block", block_class)
+        found = self.functions.get(key)
+        if found is None:
+            with self.lock:
+                found = self.functions.get(key)
+                if found is None:
+                    found = self.functions[key] = self.compiled_function(f"block {block_class.__name__}",
+                                                                         block_function(block_class))
+        return found
+
+    def run_blocks(self, unet, call: Callable):
+        """`call()` (the model's own forward) with every repeated block running compiled."""
+        with blocks_compiled(unet, self.served, self.compiled_block):
+            return call()
+
     def compiled_module(self, unet) -> Callable:
         found = self.module_compiled.get(id(unet))   # every compiled call asks: the hit needs no lock, no wait
         if found is not None:
@@ -505,8 +539,8 @@ class CompileSession:
     # -- ahead-of-time packages (the whole UNet, graph path) ------------------------------------------------------
     def uses_package(self, transformer_options: dict) -> bool:
         """Whether plain UNet calls run from an AOT package: the backend builds them and no patch is set (a
-        package bakes the forward, patches included, into one signature)."""
-        return (self.compiler.package_accelerator is not None and not self.package_failed
+        package bakes the forward, patches included, into one signature); a model compiled by blocks never."""
+        return (self.compiler.package_accelerator is not None and not self.package_failed and not self.by_blocks
                 and not patch_signature(transformer_options))
 
     def package_key(self, bucket: tuple, part: str = "unet-package"):
@@ -643,6 +677,12 @@ class CompileSession:
                 log.debug("package failure", exc_info=True)
                 self.notice(f"no ahead-of-time package for the UNet ({self.package_failed}); using torch.compile "
                             f"(a new process will trace the UNet again)", once="package-failed")
+        if self.by_blocks:
+            if len(inputs) == 3:
+                return lambda x_, t_, c_: self.run_blocks(unet, lambda: unet(
+                    x_, t_, context=c_, transformer_options=dict(options)))
+            return lambda x_, t_, c_, y_: self.run_blocks(unet, lambda: unet(
+                x_, t_, context=c_, y=y_, transformer_options=dict(options)))
         compiled = self.compiled_module(unet)
         if len(inputs) == 3:
             return lambda x_, t_, c_: compiled(x_, t_, context=c_, transformer_options=dict(options))
@@ -778,6 +818,9 @@ def _compiled_unet_class():
             if graph_reason:
                 session.notice(f"CUDA graphs off for these calls: {graph_reason}; running compiled",
                                level="info", once=graph_reason)
+            if session.by_blocks:
+                session.calls["compiled"] += 1
+                return session.run_bucket(bucket, lambda: session.run_blocks(unet, eager), eager)
             compiled = session.compiled_module(unet)
             session.calls["compiled"] += 1
             return session.run_bucket(bucket, lambda: compiled(
@@ -874,15 +917,20 @@ def store_getter(options: dict):
 
 
 def apply_backend(model, options: dict | None, backend: str, available: Callable, make_compiler: Callable,
-                  cuda_graphs: bool):
-    """What every compile backend's `apply` does: validate, check the model, run eager with the reason (or raise
-    under the `error` policy) when the backend cannot run here, else attach a session with its compiler."""
+                  cuda_graphs: bool, regional: bool = False):
+    """What every compile backend's `apply` does: validate, check the model (`served_model`: SD UNets whole, DiTs
+    block by block where the backend is `regional`), run eager with the reason (or raise under the `error`
+    policy) when the model or the backend cannot be served here, else attach a session with its compiler."""
     from . import events
-    from .base import require_sd_unet
 
     options = dict(options or {})
     parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
-    require_sd_unet(model, backend)
+    served = served_model(model, backend, regional, parsed.scope)
+    if not served:
+        if parsed.fallback == "error" or getattr(getattr(model, "model", None), "diffusion_model", None) is None:
+            raise AcceleratorInputError(served.reason)
+        events.notice(backend, f"{served.reason}; running eager", node_id=parsed.node_id)
+        return model.clone()
     ready = available()
     if not ready:
         if parsed.fallback == "error":
@@ -890,7 +938,9 @@ def apply_backend(model, options: dict | None, backend: str, available: Callable
         events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
         return model.clone()
     session = CompileSession(make_compiler(parsed), parsed, get_store=store_getter(options),
-                             model_config=model_config_fields(model))
+                             model_config=model_config_fields(model), served=served)
+    if served.scope == BLOCKS or served.model_class != "UNetModel":
+        events.notice(backend, f"compiles {served.describe()}", level="info", node_id=parsed.node_id)
     return attach(model, session)
 
 

@@ -5,7 +5,8 @@ family with a (shrunk) `unet_config`, `set_inference_dtype` with the host's own 
 `get_model`, so the family's dtype rules hold (Wan builds its patch embedding in fp32 and runs it in fp32;
 casting the whole model would break it). Weights are initialised by module type after a NaN fill, as in
 `model_factory`, plus the raw parameters no Linear/Norm owns (Wan's `modulation` tables, LTXV's
-`scale_shift_table`, Lumina's pad tokens, HiDream's expert gate): N(0, 1/width). `assert_dit_alive` checks
+`scale_shift_table`, Lumina's pad tokens, HiDream's expert gate) and the buffers a checkpoint provides (SD3's
+`pos_embed`, otherwise uninitialised memory): N(0, 1/width). `assert_dit_alive` checks
 every family: a finite, non-zero output that moves with its input.
 
 Sizes below are in latent units (a latent of height×width, `frames` latent frames for video models).
@@ -115,19 +116,23 @@ def _is_norm(module) -> bool:
         or "Norm" in type(module).__name__
 
 
-def init_dit_by_module_type(module: torch.nn.Module, seed: int = 0, device=None) -> None:
+def init_dit_by_module_type(module: torch.nn.Module, seed: int = 0) -> None:
     """NaN-fill; norms' gains 1 and biases 0, conv/linear N(0, 1/fan_in) with bias 0, embeddings N(0, 1), any other
-    parameter (a raw table no such module owns) N(0, 1/width); a NaN left anywhere is an error. Random numbers are
-    drawn where the weights live (a CPU generator for 12 B parameters takes minutes)."""
+    parameter (a raw table no such module owns) and any buffer a checkpoint provides (SD3's `pos_embed`, built
+    with torch.empty) N(0, 1/width); a NaN left anywhere is an error. Random numbers are drawn where the weights
+    live (a CPU generator for 12 B parameters takes minutes)."""
     first = next(module.parameters())
     gen = torch.Generator(device=first.device).manual_seed(seed)
 
     def normal(shape, std):
         return torch.randn(shape, generator=gen, device=first.device, dtype=torch.float32) * std
 
+    params = dict(module.named_parameters())
+    stored = {name: tensor for name, tensor in module.state_dict(keep_vars=True).items()
+              if name not in params and tensor.is_floating_point()}
     with torch.no_grad():
-        for param in module.parameters():
-            param.fill_(float("nan"))
+        for tensor in (*params.values(), *stored.values()):
+            tensor.fill_(float("nan"))
         for sub in module.modules():
             own = dict(sub.named_parameters(recurse=False))
             if not own:
@@ -145,7 +150,9 @@ def init_dit_by_module_type(module: torch.nn.Module, seed: int = 0, device=None)
                 for param in own.values():
                     if torch.isnan(param).all():
                         param.copy_(normal(param.shape, 1 / math.sqrt(param.shape[-1])))
-        missed = [name for name, p in module.named_parameters() if torch.isnan(p).any()]
+        for tensor in stored.values():
+            tensor.copy_(normal(tensor.shape, 1 / math.sqrt(tensor.shape[-1])))
+        missed = [name for name, p in (*params.items(), *stored.items()) if torch.isnan(p).any()]
         if missed:
             raise RuntimeError(f"init_dit_by_module_type left {len(missed)} parameters uninitialised, e.g. {missed[:5]}")
 
@@ -170,13 +177,14 @@ def build_dit(name: str = "tiny-flux-dev", dtype: torch.dtype = torch.float32, d
     base = base.to(offload_device)
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
     patcher.accel_factory_name = name
+    base.accel_factory_name = name   # the BaseModel is shared by every clone (LoRA loaders, accelerators)
     if check_alive:
         assert_dit_alive(patcher)
     return patcher
 
 
 def spec_of(patcher) -> DitSpec:
-    return DIT_SPECS[patcher.accel_factory_name]
+    return DIT_SPECS[patcher.model.accel_factory_name]
 
 
 def latent_shape(patcher, batch: int = 1, height: int = 8, width: int = 8, frames: int = 1) -> tuple:
@@ -255,7 +263,7 @@ def assert_dit_alive(patcher, rel_low: float = 0.01, rel_high: float = 50.0) -> 
     mean_abs = out.abs().mean().item()
     finite = bool(torch.isfinite(out).all())
     relative = ((out_moved - out).norm() / out.norm()).item() / 0.01 if mean_abs > 0 and finite else 0.0
-    name = getattr(patcher, "accel_factory_name", type(dm).__name__)
+    name = getattr(patcher.model, "accel_factory_name", type(dm).__name__)
     if not finite or mean_abs < 1e-4:
         raise AssertionError(f"{name} is dead: output mean |x| = {mean_abs:.3g} (finite={finite})")
     if not rel_low <= relative <= rel_high:
@@ -281,3 +289,23 @@ def sample_dit(patcher, steps: int = 2, cfg: float = 1.0, sampler: str = "euler"
         out = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                   seed=seed, disable_pbar=True)
         return out.float().cpu()
+
+
+def random_dit_lora(patcher, per_list: int = 2, rank: int = 4, seed: int = 7, scale: float = 0.3) -> dict:
+    """A LoRA state dict in the generic `diffusion_model.<layer>.lora_up/lora_down` format ComfyUI's LoRA loader
+    maps for every model, over the first `per_list` Linear layers of the first and last block of each repeated
+    block list (so a LoRA on compiled blocks shows whether it reaches the output)."""
+    from accelerators.compiled_dit import repeated_blocks
+
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, blocks in repeated_blocks(patcher.model.diffusion_model):
+        for index in sorted({0, len(blocks) - 1}):
+            linears = [(n, m) for n, m in blocks[index].named_modules() if isinstance(m, torch.nn.Linear)][:per_list]
+            for layer, module in linears:
+                key = f"diffusion_model.{name}.{index}.{layer}"
+                out_ch, in_ch = module.weight.shape
+                lora[f"{key}.lora_down.weight"] = torch.randn((rank, in_ch), generator=gen) * scale
+                lora[f"{key}.lora_up.weight"] = torch.randn((out_ch, rank), generator=gen) * scale
+                lora[f"{key}.alpha"] = torch.tensor(float(rank))
+    return lora

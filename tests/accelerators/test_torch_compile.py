@@ -110,9 +110,10 @@ def test_bad_input_gets_clear_messages(pack, model):
     from comfy_accel.accelerators.base import AcceleratorInputError
     from comfy_accel.accelerators.torch_compile import apply
 
-    flux = build_model("tiny-flux")
-    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet"):
-        apply(flux, {})
+    with pytest.raises(AcceleratorInputError, match="needs a MODEL"):
+        apply(object(), {})
+    with pytest.raises(AcceleratorInputError, match="scope must be one of auto, whole, blocks"):
+        apply(model, {"scope": "everything"})
     with pytest.raises(AcceleratorInputError, match="mode must be one of default, max-autotune; got 'turbo'"):
         apply(model, {"mode": "turbo"})
     with pytest.raises(AcceleratorInputError, match="dynamic must be one of buckets, static, dynamic"):
