@@ -76,6 +76,9 @@ def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str
         if not ready:
             in_effect["unavailable"] = ready.reason
         out = spec.apply(model, options)
+        compiled = what_is_compiled(out)
+        if compiled:
+            in_effect["compiles"] = compiled
     if keep_weights_on_gpu:
         in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
         events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)
@@ -97,3 +100,12 @@ def keep_on_load_device(model) -> str:
     model.offload_device = load
     return f"weights stay on {load} between runs and LoRA changes (instead of moving to {offload}), LoRAs " \
            f"patched in place; ComfyUI cannot free their VRAM for other models"
+
+
+def what_is_compiled(model) -> str:
+    """What the compile lane compiles of this MODEL ("the whole UNetModel (SD15)", "Flux block by block (...)"),
+    "" where no compile session is attached (eager, TensorRT)."""
+    from .compiled_unet import session_of
+
+    session = session_of(model)
+    return session.served.describe() if session is not None and session.served is not None else ""

@@ -107,3 +107,23 @@ def test_a_model_a_backend_cannot_serve_runs_eager_with_one_line_naming_it(pack)
     assert torch.equal(sample_dit(plain, steps=1), sample_dit(flux, steps=1))
     with pytest.raises(AcceleratorInputError, match="this MODEL is FluxSchnell"):
         apply_stable_fast(flux, {"fallback": "error"})
+
+
+def test_what_the_lane_serves_and_what_the_node_reports(pack, tiny_sd15):
+    from comfy_accel.accelerators.accelerate import accelerate
+    from comfy_accel.accelerators.compiled_dit import BLOCKS, WHOLE, served_model
+
+    flux = build_dit("tiny-flux-dev", seed=5)
+    served = served_model(flux, "inductor", regional=True)
+    assert served.scope == BLOCKS and served.blocks == (("double_blocks", "DoubleStreamBlock", 2),
+                                                        ("single_blocks", "SingleStreamBlock", 2))
+    assert served_model(flux, "inductor", regional=True, scope=WHOLE).scope == WHOLE
+    assert served_model(tiny_sd15, "inductor", regional=True).scope == WHOLE
+    hidream = served_model(build_dit("tiny-hidream", seed=5), "inductor", regional=True)
+    assert [name for name, _, _ in hidream.blocks] == ["double_stream_blocks", "single_stream_blocks"]  # no helpers
+
+    _, in_effect = accelerate(flux, backend="inductor", node_id="node-flux")
+    assert in_effect["compiles"] == ("Flux block by block (2 DoubleStreamBlock, 2 SingleStreamBlock; one compile "
+                                     "per block class and shape)")
+    _, in_effect = accelerate(tiny_sd15, backend="inductor")
+    assert in_effect["compiles"] == "the whole UNetModel (SD15)"
