@@ -174,12 +174,12 @@ def build_dit(name: str = "tiny-flux-dev", dtype: torch.dtype = torch.float32, d
     build_device = load_device if load_device.type == "cuda" else torch.device("cpu")
     base = config.get_model({}, device=build_device)
     init_dit_by_module_type(base.diffusion_model, seed)
-    base = base.to(offload_device)
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
     patcher.accel_factory_name = name
     base.accel_factory_name = name   # the BaseModel is shared by every clone (LoRA loaders, accelerators)
     if check_alive:
-        assert_dit_alive(patcher)
+        assert_dit_alive(patcher)   # where it was built: a 12 B model is not moved twice more for it
+    base.to(offload_device)   # parked as ComfyUI's loaders leave it; sampling loads it
     return patcher
 
 
