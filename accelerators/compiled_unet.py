@@ -874,10 +874,18 @@ def _compiled_unet_class():
 
 
 def compile_wrapper_factory(session: CompileSession) -> Callable:
+    from comfy.patcher_extension import WrappersMP
+
     def compile_wrapper(executor, *args, **kwargs):
         base = executor.class_obj
         unet = base.diffusion_model
         if isinstance(unet, _compiled_unet_class()):  # nested (a second Accelerate Model): the outer one runs
+            return executor(*args, **kwargs)
+        options = kwargs.get("transformer_options", args[5] if len(args) > 5 else None) or {}
+        core_compile = ((options.get("wrappers") or {}).get(WrappersMP.APPLY_MODEL) or {}).get(CORE_COMPILE_KEY)
+        if core_compile or hasattr(unet, "_orig_mod"):   # core's TorchCompileModel applied after this node
+            session.notice("ComfyUI's TorchCompileModel was applied after Accelerate Model: its compiled model "
+                           "runs and Accelerate Model stands aside (one compiler per model)", once="core-compile")
             return executor(*args, **kwargs)
         base.diffusion_model = _compiled_unet_class()(unet, session)
         try:
@@ -888,11 +896,30 @@ def compile_wrapper_factory(session: CompileSession) -> Callable:
     return compile_wrapper
 
 
+CORE_COMPILE_KEY = "torch.compile"   # the APPLY_MODEL wrapper key of core's set_torch_compile_wrapper
+
+
+def compile_clone(model):
+    """The clone the lane compiles. ComfyUI master's dynamic VRAM (comfy-aimdo) pages weights in per block
+    through a VBAR, which compiled code cannot follow; its own TorchCompileModel therefore demotes the model to a
+    plain ModelPatcher with `clone(disable_dynamic=True)` (PR #12612). The lane does the same where the host has
+    it (`is_dynamic`, master); on ComfyUI 0.3.75 every ModelPatcher is plain and this is `clone()`."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        return model.clone(disable_dynamic=True)
+    return model.clone()
+
+
 def attach(model, session: CompileSession):
     """A clone of `model` whose UNet runs through `session` (weights patched in place, graphs freed on unload)."""
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-    patched = model.clone()
+    patched = compile_clone(model)
+    if patched.get_wrappers(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY):
+        # core's TorchCompileModel before this node: one compiler per model, the later choice wins
+        patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY)
+        session.notice("replaces ComfyUI's TorchCompileModel applied before it on this model (one compiler per "
+                       "model)", level="info", once="core-compile-replaced")
     # the host's own switch: LoRA/weight patches are copied into the existing tensors instead of replacing
     # them, so compiled code and captured graphs keep reading the live weights
     patched.weight_inplace_update = True

@@ -127,3 +127,27 @@ def test_what_the_lane_serves_and_what_the_node_reports(pack, tiny_sd15):
                                      "per block class and shape)")
     _, in_effect = accelerate(tiny_sd15, backend="inductor")
     assert in_effect["compiles"] == "the whole UNetModel (SD15)"
+
+
+def test_core_torch_compile_and_accelerate_model_never_both_compile_one_model(pack):
+    """Core's TorchCompileModel before the node is replaced by it (one line says so); applied after the node, core's
+    compiled model runs and the node stands aside (one line): never two compilers tracing one model."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy.patcher_extension import WrappersMP
+
+    from comfy_accel.accelerators.compiled_unet import CORE_COMPILE_KEY, session_of
+
+    flux, twin = build_dit("tiny-flux-schnell", seed=9), build_dit("tiny-flux-schnell", seed=9, check_alive=False)
+    eager = sample_dit(twin, steps=1)
+    core_first = flux.clone()
+    set_torch_compile_wrapper(core_first, backend="aot_eager")
+    ours = aot_eager_lane(core_first, "core-then-ours")
+    assert not ours.get_wrappers(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY)
+    assert rel(sample_dit(ours, steps=1), eager) < 1e-5 and session_of(ours).compiler.compile_events
+    assert any("replaces ComfyUI's TorchCompileModel" in n for n in notices("core-then-ours"))
+
+    core_after = aot_eager_lane(flux, "ours-then-core")
+    set_torch_compile_wrapper(core_after, backend="aot_eager")
+    assert rel(sample_dit(core_after, steps=1), eager) < 1e-5
+    assert not session_of(core_after).compiler.compile_events
+    assert any("Accelerate Model stands aside" in n for n in notices("ours-then-core"))
