@@ -41,6 +41,15 @@ def test_raw_tables_are_initialised_and_wan_keeps_its_fp32_patch_embedding(comfy
     assert torch.isfinite(sample_dit(model, steps=1, frames=2)).all()
 
 
+def test_a_buffer_a_checkpoint_provides_is_initialised(comfy_path):
+    """SD3 builds its positional table as a torch.empty buffer (a checkpoint fills it): uninitialised memory made
+    random SD3s NaN now and then until the factory filled it like a raw table."""
+    from tools.dit_factory import build_dit
+
+    pos_embed = build_dit("tiny-sd3", seed=0).model.diffusion_model.pos_embed
+    assert torch.isfinite(pos_embed).all() and abs(pos_embed.std().item() * pos_embed.shape[-1] ** 0.5 - 1) < 0.1
+
+
 def test_a_dead_dit_is_refused(comfy_path):
     from tools.dit_factory import assert_dit_alive, build_dit
 
