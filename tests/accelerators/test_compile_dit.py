@@ -147,7 +147,7 @@ def test_core_torch_compile_and_accelerate_model_never_both_compile_one_model(pa
     assert any("replaces ComfyUI's TorchCompileModel" in n for n in notices("core-then-ours"))
 
     core_after = aot_eager_lane(flux, "ours-then-core")
-    set_torch_compile_wrapper(core_after, backend="aot_eager")
+    set_torch_compile_wrapper(core_after, backend="eager")   # dynamo without AOT: the cheapest real compile
     assert rel(sample_dit(core_after, steps=1), eager) < 1e-5
     assert not session_of(core_after).compiler.compile_events
     assert any("Accelerate Model stands aside" in n for n in notices("ours-then-core"))
