@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import events, registry
 from . import settings as settings_module
 from .base import AcceleratorInputError, BackendUnavailable
-from .compiled_unet import DYNAMIC, FALLBACKS, MODES
+from .compile.session import DYNAMIC, FALLBACKS, MODES
 from .webui_mapping import AUTO_ORDER, BACKEND_NAMES
 
 NODE_BACKENDS = ("auto", "default", *BACKEND_NAMES, "eager")
@@ -105,7 +105,7 @@ def keep_on_load_device(model) -> str:
 def what_is_compiled(model) -> str:
     """What the compile lane compiles of this MODEL ("the whole UNetModel (SD15)", "Flux block by block (...)"),
     "" where no compile session is attached (eager, TensorRT)."""
-    from .compiled_unet import session_of
+    from .compile.stand_in import session_of
 
     session = session_of(model)
     return session.served.describe() if session is not None and session.served is not None else ""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..accelerators.accelerate import NODE_BACKENDS, accelerate
-from ..accelerators.compiled_unet import DYNAMIC, MODES
+from ..accelerators.compile.session import DYNAMIC, MODES
 from .common import CATEGORY, record_in_model
 
 

@@ -295,7 +295,7 @@ def random_dit_lora(patcher, per_list: int = 2, rank: int = 4, seed: int = 7, sc
     """A LoRA state dict in the generic `diffusion_model.<layer>.lora_up/lora_down` format ComfyUI's LoRA loader
     maps for every model, over the first `per_list` Linear layers of the first and last block of each repeated
     block list (so a LoRA on compiled blocks shows whether it reaches the output)."""
-    from accelerators.compiled_dit import repeated_blocks
+    from accelerators.compile.dit import repeated_blocks
 
     gen = torch.Generator().manual_seed(seed)
     lora = {}

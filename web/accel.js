@@ -24,6 +24,9 @@ const SETTING_FIELDS = {
   "Accel.FallbackPolicy": "fallback_policy",
   "Accel.CacheBudgetGB": "cache_budget_gb",
   "Accel.MemoryBudgetGB": "memory_budget_gb",
+  "Accel.Precompile": "precompile",
+  "Accel.ChannelsLast": "channels_last",
+  "Accel.Preimport": "preimport",
 };
 
 const state = {
@@ -119,6 +122,28 @@ const SETTINGS = [
     attrs: { min: 0.1, max: 1000, step: 0.5 }, category: ["Accel", "Cache", "Memory budget"],
     tooltip: "Loaded engines and compiled modules kept in memory between runs.",
     onChange: (v, old) => pushSetting("Accel.MemoryBudgetGB", v, old),
+  },
+  {
+    id: "Accel.Precompile", name: "Precompile the UNet for a fast restart", type: "boolean", defaultValue: true,
+    category: ["Accel", "Compile", "Precompile"],
+    tooltip: "torch.compile + CUDA graphs stores the whole compiled UNet, so a restarted server loads it without " +
+      "tracing (needs a torch with dynamo precompile). COMFY_ACCEL_PRECOMPILE=0/1 overrides it.",
+    onChange: (v, old) => pushSetting("Accel.Precompile", v, old),
+  },
+  {
+    id: "Accel.ChannelsLast", name: "Convolution weights channels-last on the GPU", type: "boolean",
+    defaultValue: true, category: ["Accel", "Compile", "Channels-last"],
+    tooltip: "The layout the GPU's convolutions use (same values, faster compiled calls). Off keeps ComfyUI's " +
+      "layout. COMFY_ACCEL_CHANNELS_LAST=0/1 overrides it.",
+    onChange: (v, old) => pushSetting("Accel.ChannelsLast", v, old),
+  },
+  {
+    id: "Accel.Preimport", name: "Import the compiler at startup", type: "boolean", defaultValue: true,
+    category: ["Accel", "Compile", "Preimport"],
+    tooltip: "On a CUDA machine the compiler's modules load in the background while ComfyUI starts, so the " +
+      "first warm sample does not wait for them (takes effect at the next start). COMFY_ACCEL_PREIMPORT=0/1 " +
+      "overrides it.",
+    onChange: (v, old) => pushSetting("Accel.Preimport", v, old),
   },
 ];
 

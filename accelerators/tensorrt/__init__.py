@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..base import (AcceleratorInputError, AcceleratorSpec, Availability, BackendUnavailable, cuda_available,
                     module_available, require_sd_unet)
-from ..compiled_unet import fallback_and_dynamic, store_getter
+from ..compile.session import fallback_and_dynamic, store_getter
 
 NAME = "tensorrt"
 

@@ -14,7 +14,7 @@ def _missing(module):
 
 
 def test_availability_names_what_is_missing(pack):
-    from comfy_accel.accelerators import onediff, stable_fast
+    from comfy_accel.accelerators.compile import onediff, stable_fast
 
     for module, found, pip in ((onediff, not _missing("onediff"), "onediff"),
                                (stable_fast, not _missing("sfast"), "stable-fast")):
@@ -26,8 +26,8 @@ def test_availability_names_what_is_missing(pack):
 
 
 def test_our_options_map_to_theirs(pack):
-    from comfy_accel.accelerators.onediff import onediff_options
-    from comfy_accel.accelerators.stable_fast import sfast_flags
+    from comfy_accel.accelerators.compile.onediff import onediff_options
+    from comfy_accel.accelerators.compile.stable_fast import sfast_flags
 
     nexfort = onediff_options("nexfort", "default", "buckets")
     assert nexfort["mode"].startswith("max-optimize") and "freezing=False" in nexfort["mode"]

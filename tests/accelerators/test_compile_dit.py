@@ -30,8 +30,8 @@ def notices(node):
 
 def aot_eager_lane(model, node_id, **options):
     """Accelerate Model's inductor lane (`torch_compile.apply`) with dynamo's aot_eager in place of inductor."""
-    from comfy_accel.accelerators.compiled_unet import apply_backend
-    from comfy_accel.accelerators.torch_compile import INDUCTOR, InductorCompiler, available
+    from comfy_accel.accelerators.compile.session import apply_backend
+    from comfy_accel.accelerators.compile.inductor import INDUCTOR, InductorCompiler, available
 
     class AotEagerCompiler(InductorCompiler):
         def _backend(self, label):
@@ -51,7 +51,7 @@ def aot_eager_lane(model, node_id, **options):
 def test_every_dit_family_compiles_by_blocks_matches_eager_and_takes_a_lora(pack, name):
     from torch._dynamo.utils import counters
 
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     video = DIT_SPECS[name].video
     # the second bucket differs after every family's padding (Z-Image pads tokens to multiples of 32)
@@ -97,7 +97,7 @@ def test_every_dit_family_compiles_by_blocks_matches_eager_and_takes_a_lora(pack
 
 def test_a_model_a_backend_cannot_serve_runs_eager_with_one_line_naming_it(pack):
     from comfy_accel.accelerators.base import AcceleratorInputError
-    from comfy_accel.accelerators.stable_fast import apply as apply_stable_fast
+    from comfy_accel.accelerators.compile.stable_fast import apply as apply_stable_fast
 
     flux = build_dit("tiny-flux-schnell", seed=5)
     plain = apply_stable_fast(flux, {"fallback": "eager", "node_id": "sf-flux"})
@@ -111,7 +111,7 @@ def test_a_model_a_backend_cannot_serve_runs_eager_with_one_line_naming_it(pack)
 
 def test_what_the_lane_serves_and_what_the_node_reports(pack, tiny_sd15):
     from comfy_accel.accelerators.accelerate import accelerate
-    from comfy_accel.accelerators.compiled_dit import BLOCKS, WHOLE, served_model
+    from comfy_accel.accelerators.compile.dit import BLOCKS, WHOLE, served_model
 
     flux = build_dit("tiny-flux-dev", seed=5)
     served = served_model(flux, "inductor", regional=True)
@@ -135,7 +135,7 @@ def test_core_torch_compile_and_accelerate_model_never_both_compile_one_model(pa
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfy.patcher_extension import WrappersMP
 
-    from comfy_accel.accelerators.compiled_unet import CORE_COMPILE_KEY, session_of
+    from comfy_accel.accelerators.compile.stand_in import CORE_COMPILE_KEY, session_of
 
     flux, twin = build_dit("tiny-flux-schnell", seed=9), build_dit("tiny-flux-schnell", seed=9, check_alive=False)
     eager = sample_dit(twin, steps=1)

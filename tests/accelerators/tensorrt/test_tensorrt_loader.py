@@ -78,7 +78,7 @@ def test_calls_a_baked_engine_cannot_honour(pack, tiny_sd15):
     assert "ControlNet" in unsupported_call_reason(object(), {}, {})
     freeu = FreeU().patch(tiny_sd15, 1.1, 1.2, 0.9, 0.2)[0]
     reason = unsupported_call_reason(None, freeu.model_options["transformer_options"], {})
-    assert "output_block_patch" in reason and "FreeU" in reason
+    assert "output_block_patch" in reason and "nodes_freelunch" in reason
     wrapped = {"wrappers": {"diffusion_model": {"comfy_accel.deepcache": [lambda *a: None]}}}
     assert "comfy_accel.deepcache" in unsupported_call_reason(None, wrapped, {})
     assert "num_video_frames" in unsupported_call_reason(None, {}, {"num_video_frames": 14})

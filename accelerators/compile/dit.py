@@ -22,7 +22,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable
 
-from .base import is_sd_unet
+from ..base import is_sd_unet
 
 WHOLE, BLOCKS = "whole", "blocks"
 SCOPES = ("auto", WHOLE, BLOCKS)
@@ -130,6 +130,25 @@ def _block_stand_in_class():
 
         _stand_in_class = CompiledBlock
     return _stand_in_class
+
+
+def compiled_block(session, block_class: type) -> Callable:
+    """The session's compiled code every block of this class runs through (compiled once per class)."""
+    key = ("block", block_class)
+    found = session.functions.get(key)
+    if found is None:
+        with session.lock:
+            found = session.functions.get(key)
+            if found is None:
+                found = session.functions[key] = session.compiled_function(f"block {block_class.__name__}",
+                                                                           block_function(block_class))
+    return found
+
+
+def run_blocks(session, unet, call: Callable):
+    """`call()` (the model's own forward) with every repeated block running through the session's compiled code."""
+    with blocks_compiled(unet, session.served, lambda block_class: compiled_block(session, block_class)):
+        return call()
 
 
 @contextlib.contextmanager
