@@ -58,8 +58,8 @@ _LUMINA2 = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim":
             "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 16, "ffn_dim_multiplier": 4.0,
             "qk_norm": True, "cap_feat_dim": 32, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512]}
 # Z-Image's modulation takes a 256-wide time embedding: its width cannot go below 256
-_ZIMAGE = {**_LUMINA2, "dim": 256, "n_kv_heads": 2, "axes_dims": [32, 48, 48], "ffn_dim_multiplier": 8.0 / 3.0, "rope_theta": 256.0,
-           "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
+_ZIMAGE = {**_LUMINA2, "dim": 256, "n_kv_heads": 2, "axes_dims": [32, 48, 48], "ffn_dim_multiplier": 8.0 / 3.0,
+           "rope_theta": 256.0, "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32}
 _WAN21 = {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64,
           "ffn_dim": 128, "freq_dim": 256, "text_dim": 32, "out_dim": 16, "num_heads": 2, "num_layers": 2,
           "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}
@@ -154,7 +154,8 @@ def init_dit_by_module_type(module: torch.nn.Module, seed: int = 0) -> None:
             tensor.copy_(normal(tensor.shape, 1 / math.sqrt(tensor.shape[-1])))
         missed = [name for name, p in (*params.items(), *stored.items()) if torch.isnan(p).any()]
         if missed:
-            raise RuntimeError(f"init_dit_by_module_type left {len(missed)} parameters uninitialised, e.g. {missed[:5]}")
+            raise RuntimeError(f"init_dit_by_module_type left {len(missed)} parameters uninitialised, "
+                               f"e.g. {missed[:5]}")
 
 
 def build_dit(name: str = "tiny-flux-dev", dtype: torch.dtype = torch.float32, device=None, seed: int = 0,
