@@ -8,6 +8,7 @@ the final latent). Results also go to JSON and a PNG bar chart.
 
     python -m tools.bench                          # CPU: tiny SD1.5; CUDA: full SD1.5 512², 20 steps
     python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
+    python -m tools.bench --model flux-dev         # FLUX.1-dev architecture (GPU): eager, core compile, ours
     python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5
     python -m tools.bench --model sdxl --decode    # each timed run = sampling + VAE decode (Tiny VAE stacks)
     python -m tools.bench --checkpoint my.safetensors   # real weights: adds PSNR/SSIM of decoded images
@@ -465,6 +466,15 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
+    from tools.dit_factory import DIT_SPECS
+
+    if args.model in DIT_SPECS:   # DiTs (flux-dev, wan21-1.3b, tiny-*): their own side-by-side (tools/bench_dit.py)
+        from tools import bench_dit
+
+        forwarded = ["--model", args.model, "--steps", str(args.steps)]
+        for flag, value in (("--width", args.width), ("--height", args.height), ("--runs", args.runs)):
+            forwarded += [flag, str(value)] if value is not None else []
+        return bench_dit.main(forwarded)
     import_comfy()
     import_pack()
     cuda = torch.cuda.is_available()
