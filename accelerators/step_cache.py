@@ -211,7 +211,8 @@ class StepCacheState:
         finally:
             self.last_run = self.summary()
             if self.last_run["calls"]:
-                events.notice("step_cache", self.last_run["line"], level="info", node_id=self.config.node_id)
+                events.notice("step_cache", self.last_run["line"], level="info", node_id=self.config.node_id,
+                              summary=True)   # a run's summary: the browser shows it on the node's badge
             self.reset()   # drop the cached tensors with the run
 
     def summary(self) -> dict:
