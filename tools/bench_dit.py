@@ -24,7 +24,7 @@ import torch
 
 from tools.comfy_host import import_comfy, import_pack
 
-STACKS = ("eager", "comfy-compile", "inductor")
+STACKS = ("eager", "comfy-compile", "inductor", "step-cache-2", "inductor+step-cache-2")
 
 
 def _comfy_torch_compile(model):
@@ -43,7 +43,16 @@ def _ours(model):
     return out
 
 
-BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours}
+def _step_cache_2(model):
+    """Step Cache on a forced schedule (a full step every 2nd up to 95%: 9 of 20 skipped), so the speed shows even
+    where random weights give the adaptive rule nothing to skip."""
+    from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
+
+    return apply(model, StepCacheConfig(cache_mode="interval", interval=2, start=0.0, end=0.95))
+
+
+BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours,
+         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours(_step_cache_2(m))}
 
 
 def _sync(cuda: bool):
@@ -74,6 +83,11 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
            "compile_s": round(first - median, 1), "runs": [round(t, 3) for t in times]}
     if cuda:
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    from comfy_accel.accelerators.step_cache import step_cache_state
+
+    state = step_cache_state(model)
+    if state is not None and state.last_run:
+        row["step_cache"] = state.last_run["line"]
     print(f"[bench_dit] {json.dumps(row)}", flush=True)
     return row, out
 

@@ -10,7 +10,7 @@ from tools.comfy_host import REPO_ROOT
 
 @pytest.mark.slow
 def test_bench_runs_side_by_side_and_writes_results(tmp_path):
-    cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50", "--steps", "4", "--runs", "2",
+    cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50,step-cache-2", "--steps", "4", "--runs", "2",
            "--width", "64", "--height", "64", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -22,6 +22,9 @@ def test_bench_runs_side_by_side_and_writes_results(tmp_path):
     # the cutoff drops the uncond pass on 2 of 4 steps: a real but bounded change
     assert 1e-4 < rows["cfg-cutoff-50"]["fidelity"]["rel_err"] < 0.5
     assert list(tmp_path.glob("bench-tiny-sd15-*.png"))
+    # the forced schedule skips steps 1 and 3 (window up to 95%), and the row and the table say so
+    assert rows["step-cache-2"]["step_cache"].startswith("skipped 2 of 4 steps (interval, interval 2")
+    assert "(skipped 2 of 4 steps" in proc.stdout and 1e-4 < rows["step-cache-2"]["fidelity"]["rel_err"] < 1.0
 
 
 @pytest.mark.slow
