@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.accelerators.test_compile_dit import aot_eager_lane
-from tools.dit_factory import build_dit, sample_dit
+from tests.lora import with_lora
+from tools.dit_factory import build_dit, random_dit_lora, sample_dit
 from tools.model_factory import sample
 
 
@@ -138,6 +139,29 @@ def test_interval_runs_the_model_on_the_scheduled_steps_only(pack, tiny_sd15):
     assert ran == 4 and not torch.equal(out_taylor, out)
 
 
+def test_two_evaluation_samplers_follow_the_step_of_each_call(pack, tiny_sd15):
+    """Heun evaluates twice per step (at sigma_i and sigma_i+1, the last step once): 7 calls for 4 steps, whose
+    steps by sigma position are 0, 1, 1, 2, 2, 3, 3. Interval 2 runs the calls of steps 0 and 2 only."""
+    model = step_cache(tiny_sd15, cache_mode="interval", interval=2, start=0.0, end=1.0)
+    out, ran = counted(model, lambda: sample(model, steps=4, sampler="heun"))
+    run = state_of(model).last_run
+    assert (ran, run["calls"], run["steps"], run["skipped_steps"]) == (3, 7, 4, 2)
+    assert torch.equal(sample(model, steps=4, sampler="heun"), out)
+
+
+def test_a_lora_loaded_after_the_node_is_what_the_cache_sees(pack):
+    """Each run starts from an empty cache, so a LoRA loaded after Step Cache gives what Step Cache on the LoRA'd
+    model gives, and not the result without it."""
+    dit = build_dit("tiny-wan21", seed=5, smooth=True)
+    lora = random_dit_lora(dit)
+    settings = dict(threshold=0.2)
+    lora_after = with_lora(step_cache(dit, **settings), lora)
+    after = sample_dit(lora_after, steps=8, height=16, width=16)
+    before = sample_dit(step_cache(with_lora(dit, lora), **settings), steps=8, height=16, width=16)
+    assert torch.equal(after, before) and state_of(lora_after).last_run["skipped_steps"] > 0
+    assert not torch.equal(after, sample_dit(step_cache(dit, **settings), steps=8, height=16, width=16))
+
+
 def test_cfg_cutoff_batch_change_starts_a_fresh_entry(pack, tiny_sd15):
     """Batch 2 (cond+uncond) runs steps 0, 3; the first batch-1 step (5) finds no entry of its composition and
     runs, then the schedule continues: 6 and 9 run. Mixing caches would have skipped step 5."""
@@ -199,6 +223,7 @@ def test_adaptive_skips_on_a_smooth_model_and_not_on_a_random_one(pack):
         out, ran = counted(cached, lambda: sample_dit(cached, steps=10, height=16, width=16))
         skipped = state_of(cached).last_run["skipped_steps"]
         assert ran == 10 - skipped
+        assert torch.equal(sample_dit(cached, steps=10, height=16, width=16), out)   # deterministic
         if expect_skips:
             shorter = sample_dit(model, steps=10 - skipped, height=16, width=16)
             assert skipped >= 2 and 0 < rel(out, reference) < min(0.15, rel(shorter, reference))
