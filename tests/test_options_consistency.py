@@ -145,6 +145,12 @@ def test_accel_js_lists_no_option_value_of_its_own(options):
     assert '"/accel/status"' in JS and ".options" in JS
 
 
+def test_accel_js_badges_every_pack_node(pack):
+    """web/accel.js adds its badge (what ran, a fallback, a run's summary) to the nodes it names: every node."""
+    listed = set(re.findall(r'"(Accel\w+)"', re.search(r"PACK_NODES = new Set\(\[(.*?)\]\)", JS, re.S).group(1)))
+    assert listed == set(pack.NODE_CLASS_MAPPINGS)
+
+
 def test_webui_mapping_uses_the_same_values_and_ranges(pack, options):
     from comfy_accel.accelerators import webui_mapping
     from comfy_accel.accelerators.base import AcceleratorInputError, Availability

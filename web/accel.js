@@ -16,7 +16,7 @@ import { api } from "../../scripts/api.js";
 
 const EXT = "comfy_accel.ui";
 const PACK_NODES = new Set(["AccelCFGCutoff", "AccelAccelerateModel", "AccelBuildTensorRTEngine",
-  "AccelLoadTensorRTEngine", "AccelDeepCache", "AccelTinyVAE"]);
+  "AccelLoadTensorRTEngine", "AccelDeepCache", "AccelStepCache", "AccelTinyVAE"]);
 
 // frontend setting id -> field of accelerators/settings.py
 const SETTING_FIELDS = {
