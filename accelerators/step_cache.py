@@ -14,7 +14,8 @@ Which steps are skipped (`mode`):
   `k = mean|d1 - d0| / mean|x1 - x0|` says how much the prediction moves per unit of input change; each later
   call adds `k * mean|x_t - x_prev| / mean|d1|` (the estimated relative change of the prediction) to an
   accumulator, and the call is skipped while the accumulator stays under `threshold`. A full call resets it.
-  Threshold 0 never skips. The estimate reads two numbers from the device (one sync per call).
+  Threshold 0 never skips. The estimate reads one number from the device per call (a sync), and a full
+  call three.
 - `interval`: a full call every `interval` steps from the window's start (DeepCache's schedule); 1 never skips.
 - `taylor`: the `interval` schedule, but a skipped call extrapolates `d` to first order from the last two full
   steps (TaylorSeer, order 1) instead of reusing it; with one full step it reuses.
@@ -95,6 +96,7 @@ class CacheEntry:
         self.full: list[tuple[int, object, object]] = []   # (step, x, d) of the last two full calls, oldest first
         self.x_prev = None          # the input of the previous call (skipped or not)
         self.k: float | None = None  # adaptive: prediction change per unit of input change
+        self.scale = 0.0            # mean |d| of the newest full call
         self.accumulated = 0.0
         self.consecutive = 0
 
@@ -114,10 +116,9 @@ class CacheEntry:
             return config.interval > 1 and (step - first) % config.interval != 0 and step != self.full[-1][0]
         if self.k is None or self.x_prev is None or x.shape != self.x_prev.shape:
             return False
-        scale = _mean_abs(self.full[-1][2])
-        if scale == 0.0:
+        if self.scale == 0.0:
             return False
-        self.accumulated += self.k * _mean_abs(x - self.x_prev) / scale
+        self.accumulated += self.k * _mean_abs(x - self.x_prev) / self.scale
         return self.accumulated < config.threshold
 
     def record(self, step: int, x, d) -> None:
@@ -128,6 +129,7 @@ class CacheEntry:
             change = _mean_abs(x - self.full[-1][1])
             self.k = _mean_abs(d - self.full[-1][2]) / change if change > 0 else None
         self.full = [*self.full[-1:], (step, x, d)]
+        self.scale = _mean_abs(d)   # read once per full call: a skip decision then costs one device read
         self.accumulated = 0.0
 
     def predict(self, config: StepCacheConfig, step: int):
