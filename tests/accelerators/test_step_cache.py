@@ -61,7 +61,8 @@ def test_start_and_end_bound_every_mode(pack):
     window = config(threshold=0.2, start=0.25, end=0.75, max_consecutive=10)   # steps 3..8
     assert skipped_steps(pack, window, xs) == [3, 4, 5, 6, 7, 8]
     assert skipped_steps(pack, config(cache_mode="interval", interval=3, start=0.25, end=0.75), xs) == [4, 5, 7, 8]
-    assert skipped_steps(pack, config(cache_mode="interval", interval=5, max_consecutive=2), xs) == [1, 2, 4, 6, 7, 9, 11]
+    capped = config(cache_mode="interval", interval=5, max_consecutive=2)
+    assert skipped_steps(pack, capped, xs) == [1, 2, 4, 6, 7, 9, 11]
     assert skipped_steps(pack, config(cache_mode="interval", interval=1), xs) == []
 
 
@@ -112,7 +113,8 @@ def counted(model, run):
 
 def test_nothing_to_skip_is_bit_identical_to_no_cache(pack, tiny_sd15):
     plain = sample(tiny_sd15, steps=4)
-    for settings in (dict(cache_mode="interval", interval=1), dict(threshold=0.0), dict(cache_mode="taylor", interval=1)):
+    for settings in (dict(cache_mode="interval", interval=1), dict(threshold=0.0),
+                     dict(cache_mode="taylor", interval=1)):
         model = step_cache(tiny_sd15, start=0.0, end=1.0, **settings)
         out, ran = counted(model, lambda: sample(model, steps=4))
         assert torch.equal(out, plain) and ran == 4, settings
