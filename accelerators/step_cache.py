@@ -157,7 +157,6 @@ class StepCacheState:
         self.counts = {"ran": 0, "skipped": 0}
         self.steps_seen: set[int] = set()
         self.steps_run: set[int] = set()
-        self.total = 0
 
     def step(self, transformer_options: dict) -> tuple[int, int] | None:
         """(step, total) of this call: the callback's count (no sync), else the sigma's place in the schedule."""
@@ -181,7 +180,6 @@ class StepCacheState:
         if position is None:
             return self._run(executor, x, t, args, kwargs, None, None)
         step, total = position
-        self.total = total
         self.steps_seen.add(step)
         chunks = tuple(transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or (None,))
         key = (chunks, tuple(x.shape), x.dtype, x.device)
