@@ -158,9 +158,9 @@ class InductorCompiler(Compiler):
     def warm_start(self):
         """Kernels come from the loaded artifacts: load them in this process. With the default thread count
         inductor starts its pool of compile workers for them, and that pool's start-up (a process per core
-        importing torch and triton) took the CPU from the sampler for the next ~20 s: on an H100 the first
-        images after a warm start took 0.35 s instead of 0.17 s (0.17 s with one compile thread).
-        `compile_threads` is not part of inductor's cache key, so this changes no hit or miss."""
+        importing torch and triton) took the CPU from the sampler for many seconds and slowed the first images
+        after a warm start (docs/benchmarks.md). `compile_threads` is not part of inductor's cache key, so this
+        changes no hit or miss."""
         import contextlib
 
         import torch._inductor.config as inductor_config

@@ -1,10 +1,9 @@
 """The compiler's Python modules, imported in a background thread while ComfyUI starts.
 
 A warm restart loads a stored compiled UNet instead of compiling it, and that load needs inductor and
-AOTAutograd: importing `torch._inductor.compile_fx` pulls in about 540 modules (1.4 s on this project's CPU
-box, which has their bytecode; 11–14 s on the lent H100, whose Python compiles them from source every time).
-Started when the node pack is imported on a CUDA machine, the import is done by the time the first prompt
-samples: on the H100 the first warm SD1.5 sample went from 6.5 to 3.4 s (docs/benchmarks.md, fifth session).
+AOTAutograd: importing `torch._inductor.compile_fx` pulls in hundreds of modules, seconds of work where
+Python has no bytecode for them. Started when the node pack is imported on a CUDA machine, the import is done
+by the time the first prompt samples, and the first warm sample no longer waits for it (docs/benchmarks.md).
 
 The compile lane calls `wait()` before it compiles or loads anything: while the thread is importing, another
 thread importing the same modules could see a partly initialised module (CPython accepts that for circular
@@ -20,7 +19,8 @@ import time
 
 log = logging.getLogger("comfy_accel")
 
-# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's compile_fx imports AOTAutograd, the partitioner and inductor's codegen
+# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's
+# compile_fx imports AOTAutograd, the partitioner and inductor's codegen
 MODULES = ("torch._inductor.compile_fx",)
 GPU_MODULES = ("triton",)   # inductor's GPU kernels are triton's
 

@@ -3,8 +3,9 @@
 `attach(model, session)` puts an `EngineUNet` in place of the BaseModel's `diffusion_model` for the duration of
 each `apply_model` call, through the compile lane's stand-in swap (`compile/stand_in.py`, key
 `comfy_accel.tensorrt`): the host's `_apply_model` still does every input conversion, and `EngineUNet.forward`
-either runs the engine or calls the real UNet. It runs the real UNet — eager, with one notice naming the reason, or an error under the
-`error` fallback policy — whenever an engine cannot give the host's result:
+either runs the engine or calls the real UNet. It runs the real UNet — eager, with one notice naming the
+reason, or an error under the `error` fallback policy — whenever an engine cannot give the host's result
+(`unsupported_call_reason`, the compile lane's check with the engine's limits):
   - a ControlNet (`control`), block/attention patches (FreeU's `output_block_patch`, ...), another
     `DIFFUSION_MODEL` wrapper (DeepCache), an extra input the engine lacks;
   - weights a refit cannot express (weight wrappers, scheduled hooks), or a LoRA on an engine without a
