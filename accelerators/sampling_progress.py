@@ -22,16 +22,10 @@ def step_of(sigma, sample_sigmas) -> tuple[int, int]:
     return min(int(at_or_above.max()), total - 1), total
 
 
-def step_fraction(sigma, sample_sigmas) -> float:
-    """The evaluated step as a fraction of the run: 0.0 for the first step, (n-1)/n for the last."""
-    step, total = step_of(sigma, sample_sigmas)
-    return step / total
-
-
 # ---- the step without a device sync ------------------------------------------------------------------------
 # Reading the current sigma (`sigma.item()`) waits for the GPU: harmless in eager mode, where the CPU is the
 # bottleneck anyway, but with CUDA graphs it stops the CPU from queuing the next step while the GPU runs this
-# one (measured on an H100: compile + CFG cutoff took 0.255 s instead of about 0.14 s). ComfyUI's KSAMPLER
+# one (docs/benchmarks.md: compile+cutoff-50 "before the sync fix"). ComfyUI's KSAMPLER
 # reports every finished step through its callback, so a SAMPLER_SAMPLE wrapper counts them. That count is the
 # step of every model evaluation only for samplers that evaluate once per step, before the callback: dpm_2
 # calls back between its two evaluations (its midpoint would count as the next step) and Heun-like samplers

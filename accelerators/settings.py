@@ -17,22 +17,17 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import options
 from .base import AcceleratorInputError
-
-FALLBACK_POLICIES = ("eager", "error")
-BACKENDS = ("auto", "inductor", "inductor+cudagraphs", "onediff", "stable-fast", "tensorrt", "eager")
-
-
-SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
-                "off": False}
 
 
 @dataclass
 class Settings:
-    default_backend: str = "auto"
-    fallback_policy: str = "eager"        # eager: run unaccelerated and say why; error: fail the prompt
-    cache_budget_gb: float = 20.0         # disk budget of the artifact cache
-    memory_budget_gb: float = 8.0         # live compiled objects/engines kept in memory
+    """The choices and bounds come from options.py (the one place the panels read them from too)."""
+    default_backend: str = options.AUTO                             # what a node's `default` backend means
+    fallback_policy: str = options.FALLBACKS[0]                     # eager: run unaccelerated and say why
+    cache_budget_gb: float = options.CACHE_BUDGET_GB.default        # disk budget of the artifact cache
+    memory_budget_gb: float = options.MEMORY_BUDGET_GB.default      # live compiled objects/engines in memory
     # inductor+cudagraphs precompiles the whole UNet (compile/precompile.py), so that a new process loads it
     # without tracing; off: the compile-cache artifacts only
     precompile: bool = True
@@ -40,15 +35,17 @@ class Settings:
     preimport: bool = True                # the compiler's modules imported at startup (compile/preimport.py)
 
     def validate(self) -> "Settings":
-        if self.default_backend not in BACKENDS:
-            raise AcceleratorInputError(f"default_backend must be one of {', '.join(BACKENDS)}; "
-                                        f"got {self.default_backend!r}")
-        if self.fallback_policy not in FALLBACK_POLICIES:
-            raise AcceleratorInputError(f"fallback_policy must be 'eager' or 'error'; got {self.fallback_policy!r}")
-        for name, low, high in (("cache_budget_gb", 0.1, 10_000.0), ("memory_budget_gb", 0.1, 1_000.0)):
+        for name, allowed in (("default_backend", options.DEFAULT_BACKEND_CHOICES),
+                              ("fallback_policy", options.FALLBACKS)):
+            if getattr(self, name) not in allowed:
+                raise AcceleratorInputError(f"{name} must be one of {', '.join(allowed)}; "
+                                            f"got {getattr(self, name)!r}")
+        for name, bounds in (("cache_budget_gb", options.CACHE_BUDGET_GB),
+                             ("memory_budget_gb", options.MEMORY_BUDGET_GB)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise AcceleratorInputError(f"{name} must be a number between {low:g} and {high:g}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not bounds.low <= value <= bounds.high:
+                raise AcceleratorInputError(f"{name} must be a number between {bounds.low:g} and {bounds.high:g}; "
+                                            f"got {value!r}")
         for name in ENV_OVERRIDES:
             if not isinstance(getattr(self, name), bool):
                 raise AcceleratorInputError(f"{name} must be true or false; got {getattr(self, name)!r}")
@@ -62,7 +59,7 @@ ENV_OVERRIDES = {"precompile": "COMFY_ACCEL_PRECOMPILE", "channels_last": "COMFY
 
 def parse_switch(text: str) -> bool | None:
     """An on/off word (1/0, true/false, yes/no, on/off, any case) as a bool; None for anything else."""
-    return SWITCH_WORDS.get(str(text).strip().lower())
+    return options.SWITCH_WORDS.get(str(text).strip().lower())
 
 
 def read_env_overrides(environ=None) -> dict[str, bool]:
@@ -95,10 +92,6 @@ _lock = threading.Lock()
 _settings = Settings()
 _path: Path | None = None
 _overrides: dict[str, bool] = read_env_overrides()
-
-
-def settings_path() -> Path | None:
-    return _path
 
 
 def load(path: Path | str | None) -> Settings:

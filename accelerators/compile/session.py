@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import events
-from ..base import AcceleratorInputError, BackendUnavailable, model_family
+from ..base import BackendUnavailable, model_family
+from ..options import parse_backend_options
 from .artifacts import Artifacts
 from .graphs import ChannelsLastLayout, GraphSet, weights_signature
 
 log = logging.getLogger("comfy_accel")
-FALLBACKS = ("eager", "error")
-DYNAMIC = ("buckets", "static", "dynamic")
-MODES = ("default", "max-autotune")
 MAX_BUCKETS = 8   # static graphs of one kind per session under the "buckets" policy
 
 
@@ -48,24 +46,11 @@ class CompileOptions:
     node_id: str | None = None
 
 
-def fallback_and_dynamic(options: dict) -> tuple[str, str]:
-    """The two options every backend of Accelerate Model shares (TensorRT too), validated."""
-    fallback = options.get("fallback") or "eager"
-    if fallback not in FALLBACKS:
-        raise AcceleratorInputError(f"fallback must be 'eager' or 'error'; got {fallback!r}")
-    dynamic = options.get("dynamic") or "buckets"
-    if dynamic not in DYNAMIC:
-        raise AcceleratorInputError(f"dynamic must be one of {', '.join(DYNAMIC)}; got {dynamic!r}")
-    return fallback, dynamic
-
-
 def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
-    """Validates the Accelerate Model options; raises AcceleratorInputError naming the bad value."""
+    """Validates the Accelerate Model options (options.py's parsers); raises AcceleratorInputError naming the
+    bad value."""
     options = dict(options or {})
-    fallback, dynamic = fallback_and_dynamic(options)
-    mode = options.get("mode") or "default"
-    if mode not in MODES:
-        raise AcceleratorInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    mode, dynamic, fallback = parse_backend_options(options)
     node_id = options.get("node_id")
     return CompileOptions(backend=backend, mode=mode, dynamic=dynamic, fallback=fallback, cuda_graphs=cuda_graphs,
                           node_id=None if node_id is None else str(node_id))

@@ -12,7 +12,8 @@ sys.path.insert(0, str(REPO_ROOT))  # as the WebUI shim does: the core is the to
 from accelerators import settings as core_settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, Availability, BackendUnavailable  # noqa: E402
 from accelerators.cfg_cutoff import CFGCutoffConfig  # noqa: E402
-from accelerators.webui_mapping import (AUTO_ORDER, cfg_cutoff_sigma, infotext_to_panel, panel_to_plan,  # noqa: E402
+from accelerators.options import AUTO_ORDER  # noqa: E402
+from accelerators.webui_mapping import (cfg_cutoff_sigma, infotext_to_panel, panel_to_plan,  # noqa: E402
                                         webui_settings_to_core)
 
 DEFAULT = core_settings.Settings()
@@ -47,7 +48,7 @@ def test_full_panel_composes_in_design_order():
 
 
 @pytest.mark.parametrize("values, fragment", [
-    ({"backend": "tensorrtx"}, "unknown backend 'tensorrtx'; choose one of: auto, eager, inductor"),
+    ({"backend": "tensorrtx"}, "unknown backend 'tensorrtx'; choose one of: auto, default, inductor"),
     ({"cfg_cutoff_percent": 150}, "cfg_cutoff_percent must be between 0 and 100, got 150"),
     ({"deepcache_interval": 0}, "deepcache_interval must be between 1 and 100, got 0"),
     ({"deepcache_branch": 12}, "deepcache_branch must be between 0 and 11, got 12"),
@@ -62,19 +63,26 @@ def test_bad_panel_values_get_a_clear_message(values, fragment):
     assert fragment in str(err.value)
 
 
-def test_auto_uses_the_settings_default_then_the_first_available():
+def test_default_is_the_settings_backend_and_auto_the_fastest_here():
+    """The one rule of options.py, as the ComfyUI node follows it: the panel's default is `default`."""
+    gpu, cpu = Availability(True, "NVIDIA H200"), Availability(False, "no GPU")
     chosen = core_settings.Settings(default_backend="stable-fast")
-    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=chosen, availability=EVERYTHING)
+    plan = panel_to_plan({"enabled": True}, settings=chosen, availability=EVERYTHING, gpu=gpu)
     assert plan.backend == "stable-fast" and "default backend from the settings" in plan.notes[0]
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=chosen, availability=EVERYTHING, gpu=gpu)
+    assert plan.backend == AUTO_ORDER[0]   # auto does not read the settings
 
     only_inductor = availability_of({"inductor": Availability(True, "gcc found"),
                                      "inductor+cudagraphs": Availability(False, "needs a CUDA GPU")})
-    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=only_inductor)
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=only_inductor, gpu=gpu)
     assert plan.backend == "inductor" and AUTO_ORDER.index("inductor") > AUTO_ORDER.index("inductor+cudagraphs")
-    assert "auto: picked inductor (gcc found)" in plan.notes
+    assert plan.notes[0].startswith("auto picked inductor, the fastest available here (gcc found)")
 
-    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=availability_of({}))
-    assert plan.backend == "eager" and plan.steps == [] and any("running eager" in n for n in plan.notes)
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=EVERYTHING, gpu=cpu)
+    assert plan.backend == "eager" and plan.steps == [] and plan.notes[0].startswith("auto picked eager")
+    plan = panel_to_plan({"enabled": True, "backend": "auto"}, settings=DEFAULT, availability=availability_of({}),
+                         gpu=gpu)
+    assert plan.backend == "eager" and plan.steps == [] and "no compile backend can run here" in plan.notes[0]
 
 
 def test_missing_backend_falls_back_or_raises_by_policy():

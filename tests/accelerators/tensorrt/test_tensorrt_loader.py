@@ -54,8 +54,8 @@ def test_a_model_that_is_not_a_unet_is_refused(pack):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"fallback": "maybe"}, "fallback must be 'eager' or 'error'; got 'maybe'"),
-    ({"dynamic": "sometimes"}, "dynamic must be one of buckets, static, dynamic; got 'sometimes'"),
+    ({"fallback": "maybe"}, "unknown fallback policy 'maybe'; choose one of: eager, error"),
+    ({"dynamic": "sometimes"}, "unknown dynamic shapes 'sometimes'; choose one of: buckets, static, dynamic"),
     ({"preset": "huge"}, "unknown TensorRT profile preset 'huge'"),
     ({"profiles": [{"batch": [4, 2, 1], "height": 512, "width": 512, "tokens": 77}]}, "batch needs min <= opt <= max"),
     ({"optimization_level": 9}, "optimization_level must be a whole number 0..5; got 9"),
