@@ -164,13 +164,13 @@ class LoadTensorRTEngine:
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
+    CATEGORY = CATEGORY
 
     @classmethod
     def VALIDATE_INPUTS(cls, engine):
         """Any engine name passes ComfyUI's validation: a workflow shared from a machine with engines names
         one this machine lacks, and what then happens is the fallback input's choice."""
         return isinstance(engine, str) or f"engine must be a name, got {engine!r}"
-    CATEGORY = CATEGORY
 
     def load(self, model, engine, fallback="eager", unique_id=None):
         import folder_paths
