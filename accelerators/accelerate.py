@@ -43,6 +43,9 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
             out = spec.apply(model, backend_options)
         except AcceleratorInputError as exc:   # the options are checked above: the lane refuses this model
             out, in_effect["unavailable"] = refused_model(model, exc, backend, chosen, fallback, node)
+        compiled = what_is_compiled(out)
+        if compiled:
+            in_effect["compiles"] = compiled
     if keep_weights_on_gpu:
         in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
         events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)
@@ -74,3 +77,12 @@ def keep_on_load_device(model) -> str:
     model.offload_device = load
     return f"weights stay on {load} between runs and LoRA changes (instead of moving to {offload}), LoRAs " \
            f"patched in place; ComfyUI cannot free their VRAM for other models"
+
+
+def what_is_compiled(model) -> str:
+    """What the compile lane compiles of this MODEL ("the whole UNetModel (SD15)", "Flux block by block (...)"),
+    "" where no compile session is attached (eager, TensorRT)."""
+    from .compile.stand_in import session_of
+
+    session = session_of(model)
+    return session.served.describe() if session is not None and session.served is not None else ""

@@ -5,7 +5,7 @@ that takes seconds. Both log, and both reach every registered listener: the Comf
 the browser (PromptServer.send_sync), the WebUI shim to its console. Repeated notices with the same key
 are logged once, so a fallback that happens every step does not flood the log; the keys remembered for that
 are the last SEEN_LIMIT (least recently seen forgotten first), so a server that runs for weeks does not grow.
-`collect()` still sees every one raised while it is open (a later run's record must say it fell back, even
+`collect()` still sees every notice raised while it is open (a later run's record must say it fell back, even
 though the line is not logged again).
 """
 from __future__ import annotations

@@ -31,6 +31,7 @@ FALLBACK_CHOICES = (DEFAULT, *FALLBACKS)        # node inputs: `default` follows
 FALLBACK_TEXT = {"eager": "run eager and say why", "error": "fail the prompt"}
 DYNAMIC = ("buckets", "static", "dynamic")      # one graph per shape bucket / the first shape only / shape-generic
 MODES = ("default", "max-autotune")
+SCOPES = ("auto", "whole", "blocks")            # what one compile covers: auto = SD UNets whole, DiTs block by block
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,10 @@ def parse_dynamic(value) -> str:
 
 def parse_mode(value) -> str:
     return parse_choice("mode", value or MODES[0], MODES)
+
+
+def parse_scope(value) -> str:
+    return parse_choice("scope", value or SCOPES[0], SCOPES)
 
 
 def parse_backend_options(options: dict | None, settings=None) -> tuple[str, str, str]:

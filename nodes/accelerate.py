@@ -8,8 +8,10 @@ from .common import CATEGORY, backend_node_result
 
 
 class AccelerateModel:
-    DESCRIPTION = ("Runs the UNet compiled: torch.compile (inductor), the same replayed as CUDA graphs, OneDiff, "
-                   "Stable Fast or TensorRT. The first run of each shape compiles (progress in a toast), later "
+    DESCRIPTION = ("Runs the diffusion model compiled: torch.compile (inductor), the same replayed as CUDA graphs, "
+                   "OneDiff, Stable Fast or TensorRT. SD UNets are compiled whole; DiTs (Flux, SD3, Qwen-Image, "
+                   "Wan, HunyuanVideo, LTXV, ...) by torch.compile block by block, each transformer block class "
+                   "once. The first run of each shape compiles (progress in a toast), later "
                    "runs and restarts reuse the artifact cache. LoRA, FreeU, CFG Cutoff and DeepCache keep "
                    "working around it; a backend missing here runs eager and says why.")
 

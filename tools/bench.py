@@ -8,6 +8,7 @@ the final latent). Results also go to JSON and a PNG bar chart.
 
     python -m tools.bench                          # CPU: tiny SD1.5; CUDA: full SD1.5 512², 20 steps
     python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
+    python -m tools.bench --model flux-dev         # FLUX.1-dev architecture (GPU): eager, core compile, ours
     python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5
     python -m tools.bench --model sdxl --decode    # each timed run = sampling + VAE decode (Tiny VAE stacks)
     python -m tools.bench --checkpoint my.safetensors   # real weights: adds PSNR/SSIM of decoded images
@@ -130,6 +131,8 @@ STACKS = [
           _chain(_fp8_weights, _backend("inductor+cudagraphs")), requires=("inductor+cudagraphs",), lossless=False,
           gpu_only=True),
     Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
+    Stack("stable-fast-max", "Accelerate Model: stable-fast, max-autotune (fp16-accumulating GEMMs)",
+          _backend("stable-fast", mode="max-autotune"), requires=("stable-fast",), lossless=False),
     Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),
     Stack("tensorrt", "Accelerate Model: tensorrt", _backend("tensorrt"), requires=("tensorrt",)),
     Stack("cfg-cutoff-50", "CFG cutoff at 50%", _accelerator("cfg_cutoff", cutoff_percent=50.0),
@@ -463,6 +466,15 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv if argv is not None else sys.argv[1:])
+    from tools.dit_factory import DIT_SPECS
+
+    if args.model in DIT_SPECS:   # DiTs (flux-dev, wan21-1.3b, tiny-*): their own side-by-side (tools/bench_dit.py)
+        from tools import bench_dit
+
+        forwarded = ["--model", args.model, "--steps", str(args.steps)]
+        for flag, value in (("--width", args.width), ("--height", args.height), ("--runs", args.runs)):
+            forwarded += [flag, str(value)] if value is not None else []
+        return bench_dit.main(forwarded)
     import_comfy()
     import_pack()
     cuda = torch.cuda.is_available()
@@ -486,6 +498,9 @@ def main(argv=None) -> int:
         for stack in STACKS:
             ok, reason = stack_availability(stack, cuda, args.decode)
             print(f"{stack.name:24s} {'ready' if ok else 'skip: ' + reason}")
+        from tools.optional_libraries import xformers_status
+
+        print(f"{'xformers':24s} {xformers_status()[1]}")
         return 0
 
     from tools.model_factory import build_model, make_conditioning

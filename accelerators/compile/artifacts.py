@@ -122,6 +122,8 @@ class Artifacts:
             return None
         profile = {} if self.session.options.dynamic == "dynamic" else bucket_profile(bucket)
         options = {"part": bucket_kind(bucket)}
+        if self.session.by_blocks:   # a DiT's per-block graphs
+            options["scope"] = "blocks"
         patches = patch_set(transformer_options)
         if patches:   # absent without patches: the keys of plain compiles stay what they were
             options["patches"] = patches
@@ -166,11 +168,11 @@ class Artifacts:
     # -- the precompiled UNet (the whole UNet, graph path) ---------------------------------------------------------
     def uses_package(self, transformer_options: dict) -> bool:
         """Whether plain UNet calls run from a precompiled UNet: the backend builds them and no patch is set (it
-        bakes the forward, patches included, into one signature)."""
+        bakes the forward, patches included, into one signature); never for a model compiled by blocks."""
         from .stand_in import patch_signature
 
         return (self.compiler.package_accelerator is not None and not self.package_failed
-                and not patch_signature(transformer_options))
+                and not self.session.by_blocks and not patch_signature(transformer_options))
 
     def package_key(self, bucket: tuple):
         from .session import bucket_profile

@@ -212,13 +212,13 @@ class InductorCompiler(Compiler):
 
 def apply(model, options: dict | None = None):
     """A clone whose UNet runs compiled by inductor (eager with a reason where it cannot)."""
-    return apply_backend(model, options, INDUCTOR, available, InductorCompiler, cuda_graphs=False)
+    return apply_backend(model, options, INDUCTOR, available, InductorCompiler, cuda_graphs=False, regional=True)
 
 
 def apply_cudagraphs(model, options: dict | None = None):
     """A clone whose UNet runs compiled by inductor and replayed as CUDA graphs, one per shape bucket."""
     return apply_backend(model, options, INDUCTOR_CUDAGRAPHS, available_cudagraphs, InductorCompiler,
-                         cuda_graphs=True)
+                         cuda_graphs=True, regional=True)
 
 
 @dataclass

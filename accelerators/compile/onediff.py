@@ -4,8 +4,8 @@ Written against OneDiff's public entry point `onediff.infer_compiler.compile(mod
 nexfort is a torch.compile backend (our CUDA graphs and warm-restart handling stay in front of it); oneflow
 converts the module. Either way the compiled module reads the live parameters, so LoRA patched in place stays
 applied. OneDiff compiles modules, not functions, so DeepCache's segments run eager under it (with the reason).
-On this workplace nexfort pins torch ≤ 2.5.1 and PyPI's oneflow is a placeholder (HOST.md): the backend greys
-out with that reason.
+nexfort pins torch ≤ 2.5.1 and PyPI's oneflow is a placeholder (HOST.md): on newer torch the backend greys out
+saying so.
 """
 from __future__ import annotations
 
@@ -37,12 +37,29 @@ def compiler_backend() -> str | None:
     return None
 
 
+def install_hint(torch_version: str) -> str:
+    """What gives OneDiff a compiler for this torch: nexfort's wheels pin torch 2.3–2.5.1, and PyPI's oneflow is
+    an empty placeholder (the real one is on OneFlow's own index, for its own torch builds)."""
+    try:
+        newer = tuple(int(part) for part in torch_version.split(".")[:2]) > (2, 5)
+    except ValueError:
+        newer = True
+    if not newer:
+        return "pip install onediff nexfort"
+    return (f"no OneDiff compiler is built for torch {torch_version} (nexfort needs torch ≤ 2.5.1; PyPI's oneflow "
+            f"is an empty placeholder): use torch 2.5 with pip install onediff nexfort, or another backend")
+
+
 def available() -> Availability:
+    import torch
+
+    version = torch.__version__.split("+")[0]
     if not module_available("onediff"):
-        return Availability(False, "onediff not installed (pip install onediff, plus nexfort or oneflow)")
+        return Availability(False, f"onediff not installed; {install_hint(version)}")
     backend = compiler_backend()
     if backend is None:
-        return Availability(False, "onediff found, but neither of its compilers (nexfort, oneflow) is installed")
+        return Availability(False, f"onediff found, but neither of its compilers (nexfort, oneflow) is installed; "
+                                   f"{install_hint(version)}")
     gpu = cuda_available()
     if not gpu:
         return Availability(False, "needs a CUDA GPU (none visible to torch)")

@@ -27,8 +27,9 @@ from typing import Callable
 
 from .. import events
 from ..base import BackendUnavailable, model_family
-from ..options import parse_backend_options
+from ..options import parse_backend_options, parse_scope
 from .artifacts import Artifacts
+from .dit import BLOCKS, Served, run_blocks, served_model
 from .graphs import ChannelsLastLayout, GraphSet, weights_signature
 
 log = logging.getLogger("comfy_accel")
@@ -44,6 +45,7 @@ class CompileOptions:
     fallback: str = "eager"
     cuda_graphs: bool = False
     node_id: str | None = None
+    scope: str = "auto"             # auto: SD UNets whole, DiTs block by block; whole; blocks (dit.py)
 
 
 def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
@@ -52,8 +54,9 @@ def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False)
     options = dict(options or {})
     mode, dynamic, fallback = parse_backend_options(options)
     node_id = options.get("node_id")
+    scope = parse_scope(options.get("scope"))
     return CompileOptions(backend=backend, mode=mode, dynamic=dynamic, fallback=fallback, cuda_graphs=cuda_graphs,
-                          node_id=None if node_id is None else str(node_id))
+                          node_id=None if node_id is None else str(node_id), scope=scope)
 
 
 class Compiler:
@@ -111,13 +114,14 @@ class Compiler:
         raise NotImplementedError
 
 
-# ---- shape buckets: (batch, latent height, latent width, tokens, y width, dtype, device), or a DeepCache
-# segment's (name, that UNet bucket) ------------------------------------------------------------------------
+# ---- shape buckets: (batch, latent height, latent width, tokens, y width, dtype, device, frames), or a
+# DeepCache segment's (name, that UNet bucket) -----------------------------------------------------------------
 def bucket_of(x, context, y) -> tuple:
-    """What a static graph is built for."""
+    """What a static graph is built for (frames: a video model's latent frames, 0 for 4-D latents)."""
     tokens = int(context.shape[1]) if context is not None and context.dim() >= 2 else 0
     return (int(x.shape[0]), int(x.shape[-2]), int(x.shape[-1]), tokens,
-            int(y.shape[-1]) if y is not None else 0, str(x.dtype).removeprefix("torch."), str(x.device))
+            int(y.shape[-1]) if y is not None else 0, str(x.dtype).removeprefix("torch."), str(x.device),
+            int(x.shape[2]) if x.dim() == 5 else 0)
 
 
 def unet_bucket(bucket: tuple) -> tuple:
@@ -130,13 +134,15 @@ def bucket_kind(bucket: tuple) -> str:
 
 def describe_bucket(bucket: tuple) -> str:
     batch, h, w, tokens = unet_bucket(bucket)[:4]
-    shape = f"batch {batch}, {w * 8}×{h * 8} px, {tokens} tokens"
+    frames = unet_bucket(bucket)[7] if len(unet_bucket(bucket)) > 7 else 0
+    shape = f"batch {batch}, {f'{frames} latent frames of ' if frames else ''}{w * 8}×{h * 8} px, {tokens} tokens"
     return f"{bucket[0]} at {shape}" if isinstance(bucket[0], str) else shape
 
 
 def bucket_profile(bucket: tuple) -> dict:
     batch, h, w, tokens = unet_bucket(bucket)[:4]
-    return {"batch": batch, "height": h * 8, "width": w * 8, "tokens": tokens}
+    frames = unet_bucket(bucket)[7] if len(unet_bucket(bucket)) > 7 else 0
+    return {"batch": batch, "height": h * 8, "width": w * 8, "tokens": tokens, **({"frames": frames} if frames else {})}
 
 
 # ---- the session --------------------------------------------------------------------------------------------
@@ -153,6 +159,7 @@ class CompileSession:
     options: CompileOptions
     get_store: Callable | None = None
     model_config: dict = field(default_factory=dict)
+    served: Served | None = None    # what the lane compiles of this model (None: a UNet, whole)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
@@ -172,6 +179,10 @@ class CompileSession:
         return self.options.backend
 
     bucket_of = staticmethod(bucket_of)
+
+    @property
+    def by_blocks(self) -> bool:
+        return self.served is not None and self.served.scope == BLOCKS
 
     def notice(self, message: str, level: str = "warning", once: str | None = None) -> None:
         events.notice(self.name, message, level=level, node_id=self.options.node_id,
@@ -228,6 +239,10 @@ class CompileSession:
         package = self.artifacts.package_or_none(unet, bucket, inputs, options)
         if package is not None:
             return package
+        if self.by_blocks:
+            def blocks(x_, t_, c_, y_=None):
+                return run_blocks(self, unet, lambda: unet(x_, t_, context=c_, y=y_, transformer_options=dict(options)))
+            return blocks
         compiled = self.compiled_module(unet)
         if len(inputs) == 3:
             return lambda x_, t_, c_: compiled(x_, t_, context=c_, transformer_options=dict(options))
@@ -329,15 +344,20 @@ def store_getter(options: dict):
 
 
 def apply_backend(model, options: dict | None, backend: str, available: Callable, make_compiler: Callable,
-                  cuda_graphs: bool):
-    """Validate, check the model, run eager with the reason (or raise under the `error` policy) when the backend
-    cannot run here, else attach a session with its compiler."""
-    from ..base import require_sd_unet
+                  cuda_graphs: bool, regional: bool = False):
+    """Validate, check the model (`served_model`: SD UNets whole, DiTs block by block where the backend is
+    `regional`), run eager with the reason (or raise under the `error` policy) when the model or the backend
+    cannot be served here, else attach a session with its compiler."""
     from .stand_in import attach
 
     options = dict(options or {})
     parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
-    require_sd_unet(model, backend)
+    served = served_model(model, backend, regional, parsed.scope)
+    if not served:
+        if parsed.fallback == "error" or getattr(getattr(model, "model", None), "diffusion_model", None) is None:
+            raise AcceleratorInputError(served.reason)
+        events.notice(backend, f"{served.reason}; running eager", node_id=parsed.node_id)
+        return model.clone()
     ready = available()
     if not ready:
         if parsed.fallback == "error":
@@ -345,7 +365,9 @@ def apply_backend(model, options: dict | None, backend: str, available: Callable
         events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
         return model.clone()
     session = CompileSession(make_compiler(parsed), parsed, get_store=store_getter(options),
-                             model_config=model_config_fields(model))
+                             model_config=model_config_fields(model), served=served)
+    if served.model_class != "UNetModel":
+        events.notice(backend, f"compiles {served.describe()}", level="info", node_id=parsed.node_id)
     return attach(model, session)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..segments import COMPILER_KEY
+from .dit import run_blocks
 
 WRAPPER_KEY = "comfy_accel.compile"
 DEEPCACHE_WRAPPER_KEY = "comfy_accel.deepcache"
@@ -139,12 +140,26 @@ def swap_wrapper(make_stand_in: Callable) -> Callable:
     return apply_model_wrapper
 
 
+CORE_COMPILE_KEY = "torch.compile"   # the APPLY_MODEL wrapper key of core's set_torch_compile_wrapper
+
+
+def compile_clone(model):
+    """The clone a fast path runs on. ComfyUI master's dynamic VRAM (comfy-aimdo) pages weights in per block
+    through a VBAR, which compiled code and captured graphs cannot follow; its own TorchCompileModel therefore
+    demotes the model to a plain ModelPatcher with `clone(disable_dynamic=True)` (PR #12612). This does the same
+    where the host has it (`is_dynamic`, master); on ComfyUI 0.3.75 every ModelPatcher is plain: `clone()`."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        return model.clone(disable_dynamic=True)
+    return model.clone()
+
+
 def attach_stand_in(model, key: str, make_stand_in: Callable, session=None):
     """A clone of `model` (never mutated) whose apply_model runs through `swap_wrapper(make_stand_in(base_model,
     unet, clone))` under `key`; `session` is kept on the wrapper for `session_of`."""
     from comfy.patcher_extension import WrappersMP
 
-    patched = model.clone()
+    patched = compile_clone(model)
     wrapper = swap_wrapper(lambda base_model, unet: make_stand_in(base_model, unet, patched))
     wrapper.comfy_accel_session = session
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, key)
@@ -165,16 +180,27 @@ def session_of(model, key: str = WRAPPER_KEY):
 def attach(model, session):
     """A clone of `model` whose UNet runs through the compile `session` (weights patched in place, graphs freed
     on unload)."""
-    from comfy.patcher_extension import CallbacksMP
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     compiled_unet = _compiled_unet_class()
 
-    def make_stand_in(_base_model, unet, _patched):
+    def make_stand_in(base_model, unet, _patched):
         if isinstance(unet, compiled_unet):   # nested (a second Accelerate Model): the outer one runs
+            return None
+        running = getattr(base_model, "current_patcher", None)   # the clone sampling now (a later clone's)
+        if hasattr(unet, "_orig_mod") or (running is not None
+                                          and running.get_wrappers(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY)):
+            session.notice("ComfyUI's TorchCompileModel was applied after Accelerate Model: its compiled model "
+                           "runs and Accelerate Model stands aside (one compiler per model)", once="core-compile")
             return None
         return compiled_unet(unet, session)
 
+    if model.get_wrappers(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY):
+        # core's TorchCompileModel before this node: one compiler per model, the later choice wins
+        session.notice("replaces ComfyUI's TorchCompileModel applied before it on this model (one compiler per "
+                       "model)", level="info", once="core-compile-replaced")
     patched = attach_stand_in(model, WRAPPER_KEY, make_stand_in, session)
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY)
     # the host's own switch: LoRA/weight patches are copied into the existing tensors instead of replacing
     # them, so compiled code and captured graphs keep reading the live weights
     patched.weight_inplace_update = True
@@ -243,6 +269,9 @@ def _define_compiled_unet():
             if session.graphs is not None and session.compiler.freezes_python:
                 return session.fallback(graph_reason, eager)
             self.say_graphs_off(graph_reason)
+            if session.by_blocks:   # a DiT: its own forward, every repeated block through compiled code
+                session.calls["compiled"] += 1
+                return session.run_bucket(bucket, lambda: run_blocks(session, unet, eager), eager)
             compiled = session.compiled_module(unet)
             session.calls["compiled"] += 1
             return session.run_bucket(bucket, lambda: compiled(

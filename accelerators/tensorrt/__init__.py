@@ -22,10 +22,21 @@ from ..options import parse_backend_options
 NAME = "tensorrt"
 
 
+def install_hint(cuda_version: str | None) -> str:
+    """What installs TensorRT for this torch's CUDA: PyPI's `tensorrt-cu1x-libs` are stubs that fetch the real
+    wheels from NVIDIA's index at install time (the `tensorrt` sdist likewise), so that index must be reachable."""
+    major = (cuda_version or "").split(".")[0]
+    package = f"tensorrt-cu{major}" if major in ("12", "13") else "tensorrt"
+    return (f"pip install {package} --extra-index-url https://pypi.nvidia.com (PyPI's packages are stubs that "
+            f"download TensorRT from NVIDIA at install time), or TensorRT from developer.nvidia.com/tensorrt")
+
+
 def available() -> Availability:
     found = module_available("tensorrt")
     if not found:
-        return Availability(False, "tensorrt not installed (pip install tensorrt; needs an NVIDIA GPU)")
+        import torch
+
+        return Availability(False, f"tensorrt not installed: {install_hint(torch.version.cuda)}")
     gpu = cuda_available()
     if not gpu:
         return Availability(False, "needs a CUDA GPU (none visible to torch)")

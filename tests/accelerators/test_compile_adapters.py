@@ -16,11 +16,12 @@ def test_our_options_map_to_theirs(pack):
     assert onediff_options("oneflow", "default", "dynamic") == {"dynamic": True}
     with pytest.raises(ValueError, match="unknown OneDiff backend"):
         onediff_options("tvm", "default", "buckets")
-    flags = sfast_flags("default", has_xformers=True, has_triton=True)
+    flags = sfast_flags("default")
     assert flags["enable_jit_freeze"] is False          # freezing bakes the weights: LoRA would not apply
     assert flags["enable_cuda_graph"] is False          # our own graphs sit in front
-    assert flags["enable_xformers"] is True and flags["enable_triton"] is False
-    assert sfast_flags("max-autotune", has_xformers=False, has_triton=True)["enable_triton"] is True
+    assert flags["prefer_lowp_gemm"] is False and flags["enable_fused_linear_geglu"] is False   # fp32 accumulation
+    fast = sfast_flags("max-autotune")
+    assert fast["prefer_lowp_gemm"] is True and fast["enable_jit_freeze"] is False
 
 
 @pytest.mark.parametrize("name", ["onediff", "stable-fast"])
@@ -36,3 +37,53 @@ def test_compiles_and_matches_eager_where_the_library_runs(pack, name):
     eager = sample(model, steps=3)
     out = sample(spec.apply(model, {"fallback": "error"}), steps=3)
     assert ((out - eager).norm() / eager.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("name", ["onediff", "stable-fast"])
+def test_models_it_cannot_trace_are_refused_with_the_reason(pack, name):
+    """Both trace or compile the SD UNet only: a DiT is refused up front, naming its family (never a silent
+    no-op), whether or not the library is installed."""
+    from comfy_accel.accelerators import registry
+    from comfy_accel.accelerators.base import AcceleratorInputError
+    from tools.model_factory import build_model
+
+    flux = build_model("tiny-flux")
+    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet models; this MODEL is Flux"):
+        registry.get(name).apply(flux, {"fallback": "eager"})
+
+
+def test_stable_fast_trace_reads_the_live_weights(pack):
+    """Where stable-fast imports (a CPU build here: WITH_CUDA=0 tools/build_stable_fast.sh), the adapter's trace of
+    the tiny UNet matches eager and reads the weights as module attributes, not constants: a weight changed in
+    place (how ComfyUI patches a LoRA under the backend) changes the traced output without a re-trace."""
+    from comfy_accel.accelerators.compile import stable_fast
+    from comfy_accel.accelerators.compile.session import parse_options
+    from tools.model_factory import build_model, unet_inputs
+
+    if not stable_fast.library_found():
+        pytest.skip(stable_fast.available().reason)
+    if stable_fast._extension_error():
+        pytest.skip(f"stable-fast's C++ extension does not load: {stable_fast._extension_error()}")
+    model = build_model("tiny-sd15", seed=3)
+    if torch.cuda.is_available():   # its passes pick cuDNN operators there: the weights must be where they run
+        import comfy.model_management
+
+        comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    compiler = stable_fast.StableFastCompiler(parse_options({}, "stable-fast", cuda_graphs=True))
+    run = compiler.compile_module(unet)
+    x, t, context, _ = unet_inputs(model)   # on the model's load device
+    tolerance = 1e-4 if x.device.type == "cpu" else 1e-2   # on a GPU: TF32 convolutions, fused or not
+    with torch.inference_mode():
+        eager = unet(x, t, context=context, transformer_options={})
+        traced = run(x, t, context=context, transformer_options={})
+        assert ((traced - eager).norm() / eager.norm()).item() < tolerance
+        assert len(compiler.traces) == 1 and stable_fast.reads_live_parameters(compiler.traces[0])
+        weight = unet.input_blocks[1][1].proj_in.weight
+        with torch.no_grad():
+            weight.mul_(1.5)
+        changed = unet(x, t, context=context, transformer_options={})
+        assert ((changed - eager).norm() / eager.norm()).item() > 1e-3
+        again = run(x, t, context=context, transformer_options={})
+        assert ((again - changed).norm() / changed.norm()).item() < tolerance
+    assert [e["what"] for e in compiler.compile_events] == ["trace"]

@@ -63,7 +63,7 @@ def test_accelerate_model_node_with_auto_runs_eager_on_this_cpu_and_says_so(pack
     events.add_listener(listener)
     try:
         node = pack.NODE_CLASS_MAPPINGS["AccelAccelerateModel"]()
-        (out,) = node.accelerate(tiny_sd15, backend="auto", fallback="error", unique_id="auto-cpu")
+        (out,) = node.accelerate(tiny_sd15, backend="auto", fallback="error", unique_id="auto-cpu")["result"]
     finally:
         events.remove_listener(listener)
     applied = out.model_options["comfy_accel_applied"]["accelerate_model"]

@@ -113,9 +113,10 @@ def test_bad_input_gets_clear_messages(pack, model):
     from comfy_accel.accelerators.base import AcceleratorInputError
     from comfy_accel.accelerators.compile.inductor import apply
 
-    flux = build_model("tiny-flux")
-    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet"):
-        apply(flux, {})
+    with pytest.raises(AcceleratorInputError, match="needs a MODEL"):
+        apply(object(), {})
+    with pytest.raises(AcceleratorInputError, match="unknown scope 'everything'; choose one of: auto, whole, blocks"):
+        apply(model, {"scope": "everything"})
     with pytest.raises(AcceleratorInputError, match="unknown mode 'turbo'; choose one of: default, max-autotune"):
         apply(model, {"mode": "turbo"})
     with pytest.raises(AcceleratorInputError, match="unknown dynamic shapes 'maybe'; choose one of: buckets, static, dynamic"):

@@ -1,0 +1,135 @@
+"""Side-by-side benchmark of a DiT (Flux, Wan, ... from `dit_factory`) on the real ComfyUI sampler, in one process:
+ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, inductor) and Accelerate Model
+(inductor, block by block). For each: the first sample (cold compile included), the median of the timed
+samples, peak GPU memory and the final latent's relative error against eager. `tools.bench --model flux-dev`
+comes here.
+
+    python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
+    python -m tools.bench_dit --model tiny-flux-dev --runs 1    # a CPU smoke run
+
+Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for cold compile times (otherwise inductor's on-disk caches of an
+earlier run make them warm).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tools.comfy_host import import_comfy, import_pack
+
+STACKS = ("eager", "comfy-compile", "inductor")
+
+
+def _comfy_torch_compile(model):
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    clone = model.clone()
+    set_torch_compile_wrapper(clone, backend="inductor")   # what the TorchCompileModel node does by default
+    return clone
+
+
+def _ours(model):
+    from comfy_accel.accelerators.accelerate import accelerate
+
+    out, in_effect = accelerate(model, backend="inductor", fallback="error")
+    print(f"[bench_dit] Accelerate Model compiles {in_effect.get('compiles')}", flush=True)
+    return out
+
+
+BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours}
+
+
+def _sync(cuda: bool):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
+    from tools.dit_factory import sample_dit
+
+    torch._dynamo.reset()
+    model = BUILD[name](base)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    _sync(cuda)
+    started = time.perf_counter()
+    out = sample_dit(model, **kwargs)
+    _sync(cuda)
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        out = sample_dit(model, **kwargs)
+        _sync(cuda)
+        times.append(time.perf_counter() - started)
+    median = statistics.median(times) if times else first
+    row = {"stack": name, "first_s": round(first, 2), "median_s": round(median, 3),
+           "compile_s": round(first - median, 1), "runs": [round(t, 3) for t in times]}
+    if cuda:
+        row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    print(f"[bench_dit] {json.dumps(row)}", flush=True)
+    return row, out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="flux-dev")
+    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=None, help="pixels (latent = /8); default 1024 on a GPU")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=1, help="latent frames (video models)")
+    parser.add_argument("--tokens", type=int, default=None, help="text tokens (default 512 on a GPU, as Flux's T5)")
+    parser.add_argument("--runs", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    import_comfy()
+    import_pack()
+    from tools.dit_factory import build_dit
+
+    cuda = torch.cuda.is_available()
+    size = 1024 if cuda else 64
+    width, height = args.width or size, args.height or size
+    runs = args.runs if args.runs is not None else (3 if cuda else 1)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    started = time.perf_counter()
+    base = build_dit(args.model, dtype=dtype, device="cuda" if cuda else None)
+    print(f"[bench_dit] built {args.model} ({sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e9:.2f}"
+          f" B params, {dtype}) in {time.perf_counter() - started:.1f} s", flush=True)
+    kwargs = {"steps": args.steps, "cfg": 1.0, "height": height // 8, "width": width // 8, "frames": args.frames,
+              "tokens": args.tokens or (512 if cuda else 8)}
+    env = {"device": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__,
+           "date": dt.date.today().isoformat(), "model": args.model, "size": f"{width}x{height}",
+           "steps": args.steps, "dtype": str(dtype)}
+    print(f"[bench_dit] {json.dumps(env)}", flush=True)
+    rows, reference = [], None
+    for name in args.stacks.split(","):
+        try:
+            row, out = run_stack(name, base, kwargs, runs, cuda)
+        except Exception as exc:   # one stack failing must not lose the others' numbers
+            row, out = {"stack": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
+            print(f"[bench_dit] {json.dumps(row)}", flush=True)
+        if out is not None and reference is None and name == "eager":
+            reference = out
+        elif out is not None and reference is not None:
+            row["rel_err_vs_eager"] = float(((out - reference).norm() / reference.norm()).item())
+        rows.append(row)
+    eager = next((r for r in rows if r["stack"] == "eager" and "median_s" in r), None)
+    for row in rows:
+        if eager and "median_s" in row:
+            row["speedup"] = round(eager["median_s"] / row["median_s"], 2)
+    print(json.dumps({"env": env, "rows": rows}, indent=1), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
