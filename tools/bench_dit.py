@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import statistics
 import sys
 import time
@@ -24,7 +25,9 @@ import torch
 
 from tools.comfy_host import import_comfy, import_pack
 
-STACKS = ("eager", "comfy-compile", "inductor", "step-cache-2", "inductor+step-cache-2")
+STACKS = ("eager", "comfy-compile", "inductor", "step-cache-2", "inductor+step-cache-2", "comfy-easycache",
+          "comfy-compile+easycache")
+EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
 
 def _comfy_torch_compile(model):
@@ -51,8 +54,31 @@ def _step_cache_2(model):
     return apply(model, StepCacheConfig(cache_mode="interval", interval=2, start=0.0, end=0.95))
 
 
+def _core_easycache(model):
+    """ComfyUI's own EasyCache node (its defaults but the threshold), the step cache users reach for today."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    return EasyCacheNode.execute(model, reuse_threshold=EASYCACHE_THRESHOLD, start_percent=0.15, end_percent=0.95,
+                                 verbose=False).result[0]
+
+
 BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours,
-         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours(_step_cache_2(m))}
+         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours(_step_cache_2(m)),
+         "comfy-easycache": _core_easycache,
+         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m))}
+
+
+class _EasyCacheLines(logging.Handler):
+    """Core EasyCache says what it skipped only in its log line ("EasyCache - skipped N/M steps"): kept here."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "EasyCache - skipped" in message:
+            self.lines.append(message)
 
 
 def _sync(cuda: bool):
@@ -61,9 +87,24 @@ def _sync(cuda: bool):
 
 
 def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
+    torch._dynamo.reset()
+    easycache_lines, root = _EasyCacheLines(), logging.getLogger()
+    level = root.level
+    root.addHandler(easycache_lines)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)   # its line is an info record
+    try:
+        row, out = _run_stack(name, base, kwargs, runs, cuda)
+    finally:
+        root.removeHandler(easycache_lines)
+        root.setLevel(level)
+    if easycache_lines.lines:
+        row["easycache"] = easycache_lines.lines[-1]
+    return row, out
+
+
+def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
     from tools.dit_factory import sample_dit
 
-    torch._dynamo.reset()
     model = BUILD[name](base)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -93,6 +134,7 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
 
 
 def main(argv=None) -> int:
+    global EASYCACHE_THRESHOLD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux-dev")
     parser.add_argument("--stacks", default=",".join(STACKS))
@@ -103,7 +145,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="text tokens (default 512 on a GPU, as Flux's T5)")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--easycache-threshold", type=float, default=EASYCACHE_THRESHOLD,
+                        help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks)")
     args = parser.parse_args(argv)
+    EASYCACHE_THRESHOLD = args.easycache_threshold
     import_comfy()
     import_pack()
     from tools.dit_factory import build_dit

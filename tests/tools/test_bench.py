@@ -42,3 +42,19 @@ def test_steps_sweep_fit_splits_per_step_and_fixed_cost():
     assert abs(per_step - 0.007) < 1e-12 and abs(fixed - 0.010) < 1e-12
     # a run whose time does not grow linearly with the steps gives a negative fixed cost: the bench says so
     assert fit_steps({10: 0.33, 20: 0.68, 40: 1.92})[1] < 0
+
+
+@pytest.mark.slow
+def test_bench_dit_step_cache_stacks_say_what_they_skipped(tmp_path):
+    """The DiT bench's step-cache stacks: our forced schedule skips 9 of 20 steps; core's EasyCache beside it says
+    what it skipped (its log line); both differ from eager by a bounded amount."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "tools.bench_dit", "--model", "tiny-wan21", "--stacks",
+           "eager,step-cache-2,comfy-easycache", "--steps", "20", "--runs", "1", "--easycache-threshold", "0.5",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {row["stack"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["step-cache-2"]["step_cache"].startswith("skipped 9 of 20 steps")
+    assert rows["comfy-easycache"]["easycache"].startswith("EasyCache - skipped")
+    assert 0 < rows["step-cache-2"]["rel_err_vs_eager"] < 0.5
