@@ -2,7 +2,8 @@
 ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, inductor) and Accelerate Model
 (inductor, block by block). For each: the first sample (cold compile included), the median of the timed
 samples, peak GPU memory and the final latent's relative error against eager. `tools.bench --model flux-dev`
-comes here.
+comes here. The step-cache stacks (Step Cache on a forced schedule, alone and under Accelerate Model, and core's
+EasyCache alone and under core's TorchCompileModel) add what they skipped to their row.
 
     python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
     python -m tools.bench_dit --model tiny-flux-dev --runs 1    # a CPU smoke run
