@@ -23,9 +23,14 @@ PANEL_BACKENDS = ("auto", "eager", *BACKEND_NAMES)
 # "auto" takes the first available of these; engines (tensorrt) need an explicit build, so never implicit.
 AUTO_ORDER = ("inductor+cudagraphs", "stable-fast", "onediff", "inductor")
 DYNAMIC_MODES = ("buckets", "static", "dynamic")
-DEEPCACHE_INTERVAL = (1, 100)   # the same ranges as accelerators/deepcache.py: DeepCacheConfig
+# The ranges of the panel's numbers: the one place the accordion's sliders, the API check and pasted infotext
+# read them from (to be re-pointed at accelerators/options.py, the one source of option values, when it lands).
+DEEPCACHE_INTERVAL = (1, 100)
 DEEPCACHE_BRANCH = (0, 11)
+CFG_CUTOFF_PERCENT = (0.0, 100.0)
 INFOTEXT_PREFIX = "Accel"
+# The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
+PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd")
 
 
 @dataclass
@@ -74,22 +79,33 @@ class AccelPlan:
     def step(self, accelerator: str) -> PlanStep | None:
         return next((s for s in self.steps if s.accelerator == accelerator), None)
 
-    def infotext(self) -> dict:
-        """Key/values for the WebUI's infotext (p.extra_generation_params); `infotext_to_panel` reads them back."""
-        if not self.steps:
+    def infotext(self, ran: dict | None = None) -> dict:
+        """Key/values for the WebUI's infotext (p.extra_generation_params); `infotext_to_panel` reads them back.
+
+        `ran` says what actually ran in the job ({"backend", "deepcache", "cfg_cutoff", "taesd": bool, "notes"});
+        an accelerator that was asked for but did not run is left out and said in "Accel note", so the image
+        never claims what did not happen. Without `ran` (before the job) it is the plan itself.
+        """
+        if not self.steps and not (ran and ran.get("notes")):
             return {}
-        out = {f"{INFOTEXT_PREFIX} backend": self.backend}
-        if self.requested_backend != self.backend:
+        ran = ran if ran is not None else {"backend": self.backend, "deepcache": bool(self.step("deepcache")),
+                                           "cfg_cutoff": bool(self.step("cfg_cutoff")),
+                                           "taesd": bool(self.step("taesd")), "notes": []}
+        out = {f"{INFOTEXT_PREFIX} backend": ran["backend"]}
+        if self.requested_backend != ran["backend"]:
             out[f"{INFOTEXT_PREFIX} requested"] = self.requested_backend
         cutoff = self.step("cfg_cutoff")
-        if cutoff:
+        if cutoff and ran.get("cfg_cutoff"):
             out[f"{INFOTEXT_PREFIX} CFG cutoff"] = f"{cutoff.options['cutoff_percent']:g}%"
         deepcache = self.step("deepcache")
-        if deepcache:
+        if deepcache and ran.get("deepcache"):
             out[f"{INFOTEXT_PREFIX} DeepCache"] = (f"interval {deepcache.options['cache_interval']}, "
                                                    f"branch {deepcache.options['cache_branch']}")
-        if self.step("taesd"):
+        if self.step("taesd") and ran.get("taesd"):
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
+        notes = [n for n in ran.get("notes", []) if n]
+        if notes:
+            out[f"{INFOTEXT_PREFIX} note"] = "; ".join(dict.fromkeys(notes))
         return out
 
     def as_metadata(self) -> dict:
@@ -180,7 +196,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     interval = _as_int("deepcache_interval", panel.deepcache_interval, *DEEPCACHE_INTERVAL)
     branch = _as_int("deepcache_branch", panel.deepcache_branch, *DEEPCACHE_BRANCH)
     use_cutoff = _as_bool("cfg_cutoff", panel.cfg_cutoff)
-    cutoff_percent = check_range("cfg_cutoff_percent", panel.cfg_cutoff_percent, 0.0, 100.0)
+    cutoff_percent = check_range("cfg_cutoff_percent", panel.cfg_cutoff_percent, *CFG_CUTOFF_PERCENT)
     use_taesd = _as_bool("taesd", panel.taesd)
 
     plan = AccelPlan(fallback=fallback, requested_backend=requested)
@@ -218,26 +234,61 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     return plan
 
 
-def infotext_to_panel(params: dict) -> dict:
-    """Reads the infotext keys that AccelPlan.infotext writes back into panel values (for "paste")."""
+def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
+    """Reads the infotext keys that AccelPlan.infotext writes back into panel values (for "paste").
+
+    Each field is read on its own: a bad one is left out (the others still paste) and its message goes to
+    `errors`; without an `errors` list the first bad field raises AcceleratorInputError.
+    """
     out: dict = {}
     backend = params.get(f"{INFOTEXT_PREFIX} requested") or params.get(f"{INFOTEXT_PREFIX} backend")
     if backend is None:
         return out
+    found: list[str] = []
+
+    def read(name, parse):
+        try:
+            out[name] = parse()
+        except AcceleratorInputError as exc:
+            found.append(f"pasted {INFOTEXT_PREFIX} {name.replace('_', ' ')}: {exc}")
+
     out["enabled"] = True
-    out["backend"] = _choice("backend", backend, PANEL_BACKENDS)
+    read("backend", lambda: _choice("backend", backend, PANEL_BACKENDS))
     cutoff = params.get(f"{INFOTEXT_PREFIX} CFG cutoff")
     out["cfg_cutoff"] = cutoff is not None
     if cutoff is not None:
-        out["cfg_cutoff_percent"] = check_range("cfg_cutoff_percent", str(cutoff).rstrip("%"), 0.0, 100.0)
+        read("cfg_cutoff_percent", lambda: check_range("cfg_cutoff_percent", str(cutoff).strip().rstrip("%"),
+                                                       *CFG_CUTOFF_PERCENT))
     deepcache = params.get(f"{INFOTEXT_PREFIX} DeepCache")
     out["deepcache"] = deepcache is not None
     if deepcache is not None:
         fields = dict(part.strip().split(" ", 1) for part in str(deepcache).split(",") if " " in part.strip())
-        out["deepcache_interval"] = _as_int("deepcache_interval", fields.get("interval", 3), *DEEPCACHE_INTERVAL)
-        out["deepcache_branch"] = _as_int("deepcache_branch", fields.get("branch", 0), *DEEPCACHE_BRANCH)
+        read("deepcache_interval", lambda: _as_int("deepcache_interval", fields.get("interval", 3),
+                                                   *DEEPCACHE_INTERVAL))
+        read("deepcache_branch", lambda: _as_int("deepcache_branch", fields.get("branch", 0), *DEEPCACHE_BRANCH))
     out["taesd"] = params.get(f"{INFOTEXT_PREFIX} TAESD") == "on"
+    if found and errors is None:
+        raise AcceleratorInputError(found[0])
+    if errors is not None:
+        errors.extend(found)
     return out
+
+
+def img2img_sigmas(sigmas, steps: int, t_enc: int) -> list[float]:
+    """The part of a `steps`-step schedule an img2img (or hires) pass samples: A1111's k-diffusion sampler takes
+    `sigmas[steps - t_enc - 1:]`, with (steps, t_enc) from `sd_samplers_common.setup_img2img_steps`."""
+    values = [float(s) for s in sigmas]
+    return values[steps - t_enc - 1:]
+
+
+def setup_img2img_steps(steps: int, denoising_strength: float, fix_steps: bool, pass_steps: int | None = None):
+    """(steps, t_enc) as A1111 v1.10's `sd_samplers_common.setup_img2img_steps` computes them (the shim calls the
+    WebUI's own function; this copy of the arithmetic is what the CPU tests check the cutoff step against)."""
+    if fix_steps or pass_steps is not None:
+        requested = pass_steps or steps
+        total = int(requested / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0
+        return total, requested - 1
+    return steps, int(min(denoising_strength, 0.999) * steps)
 
 
 def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
@@ -255,23 +306,41 @@ def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
     return values[step] * (1.0 + 1e-4) + 1e-8
 
 
-def webui_settings_to_core(values: dict) -> dict:
-    """The WebUI settings section (cache folder, budgets, default backend, fallback) → validated core settings.
+SETTING_TO_CORE = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
+                   "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb"}
+CACHE_FOLDER_SETTING = "accel_cache_folder"
 
-    Returns {"settings": {...}, "cache_root": str|None}; a bad value raises AcceleratorInputError naming it.
-    """
-    mapping = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
-               "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb"}
-    unknown = set(values) - set(mapping) - {"accel_cache_folder"}
-    if unknown:
-        raise AcceleratorInputError(f"unknown WebUI accelerator setting(s): {', '.join(sorted(unknown))}")
-    core = {mapping[k]: v for k, v in values.items() if k in mapping}
-    for name in ("cache_budget_gb", "memory_budget_gb"):
-        if name in core and isinstance(core[name], str):
-            try:
-                core[name] = float(core[name])
-            except ValueError:
-                raise AcceleratorInputError(f"{name} must be a number; got {core[name]!r}") from None
-    dataclasses.replace(settings_module.get_settings(), **core).validate()
-    folder = str(values.get("accel_cache_folder") or "").strip() or None
-    return {"settings": core, "cache_root": folder}
+
+def webui_setting_to_core(key: str, value, current: settings_module.Settings | None = None) -> tuple[str, object]:
+    """One WebUI setting → (core settings field, validated value); ("cache_root", folder or None) for the cache
+    folder. Checked on its own against the current settings, so one bad value never blocks another."""
+    if key == CACHE_FOLDER_SETTING:
+        return "cache_root", str(value or "").strip() or None
+    if key not in SETTING_TO_CORE:
+        raise AcceleratorInputError(f"unknown WebUI accelerator setting {key}; known: "
+                                    f"{', '.join(sorted([*SETTING_TO_CORE, CACHE_FOLDER_SETTING]))}")
+    name = SETTING_TO_CORE[key]
+    if name in ("cache_budget_gb", "memory_budget_gb") and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise AcceleratorInputError(f"{name} must be a number; got {value!r}") from None
+    dataclasses.replace(current or settings_module.get_settings(), **{name: value}).validate()
+    return name, value
+
+
+def webui_settings_to_core(values: dict) -> dict:
+    """Several WebUI settings at once: {"settings": {...}, "cache_root": str|None, "errors": {key: message}}.
+    Each is validated alone; a bad one is reported under "errors" and left out, the others are kept."""
+    out: dict = {"settings": {}, "cache_root": None, "errors": {}}
+    for key, value in values.items():
+        try:
+            name, checked = webui_setting_to_core(key, value)
+        except AcceleratorInputError as exc:
+            out["errors"][key] = str(exc)
+            continue
+        if name == "cache_root":
+            out["cache_root"] = checked
+        else:
+            out["settings"][name] = checked
+    return out
