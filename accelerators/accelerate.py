@@ -2,80 +2,44 @@
 options, apply it — or run eager with the reason when it cannot run here (a shared workflow never fails
 because its receiver lacks a backend, unless the fallback policy says `error`).
 
-Backends: `auto` (the fastest available here: AUTO_ORDER), `default` (the settings' default backend), one by
-name, or `eager` (nothing: handy for A/B in one workflow).
+Which backend `auto` and `default` mean, and every option's values: options.py (the same rule in both hosts).
 """
 from __future__ import annotations
 
-from . import events, registry
-from . import settings as settings_module
+from . import events, options, registry
 from .base import AcceleratorInputError, BackendUnavailable
-from .compiled_unet import DYNAMIC, FALLBACKS, MODES
-from .webui_mapping import AUTO_ORDER, BACKEND_NAMES
 
-NODE_BACKENDS = ("auto", "default", *BACKEND_NAMES, "eager")
 NAME = "accelerate_model"
 
 
-def resolve_backend(requested: str) -> tuple[str, str]:
-    """(backend, note): `default` → the settings' backend, `auto` → the first available of AUTO_ORDER."""
-    if requested not in NODE_BACKENDS:
-        raise AcceleratorInputError(f"unknown backend {requested!r}; choose one of: {', '.join(NODE_BACKENDS)}")
-    note = ""
-    if requested == "default":
-        requested = settings_module.get_settings().default_backend
-        note = f"default backend from the settings: {requested}"
-    if requested != "auto":
-        return requested, note
-    reasons = []
-    for name in AUTO_ORDER:
-        spec = registry.all_specs().get(name)
-        if spec is None:
-            continue
-        found = spec.available()
-        if found:
-            return name, f"auto picked {name} ({found.reason})"
-        reasons.append(f"{name}: {found.reason}")
-    return "eager", "auto: no compile backend can run here (" + "; ".join(reasons) + ")"
-
-
-def validate_options(mode: str, dynamic: str, fallback: str) -> str:
-    """Checks the shared options; returns the fallback policy in effect ('default' → the settings')."""
-    if mode not in MODES:
-        raise AcceleratorInputError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if dynamic not in DYNAMIC:
-        raise AcceleratorInputError(f"dynamic must be one of {', '.join(DYNAMIC)}; got {dynamic!r}")
-    if fallback == "default":
-        fallback = settings_module.get_settings().fallback_policy
-    if fallback not in FALLBACKS:
-        raise AcceleratorInputError(f"fallback must be 'default', 'eager' or 'error'; got {fallback!r}")
-    return fallback
-
-
-def accelerate(model, backend: str = "auto", mode: str = "default", dynamic: str = "buckets",
-               fallback: str = "default", node_id=None, get_store=None, keep_weights_on_gpu: bool = False):
+def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynamic: str = "buckets",
+               fallback: str = options.DEFAULT, node_id=None, get_store=None, keep_weights_on_gpu: bool = False):
     """(accelerated clone, settings in effect). The settings say which backend was chosen and why."""
-    fallback = validate_options(mode, dynamic, fallback)
+    mode, dynamic, fallback = options.parse_backend_options({"mode": mode, "dynamic": dynamic, "fallback": fallback})
     if not isinstance(keep_weights_on_gpu, bool):
         raise AcceleratorInputError(f"keep_weights_on_gpu must be true or false; got {keep_weights_on_gpu!r}")
-    chosen, note = resolve_backend(backend)
+    choice = options.resolve_backend(backend)
+    chosen, note = choice.backend, choice.note
     node = None if node_id is None else str(node_id)
     if note:
         events.notice(NAME, note, level="info", node_id=node)
     in_effect = {"backend": chosen, "requested": backend, "mode": mode, "dynamic": dynamic, "fallback": fallback}
     if note:
         in_effect["note"] = note
-    if chosen == "eager":
-        if backend != "eager" and fallback == "error":  # auto/default found nothing that can run here
-            raise BackendUnavailable(note or "no backend chosen")
+    if chosen == options.EAGER:
+        if choice.missing and fallback == "error":  # auto wanted a compile backend and none can run here
+            raise BackendUnavailable(choice.missing)
+        if choice.missing:
+            in_effect["unavailable"] = choice.missing
         out = model.clone()
     else:
         spec = registry.get(chosen)
-        options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node, "get_store": get_store}
+        backend_options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node,
+                           "get_store": get_store}
         ready = spec.available()
         if not ready:
             in_effect["unavailable"] = ready.reason
-        out = spec.apply(model, options)
+        out = spec.apply(model, backend_options)
     if keep_weights_on_gpu:
         in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
         events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)

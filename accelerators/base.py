@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 
@@ -41,6 +41,9 @@ class AcceleratorSpec:
     kind: str = "model"            # "model" (MODEL → MODEL), "vae", or "backend" (chosen in Accelerate Model)
     lossless: bool = True          # same images as eager up to float noise
     order: int = 100               # display order in the panel
+    # why applying it to its own output is not the same as applying it once ("" = it is: a second apply
+    # replaces the first); tests/contract/test_accelerator_contract.py holds every spec to this
+    not_idempotent: str = ""
 
     def status(self) -> dict:
         try:
@@ -127,12 +130,3 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
     if not low <= value <= high:
         raise AcceleratorInputError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
     return value
-
-
-@dataclass
-class Notice:
-    """One line that says why something happened (fallback, recompile, cache miss)."""
-    accelerator: str
-    message: str
-    level: str = "warning"
-    data: dict = field(default_factory=dict)

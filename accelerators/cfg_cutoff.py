@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AcceleratorSpec, Availability, check_range
+from . import options
+from .base import AcceleratorSpec, Availability
 from .sampling_progress import current_step, install_step_tracking
 
 WRAPPER_KEY = "comfy_accel.cfg_cutoff"
@@ -18,12 +19,14 @@ WRAPPER_KEY = "comfy_accel.cfg_cutoff"
 
 @dataclass
 class CFGCutoffConfig:
-    cutoff_percent: float = 50.0   # skip uncond from this % of the steps on (0 = from the first, 100 = never)
-    sigma_threshold: float = 0.0   # if > 0: skip uncond once sigma <= this instead (overrides the percent)
+    # skip uncond from this % of the steps on (0 = from the first, 100 = never)
+    cutoff_percent: float = options.CFG_CUTOFF_PERCENT.default
+    # if > 0: skip uncond once sigma <= this instead (overrides the percent)
+    sigma_threshold: float = options.SIGMA_THRESHOLD.default
 
     def __post_init__(self):
-        self.cutoff_percent = check_range("cutoff_percent", self.cutoff_percent, 0.0, 100.0)
-        self.sigma_threshold = check_range("sigma_threshold", self.sigma_threshold, 0.0, 1e4)
+        self.cutoff_percent = options.CFG_CUTOFF_PERCENT.parse("cutoff_percent", self.cutoff_percent)
+        self.sigma_threshold = options.SIGMA_THRESHOLD.parse("sigma_threshold", self.sigma_threshold)
 
     def uncond_skipped(self, sigma, sample_sigmas, transformer_options=None) -> bool:
         if self.sigma_threshold > 0:  # reads the sigma: one device sync per step, only in this mode

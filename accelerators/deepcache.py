@@ -29,8 +29,8 @@ import itertools
 import logging
 from dataclasses import dataclass
 
-from . import events
-from .base import AcceleratorInputError, AcceleratorSpec, Availability, check_range, require_sd_unet
+from . import events, options
+from .base import AcceleratorInputError, AcceleratorSpec, Availability, require_sd_unet
 from .sampling_progress import install_step_tracking, step_of, tracked_step
 from .segments import run_segment, segment_compiler
 
@@ -46,26 +46,21 @@ SUPPORTED_REPLACE = frozenset({"attn1", "attn2"})
 LOOP_PATCHES = ("emb_patch", "input_block_patch", "input_block_patch_after_skip", "output_block_patch")
 
 
-def _whole_number(name: str, value, low: int, high: int) -> int:
-    number = check_range(name, value, low, high)
-    if number != int(number):
-        raise AcceleratorInputError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
 @dataclass
 class DeepCacheConfig:
-    cache_interval: int = 3        # a full UNet step every N steps; 1 = off (identical to the plain model)
-    cache_branch: int = 0          # skip branch k: cached steps run input_blocks[:k+1] and output_blocks[N-k-1:]
-    start_percent: float = 0.0     # cache from this % of the steps on (full steps before)
-    end_percent: float = 100.0     # ... up to this % (full steps after)
+    # a full UNet step every N steps; 1 = off (identical to the plain model)
+    cache_interval: int = options.DEEPCACHE_INTERVAL.default
+    # skip branch k: cached steps run input_blocks[:k+1] and output_blocks[N-k-1:]
+    cache_branch: int = options.DEEPCACHE_BRANCH.default
+    start_percent: float = options.PERCENT.low     # cache from this % of the steps on (full steps before)
+    end_percent: float = options.PERCENT.high      # ... up to this % (full steps after)
     node_id: str | None = None     # the node that asked for it, for the notices
 
     def __post_init__(self):
-        self.cache_interval = _whole_number("cache_interval", self.cache_interval, 1, 1000)
-        self.cache_branch = _whole_number("cache_branch", self.cache_branch, 0, 64)
-        self.start_percent = check_range("start_percent", self.start_percent, 0.0, 100.0)
-        self.end_percent = check_range("end_percent", self.end_percent, 0.0, 100.0)
+        self.cache_interval = options.DEEPCACHE_INTERVAL.parse("cache_interval", self.cache_interval)
+        self.cache_branch = options.DEEPCACHE_BRANCH.parse("cache_branch", self.cache_branch)
+        self.start_percent = options.PERCENT.parse("start_percent", self.start_percent)
+        self.end_percent = options.PERCENT.parse("end_percent", self.end_percent)
         if self.end_percent < self.start_percent:
             raise AcceleratorInputError(f"end_percent ({self.end_percent:g}) must not be below start_percent "
                                         f"({self.start_percent:g})")
@@ -431,38 +426,8 @@ def deepcache_state(model) -> DeepCacheState | None:
     return None
 
 
-# -- FreeU: core's own patch, honoured by every lane that runs the block loop -----------------------------
-@dataclass
-class FreeUConfig:
-    version: str = "v2"            # "v1" = core FreeU, "v2" = core FreeU_V2
-    b1: float = 1.3
-    b2: float = 1.4
-    s1: float = 0.9
-    s2: float = 0.2
-
-    def __post_init__(self):
-        if self.version not in ("v1", "v2"):
-            raise AcceleratorInputError(f"version must be 'v1' (FreeU) or 'v2' (FreeU_V2), got {self.version!r}")
-        for name in ("b1", "b2", "s1", "s2"):
-            setattr(self, name, check_range(name, getattr(self, name), 0.0, 10.0))
-
-
-def apply_freeu(model, config: FreeUConfig):
-    """ComfyUI's own FreeU / FreeU_V2 node patch (an output_block_patch), for use without the node graph."""
-    from comfy_extras.nodes_freelunch import FreeU, FreeU_V2
-
-    node = FreeU() if config.version == "v1" else FreeU_V2()
-    return node.patch(model, config.b1, config.b2, config.s1, config.s2)[0]
-
-
 def _deepcache_available() -> Availability:
     return Availability(True, "SD1.x/SD2.x/SDXL UNets; ControlNet calls run full steps (said once per run)")
-
-
-def _freeu_available() -> Availability:
-    return Availability(True, "core FreeU/FreeU_V2 are honoured eager, under DeepCache (called where the host "
-                              "calls them) and in the compile lane (traced into the graph); a baked TensorRT "
-                              "engine cannot apply them and says so")
 
 
 ACCELERATOR_SPECS = [
@@ -471,10 +436,5 @@ ACCELERATOR_SPECS = [
         description="Runs the full UNet every N steps and only its shallow blocks in between, reusing the "
                     "cached deep features (about 2-2.5x at interval 3; lossy).",
         config=DeepCacheConfig, available=_deepcache_available, apply=apply, kind="model", lossless=False,
-        order=50),
-    AcceleratorSpec(
-        name="freeu", title="FreeU (core)",
-        description="ComfyUI's FreeU/FreeU_V2 quality patch; kept working inside DeepCache and compiled paths.",
-        config=FreeUConfig, available=_freeu_available, apply=apply_freeu, kind="model", lossless=True,
-        order=55),
+        order=50)
 ]

@@ -1,36 +1,42 @@
-"""Finds every accelerator module in this package and reports what can run here.
+"""The accelerators of the pack, named once (SPEC_MODULES), and what can run here.
 
-Modules are imported one by one; a module that fails to import (a broken optional library) shows up
+Each module in SPEC_MODULES defines `ACCELERATOR_SPECS`; the rest of the package is infrastructure and is not
+listed. The modules are imported one by one: one that fails to import (a broken optional library) shows up
 as unavailable with the exception as its reason instead of breaking the pack.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
-from pathlib import Path
 
 from .base import AcceleratorSpec, Availability
 
 log = logging.getLogger("comfy_accel")
-_SKIP = {"base", "events", "registry", "settings", "sampling_progress", "cache"}
+# module names relative to this package; a new accelerator is added here
+SPEC_MODULES = (
+    "cfg_cutoff",
+    "deepcache",
+    "freeu",
+    "taesd",
+    "torch_compile",
+    "onediff",
+    "stable_fast",
+    "tensorrt",
+)
 _specs: dict[str, AcceleratorSpec] | None = None
 _broken: dict[str, str] = {}
 
 
-def _discover() -> dict[str, AcceleratorSpec]:
+def _load() -> dict[str, AcceleratorSpec]:
     specs: dict[str, AcceleratorSpec] = {}
-    folder = Path(__file__).parent
-    for info in pkgutil.iter_modules([str(folder)]):
-        if info.name in _SKIP or info.name.startswith("_"):
-            continue
+    for name in SPEC_MODULES:
         try:
-            module = importlib.import_module(f"{__package__}.{info.name}")
+            module = importlib.import_module(f"{__package__}.{name}")
         except Exception as exc:
-            _broken[info.name] = f"{type(exc).__name__}: {exc}"
-            log.warning("[comfy-accel] accelerator module %s failed to import: %s", info.name, exc)
+            _broken[name] = f"{type(exc).__name__}: {exc}"
+            log.warning("[comfy-accel] accelerator module %s failed to import: %s", name, exc)
             continue
-        for spec in getattr(module, "ACCELERATOR_SPECS", []):
+        for spec in module.ACCELERATOR_SPECS:
             specs[spec.name] = spec
     return dict(sorted(specs.items(), key=lambda item: (item[1].order, item[0])))
 
@@ -38,7 +44,7 @@ def _discover() -> dict[str, AcceleratorSpec]:
 def all_specs() -> dict[str, AcceleratorSpec]:
     global _specs
     if _specs is None:
-        _specs = _discover()
+        _specs = _load()
     return _specs
 
 

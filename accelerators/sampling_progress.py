@@ -22,12 +22,6 @@ def step_of(sigma, sample_sigmas) -> tuple[int, int]:
     return min(int(at_or_above.max()), total - 1), total
 
 
-def step_fraction(sigma, sample_sigmas) -> float:
-    """The evaluated step as a fraction of the run: 0.0 for the first step, (n-1)/n for the last."""
-    step, total = step_of(sigma, sample_sigmas)
-    return step / total
-
-
 # ---- the step without a device sync ------------------------------------------------------------------------
 # Reading the current sigma (`sigma.item()`) waits for the GPU: harmless in eager mode, where the CPU is the
 # bottleneck anyway, but with CUDA graphs it stops the CPU from queuing the next step while the GPU runs this

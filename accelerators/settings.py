@@ -13,39 +13,36 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import options
 from .base import AcceleratorInputError
-
-FALLBACK_POLICIES = ("eager", "error")
-BACKENDS = ("auto", "inductor", "inductor+cudagraphs", "onediff", "stable-fast", "tensorrt", "eager")
 
 
 @dataclass
 class Settings:
-    default_backend: str = "auto"
-    fallback_policy: str = "eager"        # eager: run unaccelerated and say why; error: fail the prompt
-    cache_budget_gb: float = 20.0         # disk budget of the artifact cache
-    memory_budget_gb: float = 8.0         # live compiled objects/engines kept in memory
+    """The values and their bounds come from options.py (the one place the panels read them from too)."""
+    default_backend: str = options.AUTO                             # what a node's `default` backend means
+    fallback_policy: str = options.FALLBACKS[0]                     # eager: run unaccelerated and say why
+    cache_budget_gb: float = options.CACHE_BUDGET_GB.default        # disk budget of the artifact cache
+    memory_budget_gb: float = options.MEMORY_BUDGET_GB.default      # live compiled objects/engines in memory
 
     def validate(self) -> "Settings":
-        if self.default_backend not in BACKENDS:
-            raise AcceleratorInputError(f"default_backend must be one of {', '.join(BACKENDS)}; "
-                                        f"got {self.default_backend!r}")
-        if self.fallback_policy not in FALLBACK_POLICIES:
-            raise AcceleratorInputError(f"fallback_policy must be 'eager' or 'error'; got {self.fallback_policy!r}")
-        for name, low, high in (("cache_budget_gb", 0.1, 10_000.0), ("memory_budget_gb", 0.1, 1_000.0)):
+        for name, allowed in (("default_backend", options.DEFAULT_BACKEND_CHOICES),
+                              ("fallback_policy", options.FALLBACKS)):
+            if getattr(self, name) not in allowed:
+                raise AcceleratorInputError(f"{name} must be one of {', '.join(allowed)}; "
+                                            f"got {getattr(self, name)!r}")
+        for name, bounds in (("cache_budget_gb", options.CACHE_BUDGET_GB),
+                             ("memory_budget_gb", options.MEMORY_BUDGET_GB)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise AcceleratorInputError(f"{name} must be a number between {low:g} and {high:g}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not bounds.low <= value <= bounds.high:
+                raise AcceleratorInputError(f"{name} must be a number between {bounds.low:g} and {bounds.high:g}; "
+                                            f"got {value!r}")
         return self
 
 
 _lock = threading.Lock()
 _settings = Settings()
 _path: Path | None = None
-
-
-def settings_path() -> Path | None:
-    return _path
 
 
 def load(path: Path | str | None) -> Settings:

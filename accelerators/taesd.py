@@ -210,4 +210,5 @@ ACCELERATOR_SPECS = [AcceleratorSpec(
     name="taesd", title="Tiny VAE (TAESD)",
     description="Decodes/encodes with TAESD or TAESDXL instead of the full VAE: several times faster and far "
                 "less memory, slightly softer images.",
-    config=TinyVAEConfig, available=_available, apply=apply, kind="vae", lossless=False, order=70)]
+    config=TinyVAEConfig, available=_available, apply=apply, kind="vae", lossless=False, order=70,
+    not_idempotent="it returns a VAE, not a MODEL: there is no output to apply it to again")]

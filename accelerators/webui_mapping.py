@@ -16,18 +16,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import settings as settings_module
-from .base import AcceleratorInputError, Availability, BackendUnavailable, check_range
+from .base import AcceleratorInputError, Availability, BackendUnavailable
+# every value and range comes from options.py, like the ComfyUI nodes'
+from .options import (BACKEND_CHOICES, CFG_CUTOFF_PERCENT, DEEPCACHE_BRANCH, DEEPCACHE_INTERVAL, DEFAULT,
+                      DYNAMIC, parse_bool, parse_choice, parse_fallback, registry_availability, resolve_backend)
 
-BACKEND_NAMES = ("inductor", "inductor+cudagraphs", "onediff", "stable-fast", "tensorrt")
-PANEL_BACKENDS = ("auto", "eager", *BACKEND_NAMES)
-# "auto" takes the first available of these; engines (tensorrt) need an explicit build, so never implicit.
-AUTO_ORDER = ("inductor+cudagraphs", "stable-fast", "onediff", "inductor")
-DYNAMIC_MODES = ("buckets", "static", "dynamic")
-# The ranges of the panel's numbers: the one place the accordion's sliders, the API check and pasted infotext
-# read them from (to be re-pointed at accelerators/options.py, the one source of option values, when it lands).
-DEEPCACHE_INTERVAL = (1, 100)
-DEEPCACHE_BRANCH = (0, 11)
-CFG_CUTOFF_PERCENT = (0.0, 100.0)
+PANEL_BACKENDS = BACKEND_CHOICES
 INFOTEXT_PREFIX = "Accel"
 # The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
 PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd")
@@ -37,13 +31,13 @@ PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cut
 class PanelValues:
     """What the WebUI accordion shows, one field per component (defaults = the accordion's defaults)."""
     enabled: bool = False
-    backend: str = "auto"
-    dynamic: str = "buckets"
+    backend: str = DEFAULT                # the settings' default backend (`auto` there until changed)
+    dynamic: str = DYNAMIC[0]
     deepcache: bool = False
-    deepcache_interval: int = 3
-    deepcache_branch: int = 0
+    deepcache_interval: int = DEEPCACHE_INTERVAL.default
+    deepcache_branch: int = DEEPCACHE_BRANCH.default
     cfg_cutoff: bool = False
-    cfg_cutoff_percent: float = 60.0
+    cfg_cutoff_percent: float = CFG_CUTOFF_PERCENT.default
     taesd: bool = False
     fallback: str = ""                    # "" = the fallback policy from the settings
 
@@ -116,88 +110,29 @@ class AccelPlan:
                 "notes": list(self.notes)}
 
 
-def _registry_availability(name: str) -> Availability | None:
-    """Availability of a registered accelerator, or None when this install has no such accelerator."""
-    from . import registry
-
-    spec = registry.all_specs().get(name)
-    if spec is None:
-        return None
-    try:
-        return spec.available()
-    except Exception as exc:  # a probe must never break the mapping
-        return Availability(False, f"availability check failed: {exc}")
-
-
-def _as_bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
-        return value.strip().lower() in ("true", "on", "yes", "1")
-    raise AcceleratorInputError(f"{name} must be on or off (true/false), got {value!r}")
-
-
-def _as_int(name: str, value, low: int, high: int) -> int:
-    number = check_range(name, value, low, high)
-    if number != int(number):
-        raise AcceleratorInputError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
-def _choice(name: str, value, allowed: tuple[str, ...]) -> str:
-    text = str(value).strip().lower() if isinstance(value, str) else value
-    if text not in allowed:
-        raise AcceleratorInputError(f"unknown {name} {value!r}; choose one of: {', '.join(allowed)}")
-    return text
-
-
-def resolve_backend(requested: str, settings: settings_module.Settings,
-                    availability: Callable[[str], Availability | None]) -> tuple[str, list[str]]:
-    """'auto' → the settings' default backend, else the first available of AUTO_ORDER, else eager."""
-    notes: list[str] = []
-    if requested != "auto":
-        return requested, notes
-    default = settings.default_backend
-    if default not in ("auto", "eager"):
-        notes.append(f"auto: using the default backend from the settings ({default})")
-        return default, notes
-    if default == "eager":
-        notes.append("auto: the settings' default backend is eager")
-        return "eager", notes
-    for name in AUTO_ORDER:
-        found = availability(name)
-        if found is not None and found.ok:
-            notes.append(f"auto: picked {name} ({found.reason})" if found.reason else f"auto: picked {name}")
-            return name, notes
-    notes.append("auto: no compile backend is available here; running eager")
-    return "eager", notes
-
-
 def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings | None = None,
-                  availability: Callable[[str], Availability | None] | None = None, store=None) -> AccelPlan:
+                  availability: Callable[[str], Availability | None] | None = None, store=None,
+                  gpu: Availability | None = None) -> AccelPlan:
     """Validates the panel values and returns the plan; raises AcceleratorInputError on any bad value.
 
     `availability(name)` answers for registered accelerators (None when the install lacks one); it defaults
-    to the registry. A requested backend that cannot run here becomes eager with a note, or raises
-    BackendUnavailable when the fallback policy is "error" (the same policy the ComfyUI nodes follow).
+    to the registry; `gpu` whether a CUDA GPU is here (default: torch's answer). A requested backend that
+    cannot run here becomes eager with a note, or raises BackendUnavailable when the fallback policy is "error" (the same policy the ComfyUI nodes follow).
     """
     panel = values if isinstance(values, PanelValues) else PanelValues.from_dict(dict(values))
     settings = settings or settings_module.get_settings()
-    availability = availability or _registry_availability
+    availability = availability or registry_availability
 
-    enabled = _as_bool("enabled", panel.enabled)
-    requested = _choice("backend", panel.backend, PANEL_BACKENDS)
-    dynamic = _choice("dynamic shapes", panel.dynamic, DYNAMIC_MODES)
-    fallback = _choice("fallback policy", panel.fallback or settings.fallback_policy,
-                       settings_module.FALLBACK_POLICIES)
-    use_deepcache = _as_bool("deepcache", panel.deepcache)
-    interval = _as_int("deepcache_interval", panel.deepcache_interval, *DEEPCACHE_INTERVAL)
-    branch = _as_int("deepcache_branch", panel.deepcache_branch, *DEEPCACHE_BRANCH)
-    use_cutoff = _as_bool("cfg_cutoff", panel.cfg_cutoff)
-    cutoff_percent = check_range("cfg_cutoff_percent", panel.cfg_cutoff_percent, *CFG_CUTOFF_PERCENT)
-    use_taesd = _as_bool("taesd", panel.taesd)
+    enabled = parse_bool("enabled", panel.enabled)
+    requested = parse_choice("backend", panel.backend, PANEL_BACKENDS)
+    dynamic = parse_choice("dynamic shapes", panel.dynamic, DYNAMIC)
+    fallback = parse_fallback(panel.fallback, settings)
+    use_deepcache = parse_bool("deepcache", panel.deepcache)
+    interval = DEEPCACHE_INTERVAL.parse("deepcache_interval", panel.deepcache_interval)
+    branch = DEEPCACHE_BRANCH.parse("deepcache_branch", panel.deepcache_branch)
+    use_cutoff = parse_bool("cfg_cutoff", panel.cfg_cutoff)
+    cutoff_percent = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", panel.cfg_cutoff_percent)
+    use_taesd = parse_bool("taesd", panel.taesd)
 
     plan = AccelPlan(fallback=fallback, requested_backend=requested)
     if not enabled:
@@ -209,8 +144,12 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     if use_deepcache:
         plan.steps.append(PlanStep("deepcache", "model", {"cache_interval": interval, "cache_branch": branch}))
 
-    backend, notes = resolve_backend(requested, settings, availability)
-    plan.notes.extend(notes)
+    choice = resolve_backend(requested, settings, availability, gpu)
+    backend = choice.backend
+    if choice.note:
+        plan.notes.append(choice.note)
+    if choice.missing and fallback == "error":
+        raise BackendUnavailable(choice.missing)
     if backend != "eager":
         found = availability(backend)
         reason = None
@@ -253,19 +192,20 @@ def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
             found.append(f"pasted {INFOTEXT_PREFIX} {name.replace('_', ' ')}: {exc}")
 
     out["enabled"] = True
-    read("backend", lambda: _choice("backend", backend, PANEL_BACKENDS))
+    read("backend", lambda: parse_choice("backend", backend, PANEL_BACKENDS))
     cutoff = params.get(f"{INFOTEXT_PREFIX} CFG cutoff")
     out["cfg_cutoff"] = cutoff is not None
     if cutoff is not None:
-        read("cfg_cutoff_percent", lambda: check_range("cfg_cutoff_percent", str(cutoff).strip().rstrip("%"),
-                                                       *CFG_CUTOFF_PERCENT))
+        read("cfg_cutoff_percent",
+             lambda: CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", str(cutoff).strip().rstrip("%")))
     deepcache = params.get(f"{INFOTEXT_PREFIX} DeepCache")
     out["deepcache"] = deepcache is not None
     if deepcache is not None:
         fields = dict(part.strip().split(" ", 1) for part in str(deepcache).split(",") if " " in part.strip())
-        read("deepcache_interval", lambda: _as_int("deepcache_interval", fields.get("interval", 3),
-                                                   *DEEPCACHE_INTERVAL))
-        read("deepcache_branch", lambda: _as_int("deepcache_branch", fields.get("branch", 0), *DEEPCACHE_BRANCH))
+        read("deepcache_interval", lambda: DEEPCACHE_INTERVAL.parse(
+            "deepcache_interval", fields.get("interval", DEEPCACHE_INTERVAL.default)))
+        read("deepcache_branch", lambda: DEEPCACHE_BRANCH.parse("deepcache_branch",
+                                                                fields.get("branch", DEEPCACHE_BRANCH.default)))
     out["taesd"] = params.get(f"{INFOTEXT_PREFIX} TAESD") == "on"
     if found and errors is None:
         raise AcceleratorInputError(found[0])
@@ -297,7 +237,7 @@ def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
     The WebUI skips when `sigma < s_min_uncond`; ComfyUI's cutoff skips from step round(total * p / 100).
     `sigmas` is the schedule including its final 0. Returns 0.0 (never skip) for 100 %.
     """
-    cutoff_percent = check_range("cfg_cutoff_percent", cutoff_percent, 0.0, 100.0)
+    cutoff_percent = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", cutoff_percent)
     values = [float(s) for s in sigmas]
     total = max(len(values) - 1, 1)
     step = round(total * cutoff_percent / 100.0)

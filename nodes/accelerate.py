@@ -1,15 +1,10 @@
 """Node "Accelerate Model": MODEL → MODEL whose UNet runs through the chosen compile backend or engine."""
 from __future__ import annotations
 
-from ..accelerators.accelerate import NODE_BACKENDS, accelerate
-from ..accelerators.compiled_unet import DYNAMIC, MODES
+from ..accelerators import options
+from ..accelerators.accelerate import accelerate
+from .cache_store import comfy_store
 from .common import CATEGORY, record_in_model
-
-
-def _store():
-    from .cache_store import comfy_store
-
-    return comfy_store()
 
 
 class AccelerateModel:
@@ -22,16 +17,17 @@ class AccelerateModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "backend": (list(NODE_BACKENDS), {"default": "auto", "tooltip":
-                        "auto: the fastest backend available here; default: the one chosen in the settings "
-                        "(Accel → Default backend); eager: none (for A/B comparisons)."}),
+            "backend": (list(options.BACKEND_CHOICES), {"default": options.AUTO, "tooltip":
+                        "auto: the fastest backend here (eager on a CPU; the notice says which and why); "
+                        "default: the one chosen in the settings (Accel → Default backend); eager: none (for "
+                        "A/B comparisons)."}),
         }, "optional": {
-            "mode": (list(MODES), {"default": "default", "tooltip":
+            "mode": (list(options.MODES), {"default": options.MODES[0], "tooltip":
                      "max-autotune tunes GEMMs and convolutions: minutes more to compile, a little faster."}),
-            "dynamic": (list(DYNAMIC), {"default": "buckets", "tooltip":
+            "dynamic": (list(options.DYNAMIC), {"default": options.DYNAMIC[0], "tooltip":
                         "buckets: one compiled graph per resolution/batch/prompt length (up to 8); static: the "
                         "first shape only, others eager; dynamic: one shape-generic graph."}),
-            "fallback": (["default", "eager", "error"], {"default": "default", "tooltip":
+            "fallback": (list(options.FALLBACK_CHOICES), {"default": options.DEFAULT, "tooltip":
                          "When the backend cannot serve a run: eager runs unaccelerated and says why; error "
                          "fails the prompt; default follows the settings."}),
             "keep_weights_on_gpu": ("BOOLEAN", {"default": False, "tooltip":
@@ -48,7 +44,7 @@ class AccelerateModel:
     def accelerate(self, model, backend="auto", mode="default", dynamic="buckets", fallback="default",
                    keep_weights_on_gpu=False, unique_id=None):
         out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
-                                    node_id=unique_id, get_store=_store, keep_weights_on_gpu=keep_weights_on_gpu)
+                                    node_id=unique_id, get_store=comfy_store, keep_weights_on_gpu=keep_weights_on_gpu)
         record_in_model(out, "accelerate_model", in_effect)
         return (out,)
 

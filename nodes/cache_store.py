@@ -5,11 +5,9 @@ the store, so the budget chosen in the browser applies after a restart too.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 FOLDER_KEY = "accel_cache"
-_store = None
 
 
 def host_default_root() -> Path:
@@ -38,18 +36,8 @@ def configure() -> Path:
 
 
 def comfy_store():
-    """The process-wide ArtifactStore for ComfyUI (budget from the current settings)."""
-    global _store
+    """The process's one ArtifactStore (`cache.default_store`) for ComfyUI's folder, budget from the settings."""
     from ..accelerators import settings
-    from ..accelerators.cache import ArtifactStore
+    from ..accelerators.cache import default_store
 
-    root = cache_root()
-    budget = int(settings.get_settings().cache_budget_gb * 1e9)
-    if _store is None or Path(_store.root) != root:
-        _store = ArtifactStore(root, budget_bytes=budget)
-    _store.budget_bytes = budget
-    return _store
-
-
-def env_override() -> str | None:
-    return os.environ.get("COMFY_ACCEL_CACHE")
+    return default_store(cache_root(), budget_bytes=settings.get_settings().cache_budget_gb * 1e9)

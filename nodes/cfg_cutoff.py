@@ -1,6 +1,7 @@
 """Node "CFG Cutoff": MODEL → MODEL that stops the unconditional pass after a share of the steps."""
 from __future__ import annotations
 
+from ..accelerators import options
 from ..accelerators.cfg_cutoff import CFGCutoffConfig, apply
 from .common import CATEGORY, record_in_model
 
@@ -13,11 +14,11 @@ class CFGCutoff:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "cutoff_percent": ("FLOAT", {"default": 60.0, "min": 0.0, "max": 100.0, "step": 1.0,
+            "cutoff_percent": ("FLOAT", {**options.CFG_CUTOFF_PERCENT.widget(),
                                          "tooltip": "Skip the uncond pass from this % of the steps on. "
                                                     "100 = never (plain CFG), 0 = from the first step (cfg 1)."}),
         }, "optional": {
-            "sigma_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01,
+            "sigma_threshold": ("FLOAT", {**options.SIGMA_THRESHOLD.widget(step=0.01),
                                           "tooltip": "If > 0, skip the uncond pass once sigma <= this value "
                                                      "instead of using the percent."}),
         }}
@@ -26,7 +27,7 @@ class CFGCutoff:
     FUNCTION = "patch"
     CATEGORY = CATEGORY
 
-    def patch(self, model, cutoff_percent, sigma_threshold=0.0):
+    def patch(self, model, cutoff_percent, sigma_threshold=options.SIGMA_THRESHOLD.default):
         config = CFGCutoffConfig(cutoff_percent=cutoff_percent, sigma_threshold=sigma_threshold)
         patched = apply(model, config)
         record_in_model(patched, "cfg_cutoff", {"cutoff_percent": cutoff_percent, "sigma_threshold": sigma_threshold})

@@ -1,6 +1,7 @@
 """Node "DeepCache": MODEL → MODEL that runs the full UNet every N steps and only its shallow blocks between."""
 from __future__ import annotations
 
+from ..accelerators import options
 from ..accelerators.deepcache import DeepCacheConfig, apply
 from .common import CATEGORY, record_in_model
 
@@ -14,16 +15,16 @@ class DeepCache:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
-            "cache_interval": ("INT", {"default": 3, "min": 1, "max": 100, "step": 1,
+            "cache_interval": ("INT", {**options.DEEPCACHE_INTERVAL.widget(),
                                        "tooltip": "A full UNet step every N steps; 1 = off (same result as "
                                                   "without the node)."}),
-            "cache_branch": ("INT", {"default": 0, "min": 0, "max": 11, "step": 1,
+            "cache_branch": ("INT", {**options.DEEPCACHE_BRANCH.widget(),
                                      "tooltip": "Which skip branch the cached steps keep: 0 runs only the "
                                                 "outermost blocks (fastest), higher values run more blocks "
                                                 "(closer to the full model). SD1.5 has 12 branches, SDXL 9."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 1.0,
+            "start_percent": ("FLOAT", {**options.PERCENT.widget(),
                                         "tooltip": "Cache from this % of the steps on (full steps before)."}),
-            "end_percent": ("FLOAT", {"default": 100.0, "min": 0.0, "max": 100.0, "step": 1.0,
+            "end_percent": ("FLOAT", {**options.PERCENT.widget(), "default": options.PERCENT.high,
                                       "tooltip": "Cache up to this % of the steps (full steps after)."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 

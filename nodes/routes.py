@@ -1,6 +1,8 @@
 """HTTP routes and browser events of the pack, on ComfyUI's own PromptServer.
 
-GET  /accel/status            every accelerator with availability and reason
+GET  /accel/status            every accelerator with availability and reason, the settings, and every
+                              option's allowed values (accelerators/options.py; web/accel.js builds its
+                              settings from them)
 GET  /accel/settings          current settings;  POST /accel/settings  validated partial update
 GET  /accel/notices           the last fallback/recompile/cache-miss lines
 GET  /accel/cache             cache entries;  GET /accel/cache/stats;  POST /accel/cache/clear
@@ -13,8 +15,9 @@ import logging
 
 from aiohttp import web
 
-from ..accelerators import events, registry, settings
+from ..accelerators import events, options, registry, settings
 from ..accelerators.base import AcceleratorInputError
+from .cache_store import comfy_store as _cache_store
 
 log = logging.getLogger("comfy_accel")
 _registered = False
@@ -24,10 +27,9 @@ def _error(status: int, message: str):
     return web.json_response({"error": message}, status=status)
 
 
-def _cache_store():
-    from .cache_store import comfy_store
-
-    return comfy_store()
+def status_body() -> dict:
+    """What GET /accel/status answers."""
+    return {"accelerators": registry.status(), "settings": settings.as_dict(), "options": options.describe()}
 
 
 def register(server) -> None:
@@ -40,7 +42,7 @@ def register(server) -> None:
 
     @routes.get("/accel/status")
     async def accel_status(request):
-        return web.json_response({"accelerators": registry.status(), "settings": settings.as_dict()})
+        return web.json_response(status_body())
 
     @routes.get("/accel/settings")
     async def get_accel_settings(request):

@@ -30,11 +30,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from accelerators import events, settings  # noqa: E402
+from accelerators import events, options, settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa: E402
 from accelerators.webui_job import JobState  # noqa: E402
-from accelerators.webui_mapping import (CFG_CUTOFF_PERCENT, DEEPCACHE_INTERVAL, PANEL_BACKENDS,  # noqa: E402
-                                        PANEL_ORDER, SETTING_TO_CORE, AccelPlan, PanelValues, cfg_cutoff_sigma,
+from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER,  # noqa: E402
+                                        SETTING_TO_CORE, AccelPlan, PanelValues, cfg_cutoff_sigma,
                                         img2img_sigmas, infotext_to_panel, panel_to_plan, webui_setting_to_core)
 
 log = logging.getLogger("comfy_accel")
@@ -240,6 +240,11 @@ def _prepare_job_unet():
     return state.runner
 
 
+def _bounds(option_range) -> dict:
+    """A slider's bounds: the option's one range (accelerators/options.py)."""
+    return {"minimum": option_range.low, "maximum": option_range.high}
+
+
 def _uses_unet(plan: AccelPlan) -> bool:
     return plan.backend != "eager" or plan.step("deepcache") is not None
 
@@ -305,13 +310,13 @@ if IN_WEBUI:
                     backend = gr.Dropdown(label="Backend", choices=list(PANEL_BACKENDS), value=defaults.backend)
                 with gr.Row():
                     deepcache = gr.Checkbox(label="DeepCache", value=defaults.deepcache)
-                    interval = gr.Slider(label="DeepCache interval", minimum=DEEPCACHE_INTERVAL[0],
-                                         maximum=DEEPCACHE_INTERVAL[1], step=1, value=defaults.deepcache_interval)
+                    interval = gr.Slider(label="DeepCache interval", step=1, value=defaults.deepcache_interval,
+                                         **_bounds(options.DEEPCACHE_INTERVAL))
                 with gr.Row():
                     cutoff = gr.Checkbox(label="CFG cutoff", value=defaults.cfg_cutoff)
-                    cutoff_percent = gr.Slider(label="Skip the negative prompt from % of steps",
-                                               minimum=CFG_CUTOFF_PERCENT[0], maximum=CFG_CUTOFF_PERCENT[1],
-                                               step=1, value=defaults.cfg_cutoff_percent)
+                    cutoff_percent = gr.Slider(label="Skip the negative prompt from % of steps", step=1,
+                                               value=defaults.cfg_cutoff_percent,
+                                               **_bounds(options.CFG_CUTOFF_PERCENT))
                     taesd = gr.Checkbox(label="TAESD decode (fast, lossy)", value=defaults.taesd)
             components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd]
             self.infotext_fields = [(c, pasted_field(n)) for c, n in zip(components, PANEL_ORDER)]
@@ -401,9 +406,9 @@ if IN_WEBUI:
         option("accel_cache_budget_gb", current.cache_budget_gb, "Artifact cache budget (GB on disk)", gr.Number)
         option("accel_memory_budget_gb", current.memory_budget_gb, "Live compiled objects (GB)", gr.Number)
         option("accel_default_backend", current.default_backend, "Default backend ('auto' in the panel)",
-               gr.Dropdown, {"choices": list(settings.BACKENDS)})
+               gr.Dropdown, {"choices": list(options.DEFAULT_BACKEND_CHOICES)})
         option("accel_fallback_policy", current.fallback_policy, "When a backend cannot serve a run", gr.Radio,
-               {"choices": list(settings.FALLBACK_POLICIES)})
+               {"choices": list(options.FALLBACKS)})
 
     def on_app_started(_demo, app):
         @app.get("/comfy-accel/status")

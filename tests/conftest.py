@@ -5,7 +5,9 @@ The repository is imported as the package `comfy_accel`, exactly as ComfyUI load
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,31 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 ARTIFACTS = REPO_ROOT / "test_artifacts"
+SERVER_FIXTURES = {"comfy_server", "server"}   # a real ComfyUI process (tests/web's fixture is named `server`)
+_inductor_cache: str | None = None
+
+
+def pytest_configure(config):
+    """One inductor cache per pytest run, shared by this process and every fresh process a test starts (they
+    inherit the variable): a kernel compiled once in the run is not compiled again, and nothing is left from
+    an earlier run. Tests that need an empty cache of their own still set TORCHINDUCTOR_CACHE_DIR themselves."""
+    global _inductor_cache
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        _inductor_cache = tempfile.mkdtemp(prefix="comfy-accel-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+
+
+def pytest_unconfigure(config):
+    if _inductor_cache:
+        shutil.rmtree(_inductor_cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Server and browser tests are slow (a ComfyUI process, Chromium): `-m "not slow"` leaves them out.
+    Compile and fresh-process tests carry the mark themselves."""
+    for item in items:
+        if item.get_closest_marker("browser") or SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 // - Settings (dialog category "Accel"): default backend, fallback policy, cache and memory budgets. The Python
 //   side owns them (accelerators/settings.py validates, and the WebUI shares the same file): every change is
 //   POSTed to /accel/settings, a refused value is shown in a toast and put back, and on load the dialog is
-//   synced from the server.
+//   synced from the server. Their choices, bounds and defaults come from /accel/status ("options", built by
+//   accelerators/options.py): this file lists no option value of its own.
 // - Sidebar tab "Accel": every accelerator with availability and reason (/accel/status), the artifact cache
 //   (/accel/cache: size, model, profile, last used) with delete and clear, and the recent notices.
 // - Toasts: accel.progress (compiles, engine builds: one toast while running, one when done) and accel.notice
@@ -16,7 +17,6 @@ import { api } from "../../scripts/api.js";
 const EXT = "comfy_accel.ui";
 const PACK_NODES = new Set(["AccelCFGCutoff", "AccelAccelerateModel", "AccelBuildTensorRTEngine",
   "AccelLoadTensorRTEngine", "AccelDeepCache", "AccelTinyVAE"]);
-const BACKENDS = ["auto", "inductor", "inductor+cudagraphs", "onediff", "stable-fast", "tensorrt", "eager"];
 
 // frontend setting id -> field of accelerators/settings.py
 const SETTING_FIELDS = {
@@ -94,33 +94,42 @@ async function syncSettingsFromServer() {
   }
 }
 
-const SETTINGS = [
-  {
-    id: "Accel.DefaultBackend", name: "Default backend", type: "combo", defaultValue: "auto",
-    options: BACKENDS, category: ["Accel", "Backend", "Default backend"],
-    tooltip: "Backend that Accelerate Model uses when its own backend is 'default', and the WebUI panel's 'auto'.",
-    onChange: (v, old) => pushSetting("Accel.DefaultBackend", v, old),
-  },
-  {
-    id: "Accel.FallbackPolicy", name: "When a backend cannot serve a run", type: "combo", defaultValue: "eager",
-    options: [{ text: "run eager and say why", value: "eager" }, { text: "fail the prompt", value: "error" }],
-    category: ["Accel", "Backend", "Fallback policy"],
-    tooltip: "eager: a missing library or unsupported shape runs unaccelerated with a notice; error: the prompt fails.",
-    onChange: (v, old) => pushSetting("Accel.FallbackPolicy", v, old),
-  },
-  {
-    id: "Accel.CacheBudgetGB", name: "Artifact cache budget (GB on disk)", type: "number", defaultValue: 20,
-    attrs: { min: 0.1, max: 10000, step: 0.5 }, category: ["Accel", "Cache", "Disk budget"],
-    tooltip: "Compiled graphs and engines beyond this size are evicted, least recently used first.",
-    onChange: (v, old) => pushSetting("Accel.CacheBudgetGB", v, old),
-  },
-  {
-    id: "Accel.MemoryBudgetGB", name: "Live compiled objects (GB in memory)", type: "number", defaultValue: 8,
-    attrs: { min: 0.1, max: 1000, step: 0.5 }, category: ["Accel", "Cache", "Memory budget"],
-    tooltip: "Loaded engines and compiled modules kept in memory between runs.",
-    onChange: (v, old) => pushSetting("Accel.MemoryBudgetGB", v, old),
-  },
-];
+// The settings' choices, bounds and defaults: GET /accel/status → options.settings (one request while the
+// extension loads; without it, no Accel settings are registered rather than guessed ones).
+async function loadSettingOptions() {
+  try {
+    return (await fetchJson("/accel/status")).options?.settings ?? null;
+  } catch (error) {
+    console.warn("[comfy-accel] could not read /accel/status; the Accel settings are not shown:", error);
+    return null;
+  }
+}
+
+// each setting's choices or bounds are spec[SETTING_FIELDS[id]]
+function setting(spec, id, name, category, tooltip) {
+  const field = spec[SETTING_FIELDS[id]];
+  const common = { id, name, category, tooltip, defaultValue: field.default, onChange: (v, old) => pushSetting(id, v, old) };
+  return field.choices
+    ? { ...common, type: "combo", options: field.choices }
+    : { ...common, type: "number", attrs: { min: field.min, max: field.max, step: 0.5 } };
+}
+
+function buildSettings(spec) {
+  if (!spec) return [];
+  return [
+    setting(spec, "Accel.DefaultBackend", "Default backend", ["Accel", "Backend", "Default backend"],
+      "Backend that Accelerate Model (and the WebUI panel) use when their backend is 'default'. 'auto' is the " +
+      "fastest here: eager on a CPU."),
+    setting(spec, "Accel.FallbackPolicy", "When a backend cannot serve a run", ["Accel", "Backend", "Fallback policy"],
+      "eager: a missing library or unsupported shape runs unaccelerated with a notice; error: the prompt fails."),
+    setting(spec, "Accel.CacheBudgetGB", "Artifact cache budget (GB on disk)", ["Accel", "Cache", "Disk budget"],
+      "Compiled graphs and engines beyond this size are evicted, least recently used first."),
+    setting(spec, "Accel.MemoryBudgetGB", "Live compiled objects (GB in memory)", ["Accel", "Cache", "Memory budget"],
+      "Loaded engines and compiled modules kept in memory between runs."),
+  ];
+}
+
+const SETTINGS = buildSettings(await loadSettingOptions());
 
 // ---------------------------------------------------------------- the panel
 

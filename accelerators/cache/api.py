@@ -34,12 +34,13 @@ def live_objects() -> LiveObjectCache:
 
 
 def default_store(root: str | os.PathLike | None = None, budget_bytes: float | None = None) -> ArtifactStore:
-    """One shared ArtifactStore per folder (default: `resolve_cache_root()`); a given budget updates it."""
+    """The process's one ArtifactStore per folder (default: `resolve_cache_root()`); a given budget updates it.
+    Both hosts' shims call this (never `ArtifactStore(...)` themselves), so a process holds one store object."""
     path = Path(root) if root is not None else resolve_cache_root()
     with _stores_lock:
         store = _stores.get(path)
         if store is None:
-            store = _stores[path] = ArtifactStore(path, budget_bytes=budget_bytes or DEFAULT_BUDGET_BYTES)
+            store = _stores[path] = ArtifactStore(path, budget_bytes=int(budget_bytes or DEFAULT_BUDGET_BYTES))
         elif budget_bytes is not None:
             store.budget_bytes = int(budget_bytes)
         return store

@@ -94,11 +94,6 @@ class CacheEntry:
 
         return load_file(str(self._payload(name)), device=device)
 
-    def load_torch(self, name: str, map_location="cpu"):
-        import torch
-
-        return torch.load(self._payload(name), map_location=map_location, weights_only=True)
-
     def as_dict(self) -> dict:
         """JSON-able summary for listings (HTTP panel, CLI --json)."""
         key = self.key_fields

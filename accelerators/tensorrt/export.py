@@ -114,11 +114,6 @@ def _wrapper_class():
     return UNetExportWrapper
 
 
-def export_wrapper(unet):
-    signature = signature_of_unet(unet)
-    return _wrapper_class()(unet, takes_y=bool(signature.adm_channels))
-
-
 def sample_inputs(signature: UNetSignature, batch: int, height: int, width: int, tokens: int, device, dtype,
                   seed: int = 0) -> tuple:
     """Inputs in the engine's order, shaped for one request (pixels → latent /8); timesteps stay float32."""

@@ -160,9 +160,6 @@ PRESETS: dict[str, list[EngineProfile]] = {
     "SDXL dynamic 768-1344": _cfg_pair((768, 1024, 1344), (768, 1024, 1344)),
     "hires fix 1024-1536 (SDXL)": _cfg_pair((1024, 1280, 1536), (1024, 1280, 1536)),
 }
-DEFAULT_PRESET = {"sdxl": "1024x1024 (SDXL)", "sdxlrefiner": "1024x1024 (SDXL)", "ssd1b": "1024x1024 (SDXL)",
-                  "sd20": "768x768 (SD2.x)"}
-FALLBACK_DEFAULT_PRESET = "512x512 (SD1.5)"
 
 
 def preset_names() -> list[str]:
@@ -173,10 +170,6 @@ def preset(name: str) -> list[EngineProfile]:
     if name not in PRESETS:
         raise AcceleratorInputError(f"unknown TensorRT profile preset {name!r}; presets: {', '.join(PRESETS)}")
     return list(PRESETS[name])
-
-
-def default_preset_for(family: str) -> str:
-    return DEFAULT_PRESET.get(family, FALLBACK_DEFAULT_PRESET)
 
 
 def validate_profiles(profiles: Iterable) -> list[EngineProfile]:

@@ -18,6 +18,8 @@ import torch
 from tests.tiny_unet import tiny_unet_or_skip
 from tools.model_factory import build_model, unet_inputs
 
+pytestmark = pytest.mark.slow   # builds AOTInductor packages, and fresh processes load them
+
 SEED = 31
 ATTN_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"   # a 2-D Linear weight
 CONV_IN = "input_blocks.0.0.weight"

@@ -14,6 +14,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.slow
 def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tmp_path):
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.aot_package import available
@@ -62,6 +63,7 @@ def test_a_second_session_loads_the_stored_package_and_compiles_nothing(pack, tm
     assert not hasattr(second.graph_callable(unet, bucket, (x, t, c), {}), "loader")
 
 
+@pytest.mark.slow
 def test_a_probe_or_package_that_does_not_load_in_a_child_is_recorded_and_not_built_again(pack, tmp_path,
                                                                                           monkeypatch):
     from comfy_accel.accelerators import events

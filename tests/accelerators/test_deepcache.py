@@ -222,6 +222,7 @@ def sdpa_override(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_each_segment_once_not_per_step(pack, tiny_sd15):
     """With a torch.compile segment compiler, each segment compiles once per shape: no per-step recompiles."""
     import torch._dynamo
@@ -259,25 +260,6 @@ def test_torch_compile_traces_each_segment_once_not_per_step(pack, tiny_sd15):
 
 
 # -- inputs --------------------------------------------------------------------------------------------------
-def test_input_model_is_not_mutated(pack, tiny_sd15):
-    before = {k: dict(v) for k, v in tiny_sd15.wrappers.items()}
-    options_before = copy.copy(tiny_sd15.model_options.get("transformer_options", {}))
-    deepcache(pack, tiny_sd15)
-    assert {k: dict(v) for k, v in tiny_sd15.wrappers.items()} == before
-    assert tiny_sd15.model_options.get("transformer_options", {}) == options_before
-
-
-def test_applying_twice_keeps_one_deepcache(pack, tiny_sd15):
-    from comfy.patcher_extension import WrappersMP
-
-    from comfy_accel.accelerators.deepcache import WRAPPER_KEY, has_deepcache
-
-    twice = deepcache(pack, deepcache(pack, tiny_sd15, cache_interval=2), cache_interval=4)
-    assert has_deepcache(twice) and not has_deepcache(tiny_sd15)
-    assert len(twice.wrappers[WrappersMP.DIFFUSION_MODEL][WRAPPER_KEY]) == 1
-    assert len(twice.wrappers[WrappersMP.OUTER_SAMPLE][WRAPPER_KEY]) == 1
-
-
 @pytest.mark.parametrize("field,value,match", [
     ("cache_interval", 0, "cache_interval must be between"),
     ("cache_interval", 2.5, "whole number"),

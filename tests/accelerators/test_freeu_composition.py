@@ -81,7 +81,7 @@ def test_freeu_spec_applies_the_core_patch(pack, tiny_sd15):
 
 def test_freeu_spec_refuses_unknown_versions(pack):
     from comfy_accel.accelerators.base import AcceleratorInputError
-    from comfy_accel.accelerators.deepcache import FreeUConfig
+    from comfy_accel.accelerators.freeu import FreeUConfig
 
     with pytest.raises(AcceleratorInputError, match="version must be"):
         FreeUConfig(version="v3")

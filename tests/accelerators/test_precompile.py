@@ -18,6 +18,8 @@ import torch
 from tests.tiny_unet import tiny_unet_or_skip
 from tools.model_factory import build_model
 
+pytestmark = pytest.mark.slow   # compiles the UNet ahead of time, and a fresh process loads it
+
 SEED = 51
 
 

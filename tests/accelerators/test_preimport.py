@@ -5,7 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tools.comfy_host import REPO_ROOT
+
+pytestmark = pytest.mark.slow   # fresh interpreters importing torch
 
 PRELUDE = """
 import json, sys, time

@@ -17,7 +17,8 @@ from accelerators.cache import ArtifactStore
 from tests.cache.cache_helpers import REPO_ROOT, make_key
 from tests.cache.workers import PAYLOAD
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and fork-free workers as on POSIX")
+pytestmark = [pytest.mark.slow,   # fresh processes
+              pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and fork-free workers as on POSIX")]
 
 
 def start_worker(*args: str, **popen) -> subprocess.Popen:

@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tools.comfy_host import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_bench_runs_side_by_side_and_writes_results(tmp_path):
     cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50", "--steps", "4", "--runs", "2",
            "--width", "64", "--height", "64", "--out", str(tmp_path)]
@@ -21,6 +24,7 @@ def test_bench_runs_side_by_side_and_writes_results(tmp_path):
     assert list(tmp_path.glob("bench-tiny-sd15-*.png"))
 
 
+@pytest.mark.slow
 def test_bench_rejects_unknown_stacks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tools.bench", "--stacks", "eager,warp", "--out", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
