@@ -20,6 +20,7 @@ class JobState:
         self.cutoff_passes = []      # per sampling pass: the step the uncond skip starts at, or None
         self.taesd = False
         self.compiles_before = 0
+        self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -117,7 +117,8 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
 
     `availability(name)` answers for registered accelerators (None when the install lacks one); it defaults
     to the registry; `gpu` whether a CUDA GPU is here (default: torch's answer). A requested backend that
-    cannot run here becomes eager with a note, or raises BackendUnavailable when the fallback policy is "error" (the same policy the ComfyUI nodes follow).
+    cannot run here becomes eager with a note, or raises BackendUnavailable when the fallback policy is "error"
+    (the same policy the ComfyUI nodes follow).
     """
     panel = values if isinstance(values, PanelValues) else PanelValues.from_dict(dict(values))
     settings = settings or settings_module.get_settings()

@@ -27,6 +27,7 @@ from . import events
 from .compiled_unet import CompileSession, bucket_of, describe_bucket
 
 WHOLE_UNET = "webui.unet"
+WEBUI_CACHE_LIMIT = 64   # dynamo entries per code object: SDXL's ~30 blocks × batch 2 and 1
 
 
 @dataclass
@@ -51,17 +52,27 @@ class LdmBlockWalk:
         if n_in != n_out or getattr(unet, "predict_codebook_ids", False):
             raise ValueError(f"UNet differs from the block loop DeepCache walks ({n_in} input blocks, {n_out} "
                              f"output blocks, predict_codebook_ids={getattr(unet, 'predict_codebook_ids', None)})")
-        if not 0 <= branch < n_in - 1:
+        if not 0 <= branch < max(n_in - 1, 1):
             raise ValueError(f"cache branch {branch} is outside this UNet's 0..{n_in - 2}")
         self.unet, self.branch = unet, branch
         self.timestep_embedding, self.cat = timestep_embedding, cat
         self.split = n_out - 1 - branch     # first output block of the shallow path
         self.names = tuple(f"deepcache.b{branch}.{part}" for part in ("shallow_in", "deep", "shallow_out"))
 
-    def shallow_in(self, x, timesteps, context, *y):
-        """Time embedding and input blocks 0..k → (emb, h, hs[0], ..., hs[k])."""
+    def time_embedding(self, timesteps):
+        """The host's sinusoidal embedding, run outside compiled code: A1111 wraps it in a `CondFunc` hijack that
+        torch 2.1's dynamo cannot trace (a graph break that split every block into a compile of its own)."""
+        return self.timestep_embedding(timesteps, self.unet.model_channels, repeat_only=False)
+
+    def whole(self, x, t_emb, context, *y):
+        """The whole UNet from the time embedding on: the host's forward, block for block."""
+        emb, h, *skips = self.shallow_in(x, t_emb, context, *y)
+        return self.shallow_out(x, self.deep(h, emb, context), emb, context, *skips)
+
+    def shallow_in(self, x, t_emb, context, *y):
+        """Time embedding MLP and input blocks 0..k → (emb, h, hs[0], ..., hs[k])."""
         unet = self.unet
-        emb = unet.time_embed(self.timestep_embedding(timesteps, unet.model_channels, repeat_only=False))
+        emb = unet.time_embed(t_emb)
         if unet.num_classes is not None:
             emb = emb + unet.label_emb(y[0])
         dtype = getattr(unet, "dtype", None)
@@ -98,11 +109,13 @@ class WebUIUNetRunner:
                  deepcache: tuple[int, int] | None = None, session: CompileSession | None = None):
         self.unet, self.host_forward, self.session = unet, host_forward, session
         self.interval = deepcache[0] if deepcache else 1
-        self.walk = LdmBlockWalk(unet, deepcache[1], timestep_embedding, cat) if deepcache else None
+        self.deepcache = deepcache is not None
+        # the walk serves DeepCache and the compiled whole UNet; a plain eager run uses the host's forward
+        self.walk = LdmBlockWalk(unet, deepcache[1] if deepcache else 0, timestep_embedding, cat) \
+            if deepcache or session is not None else None
         self.counts = RunCounts()
         self.call_index = None     # the denoiser call of the current pass (None: the host never said)
         self.features: dict[tuple, tuple] = {}   # (C, H, W, dtype, device) → (feature, call index, batch)
-        self._whole = self._whole_unet   # bound once: a stable identity for the compiled-function cache
 
     def reset_counts(self) -> None:
         """A new job: its own counts (compiled code and shape buckets stay)."""
@@ -122,7 +135,7 @@ class WebUIUNetRunner:
     # -- one UNet call -----------------------------------------------------------------------------------------
     def __call__(self, x, timesteps, context, *args, **kwargs):
         y = kwargs.pop("y", args[0] if args else None)
-        tensors = (x, timesteps, context) if y is None else (x, timesteps, context, y)
+        extra = () if y is None else (y,)
         self.counts.calls += 1
         self.counts.batches.append(int(x.shape[0]))
         session = self.session
@@ -131,39 +144,28 @@ class WebUIUNetRunner:
                            once="extra-kwargs")
         if session is None or kwargs:
             self.counts.eager += 1
-            if self.walk is None:
-                return self.host_forward(self.unet, x, timesteps, context, *tensors[3:], **kwargs)
-            return self._deepcache(tensors, compile_segments=False)
+            if not self.deepcache:
+                return self.host_forward(self.unet, x, timesteps, context, *extra, **kwargs)
+            return self._deepcache(x, timesteps, context, extra, compile_segments=False)
         before = session.calls["eager"]
-        if self.walk is None:
-            self._set_bucket(tensors)
-            out = session.segment_compiler()(WHOLE_UNET, self._whole, *tensors)
+        session.segment_call = ({}, bucket_of(x, context, y), "" if session.graphs else "no graphs")
+        if self.deepcache:
+            out = self._deepcache(x, timesteps, context, extra, compile_segments=True)
         else:
-            out = self._deepcache(tensors, compile_segments=True)
+            t_emb = self.walk.time_embedding(timesteps)
+            out = session.segment_compiler()(WHOLE_UNET, self.walk.whole, x, t_emb, context, *extra)
         if session.calls["eager"] == before:
             self.counts.compiled += 1
         else:
             self.counts.eager += 1
         return out
 
-    def _whole_unet(self, x, timesteps, context, *y):
-        return self.host_forward(self.unet, x, timesteps, context, *y)
-
-    def _set_bucket(self, tensors: tuple) -> None:
-        if self.session is not None:
-            x, context = tensors[0], tensors[2]
-            y = tensors[3] if len(tensors) > 3 else None
-            self.session.segment_call = ({}, bucket_of(x, context, y), "" if self.session.graphs else "no graphs")
-
-    def _deepcache(self, tensors: tuple, compile_segments: bool):
-        x, context = tensors[0], tensors[2]
-        if compile_segments:
-            self._set_bucket(tensors)
+    def _deepcache(self, x, timesteps, context, extra: tuple, compile_segments: bool):
         segment = self.session.segment_compiler() if compile_segments else (lambda _name, fn, *t: fn(*t))
         walk, index = self.walk, self.call_index
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         cached = self.features.get(key)
-        first = segment(walk.names[0], walk.shallow_in, *tensors)
+        first = segment(walk.names[0], walk.shallow_in, x, walk.time_embedding(timesteps), context, *extra)
         emb, h, skips = first[0], first[1], first[2:]
         if (index is not None and cached is not None and index - cached[1] < self.interval
                 and cached[2] >= x.shape[0]):
@@ -181,12 +183,12 @@ class WebUIUNetRunner:
     def summary(self) -> str:
         c = self.counts
         parts = [f"{c.calls} UNet calls"]
-        if self.walk is not None:
+        if self.deepcache:
             parts.append(f"DeepCache {c.shallow} of {c.calls} from the cache")
         if self.session is not None:
             buckets = [describe_bucket(b) for b, s in self.session.buckets.items() if s.compiled]
-            parts.append(f"{c.compiled} compiled, {c.eager} eager, {len(self.session.compiler.compile_events)} "
-                         f"compile(s) for {len(buckets)} shape(s)")
+            parts.append(f"{c.compiled} compiled, {c.eager} eager; {len(self.session.compiler.compile_events)} "
+                         f"graph compile(s) in all for {len(buckets)} compiled bucket(s)")
         return "; ".join(parts)
 
 
@@ -232,6 +234,17 @@ def _webui_compiler_class():
     class WebUIInductorCompiler(InductorCompiler):
         """Inductor on a torch that may predate portable compile-cache artifacts (A1111 v1.10 pins torch 2.1):
         without them a new process compiles again (inductor's own on-disk FX-graph cache still helps)."""
+
+        def __init__(self, options):
+            super().__init__(options)
+            import torch
+
+            # torch 2.1's dynamo cannot trace A1111's `CondFunc` hijacks (SpatialTransformer.forward): the UNet
+            # is then compiled block by block, one cache entry per block instance and batch size; with the
+            # default limit of 8 the later blocks would silently run eager
+            config = torch._dynamo.config
+            if getattr(config, "cache_size_limit", 64) < WEBUI_CACHE_LIMIT:
+                config.cache_size_limit = WEBUI_CACHE_LIMIT
 
         def save_artifacts(self):
             import torch

@@ -22,7 +22,6 @@ What reaches the WebUI's sampling, each through its official hook:
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -33,9 +32,9 @@ if str(REPO_ROOT) not in sys.path:
 from accelerators import events, options, settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa: E402
 from accelerators.webui_job import JobState  # noqa: E402
-from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER,  # noqa: E402
-                                        SETTING_TO_CORE, AccelPlan, PanelValues, cfg_cutoff_sigma,
-                                        img2img_sigmas, infotext_to_panel, panel_to_plan, webui_setting_to_core)
+from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
+                                        cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel, panel_to_plan)
+from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
 
 log = logging.getLogger("comfy_accel")
 
@@ -49,7 +48,6 @@ except ImportError:
 
 SECTION = ("comfy_accel", "comfy-accel")
 UNET_LABEL = "comfy-accel"
-SETTING_KEYS = ("accel_cache_folder", *SETTING_TO_CORE)
 
 
 def panel_values(args) -> dict:
@@ -64,10 +62,11 @@ def plan_for(args, store=None) -> AccelPlan:
 _job = JobState()
 _last_report: dict = {}
 _runners: dict = {}          # (backend, deepcache, dynamic, fallback) → WebUIUNetRunner, kept across jobs
-_cache_folder: str | None = None   # the accel_cache_folder setting (not the environment: it is the WebUI's)
+_data_dir = getattr(getattr(shared, "cmd_opts", None), "data_dir", None) if shared is not None else None
+webui_settings = WebUISettings(Path(_data_dir or REPO_ROOT) / "models" / "accel_cache")
 
 
-# ---- console, cache folder, settings ------------------------------------------------------------------------
+# ---- the console ------------------------------------------------------------------------------------------------
 def _console_handler() -> None:
     """The WebUI has no handler for the pack's logger: info notices (compiled, cache hit, fell back) go to the
     console like the warnings, once each."""
@@ -87,59 +86,6 @@ def _console_listener(event: str, data: dict) -> None:
 
 _console_handler()
 events.add_listener(_console_listener)
-
-
-def _cache_root() -> Path:
-    from accelerators.cache import resolve_cache_root
-
-    if _cache_folder:
-        return Path(_cache_folder).expanduser()
-    data_dir = getattr(getattr(shared, "cmd_opts", None), "data_dir", None) if shared is not None else None
-    return Path(resolve_cache_root(host_default=Path(data_dir or REPO_ROOT) / "models" / "accel_cache"))
-
-
-def webui_store():
-    """The WebUI's ArtifactStore: the same format and key layout as ComfyUI's."""
-    from accelerators.cache import ArtifactStore
-
-    global _store
-    root = _cache_root()
-    budget = int(settings.get_settings().cache_budget_gb * 1e9)
-    if _store is None or Path(_store.root) != root:
-        _store = ArtifactStore(root, budget_bytes=budget)
-    _store.budget_bytes = budget
-    return _store
-
-
-_store = None
-
-
-def apply_setting(key: str, value) -> None:
-    """One WebUI setting → the core settings (or the cache folder); raises AcceleratorInputError alone."""
-    global _cache_folder
-    name, checked = webui_setting_to_core(key, value)
-    if name == "cache_root":
-        _cache_folder = checked
-        settings.load(_cache_root() / "settings.json")
-    else:
-        settings.update({name: checked})
-
-
-def apply_startup_settings(saved: dict) -> list[str]:
-    """The saved values of the section (config.json) at start-up: the cache folder first, each checked alone."""
-    problems = []
-    for key in SETTING_KEYS:
-        if key not in saved:
-            continue
-        try:
-            apply_setting(key, saved[key])
-        except AcceleratorInputError as exc:
-            problems.append(f"setting {key} not applied: {exc}")
-    if "accel_cache_folder" not in saved and shared is not None:
-        settings.load(_cache_root() / "settings.json")
-    for message in problems:
-        events.notice("webui", message, once_key=f"webui:{message}")
-    return problems
 
 
 # ---- per-job pieces -----------------------------------------------------------------------------------------
@@ -188,8 +134,8 @@ def _runner_for(state: JobState, unet):
     deep = plan.step("deepcache")
     backend = plan.step(plan.backend) if plan.backend != "eager" else None
     deepcache = (deep.options["cache_interval"], deep.options["cache_branch"]) if deep else None
-    options = {k: backend.options[k] for k in ("dynamic", "fallback")} if backend else {}
-    key = (plan.backend, deepcache, tuple(sorted(options.items())))
+    backend_options = {k: backend.options[k] for k in ("dynamic", "fallback")} if backend else {}
+    key = (plan.backend, deepcache, tuple(sorted(backend_options.items())))
     runner = _runners.get(key)
     if runner is not None and runner.unet is unet:
         return runner
@@ -198,7 +144,8 @@ def _runner_for(state: JobState, unet):
         model = shared.sd_model
         family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
         try:
-            session = make_session(plan.backend, options, ldm_model_config(unet, family), get_store=webui_store)
+            session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
+                                   get_store=webui_settings.store)
         except BackendUnavailable as exc:
             if plan.fallback == "error":
                 raise
@@ -209,11 +156,11 @@ def _runner_for(state: JobState, unet):
     cat = host.th.cat if hasattr(host, "th") else __import__("torch").cat
     try:
         runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache, session=session)
-    except ValueError as exc:   # a UNet DeepCache cannot walk
+    except ValueError as exc:   # a UNet whose blocks the runner cannot walk
         if plan.fallback == "error":
-            raise BackendUnavailable(f"DeepCache: {exc}") from None
-        state.note(f"DeepCache not used: {exc}")
-        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, session=session)
+            raise BackendUnavailable(str(exc)) from None
+        state.note(f"{exc}: running the WebUI's own UNet, eager")
+        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat)
     _runners.clear()   # one model at a time: a checkpoint switch frees the old UNet's compiled code
     _runners[key] = runner
     return runner
@@ -285,7 +232,10 @@ if IN_WEBUI:
                 forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
                     else sd_hijack.ldm_original_forward
                 return forward(unet, x, timesteps, context, *args, **kwargs)
-            return _prepare_job_unet()(x, timesteps, context, *args, **kwargs)
+            runner = _prepare_job_unet()
+            if runner.call_index != _job.call_index:
+                runner.begin_call(_job.call_index)
+            return runner(x, timesteps, context, *args, **kwargs)
 
     class AccelUnetOption(sd_unet.SdUnetOption):
         model_name = None
@@ -383,13 +333,13 @@ if IN_WEBUI:
     _paste: dict = {}
 
     def on_cfg_denoiser(params):
-        if _job.runner is not None:
-            _job.runner.begin_call(int(getattr(params.denoiser, "step", params.sampling_step) or 0))
+        # the denoiser's call count, reset per sampling pass (the runner may not exist yet on the first call)
+        _job.call_index = int(getattr(params.denoiser, "step", params.sampling_step) or 0)
 
     def make_onchange(key: str):
         def onchange():
             try:
-                apply_setting(key, getattr(shared.opts, key))
+                webui_settings.apply(key, getattr(shared.opts, key))
             except AcceleratorInputError as exc:   # A1111 reports it and puts the old value back
                 raise RuntimeError(f"[comfy-accel] {key} not changed: {exc}") from None
         return onchange
@@ -413,10 +363,12 @@ if IN_WEBUI:
     def on_app_started(_demo, app):
         @app.get("/comfy-accel/status")
         def status():
-            return {"last_job": _last_report, "settings": settings.as_dict(), "cache_root": str(_cache_root()),
+            return {"last_job": _last_report, "settings": settings.as_dict(),
+                    "cache_root": str(webui_settings.cache_root()),
                     "notices": events.recent(20)}
 
-    apply_startup_settings({k: v for k, v in shared.opts.data.items() if k in SETTING_KEYS})
+    for bad_key in webui_settings.apply_saved({k: v for k, v in shared.opts.data.items() if k in SETTING_KEYS}):
+        del shared.opts.data[bad_key]   # the default then shows; a bad saved value would stop the settings page
     script_callbacks.on_ui_settings(on_ui_settings)
     script_callbacks.on_list_unets(lambda unets: unets.append(AccelUnetOption()))
     script_callbacks.on_cfg_denoiser(on_cfg_denoiser)

@@ -44,11 +44,13 @@ def test_the_walk_is_the_host_forward_bit_for_bit(unet_and_host, branch):
     walk = LdmBlockWalk(unet, branch, embed, torch.cat)
     x, t, c = inputs()
     with torch.no_grad():
-        emb, h, *skips = walk.shallow_in(x, t, c)
+        t_emb = walk.time_embedding(t)
+        emb, h, *skips = walk.shallow_in(x, t_emb, c)
         out = walk.shallow_out(x, walk.deep(h, emb, c), emb, c, *skips)
+        whole = walk.whole(x, t_emb, c)
         expected = host_forward(unet, x, t, c)
     assert expected.abs().max() > 0
-    assert torch.equal(out, expected)
+    assert torch.equal(out, expected) and torch.equal(whole, expected)
 
 
 def test_a_branch_outside_the_unet_is_refused(unet_and_host):
@@ -125,4 +127,4 @@ def test_compiled_runner_matches_eager_and_compiles_once_per_shape(unet_and_host
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert runner.counts.compiled == 4 and runner.counts.eager == 0
     assert len(session.compiler.compile_events) == 2   # batch 2 and batch 1, each once
-    assert "2 compile(s) for 2 shape(s)" in runner.summary()
+    assert "2 graph compile(s) in all for 2 compiled bucket(s)" in runner.summary()

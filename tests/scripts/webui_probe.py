@@ -8,6 +8,8 @@ the UNet did in each job, independently of comfy-accel's own report.
   inside a compiled UNet would change what is compiled.
 
 GET /accel-probe/jobs → [{"calls": [{"batch": 2, "deep": true|null}, ...]}, ...]; POST /accel-probe/reset.
+POST /accel-probe/paste {"infotext": ...}: what the WebUI's own paste gives comfy-accel's accordion (its
+`infotext_fields`, fed the WebUI's own parse of the text), as {component label: value}.
 """
 from modules import script_callbacks, scripts
 
@@ -58,6 +60,18 @@ def _routes(_demo, app):
     def reset():
         JOBS.clear()
         return {"ok": True}
+
+    @app.post("/accel-probe/paste")
+    def paste(body: dict):
+        from modules import infotext_utils
+
+        params = infotext_utils.parse_generation_parameters(body["infotext"])
+        script = next(s for s in scripts.scripts_txt2img.alwayson_scripts if s.title() == "comfy-accel")
+        values = {}
+        for component, read in script.infotext_fields:
+            value = read(params)
+            values[component.label] = value if not isinstance(value, dict) else None   # gr.update(): unchanged
+        return values
 
     @app.post("/accel-probe/config")
     def config(values: dict):
