@@ -6,6 +6,8 @@ infotext (`ran()` → `AccelPlan.infotext`) and the report of GET /comfy-accel/s
 """
 from __future__ import annotations
 
+import time
+
 from . import events
 from .webui_mapping import AccelPlan
 
@@ -21,6 +23,7 @@ class JobState:
         self.taesd = False
         self.compiles_before = 0
         self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
+        self.started = time.time()
 
     def note(self, message: str) -> None:
         self.notes.append(message)
@@ -32,7 +35,14 @@ class JobState:
         return {"backend": self.plan.backend if compiled else "eager",
                 "deepcache": bool(counts and counts.shallow),
                 "cfg_cutoff": bool(self.cutoff_passes) and all(s is not None for s in self.cutoff_passes),
-                "taesd": self.taesd, "notes": list(self.notes)}
+                "taesd": self.taesd, "notes": [*self.notes, *self.warnings()]}
+
+    def warnings(self) -> list[str]:
+        """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""
+        found = list(getattr(self.runner, "notes", []))
+        found += [f"{n['accelerator']}: {n['message']}" for n in events.recent(50)
+                  if n["time"] >= self.started and n["level"] != "info" and n["accelerator"] != "webui"]
+        return found
 
     def report(self) -> dict:
         out = {"plan": self.plan.as_metadata(), "error": self.error, "ran": self.ran(),
@@ -45,3 +55,15 @@ class JobState:
                 out["compile_events"] = len(session.compiler.compile_events) - self.compiles_before
                 out["compile_events_total"] = len(session.compiler.compile_events)
         return out
+
+
+def restorable_override(opts_data: dict, overrides: dict, key: str, value, current) -> None:
+    """Sets a per-job settings override that A1111 puts back after the job, also on a fresh install.
+
+    A1111 saves the values to restore only for keys already in `opts.data` (processing.py: `stored_opts`); a key
+    a fresh install never saved is missing there, and its override would outlive the job. So the key is first put
+    into `opts_data` with its `current` value (what the WebUI uses now: its default on a fresh install).
+    """
+    if key not in opts_data:
+        opts_data[key] = current
+    overrides[key] = value

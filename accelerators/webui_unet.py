@@ -114,6 +114,7 @@ class WebUIUNetRunner:
         self.walk = LdmBlockWalk(unet, deepcache[1] if deepcache else 0, timestep_embedding, cat) \
             if deepcache or session is not None else None
         self.counts = RunCounts()
+        self.notes: list[str] = []   # why this runner does less than its plan asked (for every job's infotext)
         self.call_index = None     # the denoiser call of the current pass (None: the host never said)
         self.features: dict[tuple, tuple] = {}   # (C, H, W, dtype, device) → (feature, call index, batch)
 

@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from accelerators import events, options, settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa: E402
-from accelerators.webui_job import JobState  # noqa: E402
+from accelerators.webui_job import JobState, restorable_override  # noqa: E402
 from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
                                         cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel, panel_to_plan)
 from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
@@ -90,10 +90,7 @@ events.add_listener(_console_listener)
 
 # ---- per-job pieces -----------------------------------------------------------------------------------------
 def _override(p, key: str, value) -> None:
-    """A per-job settings override that A1111 restores afterwards, also on a fresh install."""
-    if key not in shared.opts.data:
-        shared.opts.data[key] = shared.opts.get_default(key)
-    p.override_settings[key] = value
+    restorable_override(shared.opts.data, p.override_settings, key, value, shared.opts.get_default(key))
 
 
 def taesd_files(is_img2img: bool) -> tuple[Path, list[str], list[str]]:
@@ -139,7 +136,7 @@ def _runner_for(state: JobState, unet):
     runner = _runners.get(key)
     if runner is not None and runner.unet is unet:
         return runner
-    session = None
+    session, fallback_note = None, ""
     if backend is not None:
         model = shared.sd_model
         family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
@@ -149,7 +146,7 @@ def _runner_for(state: JobState, unet):
         except BackendUnavailable as exc:
             if plan.fallback == "error":
                 raise
-            state.note(f"{exc}; running eager")
+            fallback_note = f"{exc}; running eager"
     host = sys.modules[type(unet).__module__]
     forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
         else sd_hijack.ldm_original_forward
@@ -159,8 +156,11 @@ def _runner_for(state: JobState, unet):
     except ValueError as exc:   # a UNet whose blocks the runner cannot walk
         if plan.fallback == "error":
             raise BackendUnavailable(str(exc)) from None
-        state.note(f"{exc}: running the WebUI's own UNet, eager")
+        fallback_note = f"{exc}: running the WebUI's own UNet, eager"
         runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat)
+    if fallback_note:
+        runner.notes.append(fallback_note)
+        events.notice("webui", fallback_note, once_key=f"webui:{fallback_note}")
     _runners.clear()   # one model at a time: a checkpoint switch frees the old UNet's compiled code
     _runners[key] = runner
     return runner

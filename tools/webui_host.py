@@ -14,7 +14,7 @@ models are never touched and every start is a fresh install unless a config.json
 4. drives it over the API (txt2img/img2img, options, the probe's per-call record, the extension's status);
 5. stops it by the PID it started (its process group), never by name.
 
-    WEBUI_PATH=/path/to/stable-diffusion-webui python -m tools.webui_host   # start, one job, stop
+    WEBUI_PATH=/path/to/stable-diffusion-webui python -m tools.webui_host [--bench]   # start, job(s), stop
 """
 from __future__ import annotations
 
@@ -244,12 +244,47 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target)
 
 
+BENCH_STACKS = (("eager (extension off)", None), ("CFG cutoff 50%", {"backend": "eager", "cfg_cutoff": True,
+                                                                          "cfg_cutoff_percent": 50}),
+                ("DeepCache 3", {"backend": "eager", "deepcache": True}),
+                ("inductor, first job", {"backend": "inductor"}), ("inductor, again", {"backend": "inductor"}),
+                ("inductor + DeepCache 3, first job", {"backend": "inductor", "deepcache": True}),
+                ("inductor + DeepCache 3, again", {"backend": "inductor", "deepcache": True}))
+
+
+def bench(host: WebUIHost, steps: int = 20, size: int = 64) -> list[dict]:
+    """One API job per stack (same seed): seconds, UNet calls and batches, compile events, max pixel difference
+    from the eager image. Prints a Markdown table (docs/benchmarks.md takes it)."""
+    import numpy
+
+    rows, reference = [], None
+    for name, accel in BENCH_STACKS:
+        job = host.job(accel=accel, steps=steps, width=size, height=size)
+        if not job.ok:
+            raise WebUIError(f"{name}: {job.error}")
+        image = job.image()
+        reference = image if reference is None else reference
+        counts = job.accel.get("counts", {})
+        rows.append({"stack": name, "seconds": round(job.seconds, 2), "calls": len(job.batches),
+                     "batch 1 calls": job.batches.count(1), "from cache": counts.get("shallow", 0),
+                     "compiled calls": counts.get("compiled", 0), "compile events": job.accel.get("compile_events", 0),
+                     "max pixel diff": float(numpy.abs(image - reference).max())})
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    return rows
+
+
 if __name__ == "__main__":
     root = webui_path()
     if root is None:
         sys.exit("set WEBUI_PATH to an AUTOMATIC1111 checkout with its venv")
     data = Path(os.environ.get("WEBUI_DATA", "/tmp/comfy_accel_webui"))
     with WebUIHost(root, data) as host:
-        print(f"started in {host.startup_seconds:.0f} s")
-        job = host.job(accel={"cfg_cutoff": True, "cfg_cutoff_percent": 50})
-        print(job.status, job.batches, job.infotext if job.ok else job.error)
+        print(f"started: 'Startup time:' after {host.startup_seconds:.0f} s")
+        if "--bench" in sys.argv:
+            bench(host)
+        else:
+            job = host.job(accel={"backend": "eager", "cfg_cutoff": True, "cfg_cutoff_percent": 50})
+            print(job.status, job.batches, job.infotext if job.ok else job.error)
