@@ -154,7 +154,7 @@ class WebUIUNetRunner:
             out = self._deepcache(x, timesteps, context, extra, compile_segments=True)
         else:
             t_emb = self.walk.time_embedding(timesteps)
-            out = session.segment_compiler()(WHOLE_UNET, self.walk.whole, x, t_emb, context, *extra)
+            out = _segment_compiler(session)(WHOLE_UNET, self.walk.whole, x, t_emb, context, *extra)
         if session.calls["eager"] == before:
             self.counts.compiled += 1
         else:
@@ -162,7 +162,7 @@ class WebUIUNetRunner:
         return out
 
     def _deepcache(self, x, timesteps, context, extra: tuple, compile_segments: bool):
-        segment = self.session.segment_compiler() if compile_segments else (lambda _name, fn, *t: fn(*t))
+        segment = _segment_compiler(self.session) if compile_segments else (lambda _name, fn, *t: fn(*t))
         walk, index = self.walk, self.call_index
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         cached = self.features.get(key)
@@ -191,6 +191,11 @@ class WebUIUNetRunner:
             parts.append(f"{c.compiled} compiled, {c.eager} eager; {len(self.session.compiler.compile_events)} "
                          f"graph compile(s) in all for {len(buckets)} compiled bucket(s)")
         return "; ".join(parts)
+
+
+def _segment_compiler(session: CompileSession) -> Callable:
+    """The session's compiler of named segments (compiled, and graph-captured with CUDA graphs, per bucket)."""
+    return session.segment_compiler()
 
 
 def ldm_model_config(unet, family: str) -> dict:

@@ -84,8 +84,9 @@ def _console_listener(event: str, data: dict) -> None:
         print(f"[comfy-accel] {data.get('accelerator') or ''} {data.get('task')}: done {data.get('message') or ''}")
 
 
-_console_handler()
-events.add_listener(_console_listener)
+if IN_WEBUI:   # imported elsewhere (tests), the pack's logging stays as it was
+    _console_handler()
+    events.add_listener(_console_listener)
 
 
 # ---- per-job pieces -----------------------------------------------------------------------------------------

@@ -139,9 +139,9 @@ def test_the_infotext_states_what_ran_not_what_was_asked():
 
 @pytest.mark.parametrize("kind, steps, strength, fix_steps, pass_steps, expected", [
     ("img2img", 6, 0.5, False, None, (6, 3)),      # t_enc = int(0.5 * 6): 3 + 1 steps sampled
-    ("img2img fixed", 6, 0.5, True, None, (12, 5)),  # img2img_fix_steps: exactly 6 steps sampled
+    ("img2img-fixed", 6, 0.5, True, None, (12, 5)),  # img2img_fix_steps: exactly 6 steps sampled
     ("hires", 6, 0.5, False, 4, (8, 3)),          # the hires pass always takes the fixed-steps branch
-    ("hires 0.7", 6, 0.7, False, 4, (5, 3)),
+    ("hires-0.7", 6, 0.7, False, 4, (5, 3)),
 ])
 def test_img2img_and_hires_step_arithmetic(kind, steps, strength, fix_steps, pass_steps, expected):
     """A1111's setup_img2img_steps (sd_samplers_common.py:22) and the slice its k-diffusion sampler takes."""
