@@ -172,7 +172,15 @@ def test_compile_backend_compiles_once_and_matches_eager(webui):
     assert second.accel["compile_events"] == 0 and second.accel["counts"]["compiled"] == 4
     assert numpy.abs(first.image() - eager.image()).max() <= 2.0   # 8-bit pixels: fp reordering only
     assert "[comfy-accel] inductor: compiled for" in webui.log()   # info notices reach the console
-    print(json.dumps({"eager_s": eager.seconds, "first_s": first.seconds, "second_s": second.seconds}))
+    deepcache = webui.job(accel={"backend": "eager", "deepcache": True}, steps=4)
+    both = webui.job(accel={"backend": "inductor", "deepcache": True}, steps=4)
+    assert both.ok, both.error
+    assert both.accel["counts"]["compiled"] == 4 and both.accel["counts"]["shallow"] == 2   # calls 1, 2 cached
+    fields = infotext_fields(both)
+    assert fields["Accel backend"] == "inductor" and fields["Accel DeepCache"] == "interval 3, branch 0"
+    assert numpy.abs(both.image() - deepcache.image()).max() <= 2.0
+    print(json.dumps({"eager_s": eager.seconds, "first_s": first.seconds, "second_s": second.seconds,
+                      "deepcache_s": deepcache.seconds, "compiled_deepcache_s": both.seconds}))
 
 
 def test_saved_settings_apply_at_startup(tmp_path):
