@@ -24,18 +24,18 @@ def _register_with_server():
 
 
 def _start_compiler_import():
-    """The compiler's modules load in the background while ComfyUI starts (accelerators/preimport.py)."""
-    from .accelerators import preimport
+    """The compiler's modules load in the background while ComfyUI starts (accelerators/compile/preimport.py)."""
+    from .accelerators.compile import preimport
 
     preimport.start_background_import()
 
 
 try:
-    _start_compiler_import()
-except Exception:  # an optimisation only
-    logging.getLogger("comfy_accel").debug("[comfy-accel] background import not started", exc_info=True)
-
-try:
     _register_with_server()
 except Exception:  # the routes are a convenience: never let them stop the nodes from loading
     logging.getLogger("comfy_accel").exception("[comfy-accel] could not register routes")
+
+try:  # after the settings are loaded (the preimport setting)
+    _start_compiler_import()
+except Exception:  # an optimisation only
+    logging.getLogger("comfy_accel").debug("[comfy-accel] background import not started", exc_info=True)

@@ -50,7 +50,7 @@ def keep_on_load_device(model) -> str:
     """Makes ComfyUI keep this model's weights on the device it runs on (what its --highvram does for every
     model, here for this one) and patch LoRAs into them in place (its `weight_inplace_update`); clones made after
     this node, e.g. by a LoRA loader, inherit both. ComfyUI then neither moves the whole UNet to the CPU and back
-    on a LoRA change (≈1.5 s for SD1.5 on an H100) nor swaps in new weight tensors, so the CUDA graphs keep their
+    on a LoRA change (docs/benchmarks.md, "LoRA change") nor swaps in new weight tensors, so the CUDA graphs keep their
     addresses and replay at once; in exchange it cannot free this model's VRAM for another model, and a LoRA's
     original weights are backed up on the GPU. Returns one line saying what changed."""
     load, offload = model.load_device, model.offload_device

@@ -434,7 +434,7 @@ ACCELERATOR_SPECS = [
     AcceleratorSpec(
         name="deepcache", title="DeepCache",
         description="Runs the full UNet every N steps and only its shallow blocks in between, reusing the "
-                    "cached deep features (about 2-2.5x at interval 3; lossy).",
+                    "cached deep features (lossy; speed-ups in docs/benchmarks.md).",
         config=DeepCacheConfig, available=_deepcache_available, apply=apply, kind="model", lossless=False,
         order=50)
 ]

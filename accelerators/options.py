@@ -81,14 +81,19 @@ def parse_choice(name: str, value, allowed: tuple[str, ...]) -> str:
     return text
 
 
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                "off": False}   # the on/off words of every face and environment variable (any case)
+
+
 def parse_bool(name: str, value) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "on", "off", "yes", "no", "1", "0"):
-        return value.strip().lower() in ("true", "on", "yes", "1")
-    raise AcceleratorInputError(f"{name} must be on or off (true/false), got {value!r}")
+    found = SWITCH_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+    if found is None:
+        raise AcceleratorInputError(f"{name} must be on or off (true/false), got {value!r}")
+    return found
 
 
 def parse_backend(value) -> str:
@@ -111,11 +116,11 @@ def parse_fallback(value, settings=None) -> str:
 
 
 def parse_dynamic(value) -> str:
-    return parse_choice("dynamic shapes", value or "buckets", DYNAMIC)
+    return parse_choice("dynamic shapes", value or DYNAMIC[0], DYNAMIC)
 
 
 def parse_mode(value) -> str:
-    return parse_choice("mode", value or "default", MODES)
+    return parse_choice("mode", value or MODES[0], MODES)
 
 
 def parse_backend_options(options: dict | None, settings=None) -> tuple[str, str, str]:
@@ -168,8 +173,8 @@ def resolve_backend(requested, settings=None, availability: Callable[[str], Avai
 
         gpu = cuda_available()
     if not gpu:
-        # On a CPU every backend but inductor needs CUDA, and inductor's compile costs more than it saves: on a
-        # tiny UNet the first prompt took 3x eager's time and each re-execution re-traced (docs/benchmarks.md).
+        # On a CPU every backend but inductor needs CUDA, and inductor's compile costs more than it saves
+        # (docs/benchmarks.md, "`auto` on a CPU").
         return BackendChoice(EAGER, f"{prefix}auto picked eager: torch sees no CUDA GPU here, and compiling on "
                                     f"a CPU costs more time than it saves")
     availability = availability or registry_availability
@@ -202,5 +207,14 @@ def describe() -> dict:
                                 "default": FALLBACKS[0]},
             "cache_budget_gb": CACHE_BUDGET_GB.as_dict(),
             "memory_budget_gb": MEMORY_BUDGET_GB.as_dict(),
+            **_switches(),
         },
     }
+
+
+def _switches() -> dict:
+    """The settings' on/off switches (settings.ENV_OVERRIDES), with their defaults."""
+    from . import settings as settings_module
+
+    defaults = settings_module.Settings()
+    return {name: {"default": getattr(defaults, name)} for name in settings_module.ENV_OVERRIDES}

@@ -18,9 +18,9 @@ SPEC_MODULES = (
     "deepcache",
     "freeu",
     "taesd",
-    "torch_compile",
-    "onediff",
-    "stable_fast",
+    "compile.inductor",
+    "compile.onediff",
+    "compile.stable_fast",
     "tensorrt",
 )
 _specs: dict[str, AcceleratorSpec] | None = None

@@ -25,7 +25,7 @@ def step_of(sigma, sample_sigmas) -> tuple[int, int]:
 # ---- the step without a device sync ------------------------------------------------------------------------
 # Reading the current sigma (`sigma.item()`) waits for the GPU: harmless in eager mode, where the CPU is the
 # bottleneck anyway, but with CUDA graphs it stops the CPU from queuing the next step while the GPU runs this
-# one (measured on an H100: compile + CFG cutoff took 0.255 s instead of about 0.14 s). ComfyUI's KSAMPLER
+# one (docs/benchmarks.md: compile+cutoff-50 "before the sync fix"). ComfyUI's KSAMPLER
 # reports every finished step through its callback, so a SAMPLER_SAMPLE wrapper counts them. That count is the
 # step of every model evaluation only for samplers that evaluate once per step, before the callback: dpm_2
 # calls back between its two evaluations (its midpoint would count as the next step) and Heun-like samplers

@@ -33,7 +33,7 @@ class AccelerateModel:
             "keep_weights_on_gpu": ("BOOLEAN", {"default": False, "tooltip":
                                     "Keep this model's weights on the GPU between runs, like ComfyUI's "
                                     "--highvram for this model only: a LoRA change then costs no reload of the "
-                                    "whole UNet (≈1.5 s for SD1.5 on an H100), but ComfyUI can no longer free "
+                                    "whole UNet, but ComfyUI can no longer free "
                                     "this model's VRAM for other models."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 

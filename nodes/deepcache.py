@@ -8,7 +8,7 @@ from .common import CATEGORY, record_in_model
 
 class DeepCache:
     DESCRIPTION = ("Reuses the UNet's deep features between steps: a full UNet step every `cache_interval` "
-                   "steps, only the shallow blocks in between (about 2-2.5x at interval 3; lossy). "
+                   "steps, only the shallow blocks in between (lossy; speed-ups in the pack's docs/benchmarks.md). "
                    "SD1.x/SD2.x/SDXL. Steps with a ControlNet attached run in full.")
 
     @classmethod

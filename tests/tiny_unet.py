@@ -1,4 +1,4 @@
-"""The tiny SD1.5 UNet that the ahead-of-time tests build once per module."""
+"""The tiny SD1.5 UNet that the precompile tests build once per module."""
 import pytest
 
 from tools.model_factory import build_model, unet_inputs

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     from comfy_accel.accelerators.cache import ArtifactStore
-    from comfy_accel.accelerators.torch_compile import apply, apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply, apply_cudagraphs
     from tools.model_factory import build_model, load_unet_as, sample
 
     base = build_model(args.model, dtype=torch.float16, device="cuda", seed=9)

@@ -13,14 +13,14 @@ module without tracing it; the weights are read from the module on every call (a
 seen). ComfyUI's layer classes are defined inside `comfy.ops` classes, which dynamo's guard serializer refuses
 ("defined in local scope"), so the guards are filtered to the input tensors' (`torch.compiler.
 keep_tensor_guards_unsafe`): the caller must then only use it for the signature it was built for (one shape
-bucket, no patches), as the AOTInductor package path already does. The tensor guards compare dispatch keys with
+bucket, no patches), as the compile session does. The tensor guards compare dispatch keys with
 the thread's state when the file is loaded, so it must be loaded in the mode it runs in (inference_mode, as
 ComfyUI samples; loaded outside it, the first call fails its guard). On this project's CPU box (torch 2.13, tiny
 SD1.5): build 67 s, 2 MiB; a new process loads it in 2.4 s with inductor's cache warm (34 s with it empty: the
 C++ kernels are compiled again), traces no dynamo frame and gives the building process's output. On an H100
 (torch 2.11, full SD1.5 fp16): build 61 s, 47 MiB (the triton kernels are in the file); a new process loads it
 in 3.3 s even with inductor's cache empty. This result made it the default of inductor+cudagraphs
-(accelerators/precompile.py); the probe stays as the quick check for a new torch.
+(accelerators/compile/precompile.py); the probe stays as the quick check for a new torch.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
                              "first (what the shared cache would hold beside the precompiled file)")
     parser.add_argument("--preimport", action="store_true",
                         help="load: import the compiler's modules first, as the pack's startup thread does "
-                             "(accelerators/preimport.py), so that the load time is the load alone")
+                             "(accelerators/compile/preimport.py), so that the load time is the load alone")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     from tools.comfy_host import import_comfy, import_pack
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
     import_pack()
     from torch._dynamo.utils import counters
 
-    from comfy_accel.accelerators.compiled_unet import use_compile_friendly_attention
+    from comfy_accel.accelerators.compile.stand_in import use_compile_friendly_attention
     from tools.model_factory import build_model, unet_inputs
 
     if not hasattr(torch._dynamo.config, "enable_aot_compile"):
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
     print(f"[precompile] {args.stage}: torch {torch.__version__}, {args.model} on {device}, ready in "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     if args.preimport:
-        from comfy_accel.accelerators import preimport
+        from comfy_accel.accelerators.compile import preimport
 
         begun = time.perf_counter()
         preimport.import_compiler_modules(preimport.MODULES + preimport.GPU_MODULES)

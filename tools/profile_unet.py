@@ -17,7 +17,7 @@ import time
 
 import torch
 
-# inductor config patches by name; "default" is what the compile lane uses on a GPU (torch_compile.py)
+# inductor config patches by name; "default" is what the compile lane uses on a GPU (compile/inductor.py)
 CONFIGS = {
     "default": {"conv_1x1_as_mm": True},
     "no-config": {},
@@ -99,9 +99,10 @@ def main(argv: list[str]) -> int:
     import_pack()
     import comfy.model_management as mm
 
-    from comfy_accel.accelerators.compiled_unet import parse_options, use_compile_friendly_attention
-    from comfy_accel.accelerators.cuda_graphs import CapturedCall
-    from comfy_accel.accelerators.torch_compile import InductorCompiler
+    from comfy_accel.accelerators.compile.session import parse_options
+    from comfy_accel.accelerators.compile.stand_in import use_compile_friendly_attention
+    from comfy_accel.accelerators.compile.graphs import CapturedCall
+    from comfy_accel.accelerators.compile.inductor import InductorCompiler
     from tools.model_factory import build_model, unet_inputs
 
     pixels = 512 if args.model == "sd15" else 1024

@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
     import_pack()
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.cache import ArtifactStore
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import InductorCompiler, apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
+    from comfy_accel.accelerators.compile.inductor import InductorCompiler, apply_cudagraphs
     from tools.model_factory import build_model, make_conditioning, sample
 
     InductorCompiler.warm_compile_threads = None if args.load_threads == "default" else int(args.load_threads)
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         times = [one_sample() for _ in range(args.samples)]
     print(f"[{args.tag}] import {imported:.1f} s; first sample {times[0]} s, then {times[1:]}; "
           f"calls {session_of(accelerated).calls}", flush=True)
-    from comfy_accel.accelerators import preimport
+    from comfy_accel.accelerators.compile import preimport
 
     done = preimport.summary()
     print(f"[{args.tag}] background import of the compiler since the pack's import: "

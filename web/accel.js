@@ -24,6 +24,9 @@ const SETTING_FIELDS = {
   "Accel.FallbackPolicy": "fallback_policy",
   "Accel.CacheBudgetGB": "cache_budget_gb",
   "Accel.MemoryBudgetGB": "memory_budget_gb",
+  "Accel.Precompile": "precompile",
+  "Accel.ChannelsLast": "channels_last",
+  "Accel.Preimport": "preimport",
 };
 
 const state = {
@@ -109,9 +112,9 @@ async function loadSettingOptions() {
 function setting(spec, id, name, category, tooltip) {
   const field = spec[SETTING_FIELDS[id]];
   const common = { id, name, category, tooltip, defaultValue: field.default, onChange: (v, old) => pushSetting(id, v, old) };
-  return field.choices
-    ? { ...common, type: "combo", options: field.choices }
-    : { ...common, type: "number", attrs: { min: field.min, max: field.max, step: 0.5 } };
+  if (field.choices) return { ...common, type: "combo", options: field.choices };
+  if (typeof field.default === "boolean") return { ...common, type: "boolean" };
+  return { ...common, type: "number", attrs: { min: field.min, max: field.max, step: 0.5 } };
 }
 
 function buildSettings(spec) {
@@ -126,6 +129,16 @@ function buildSettings(spec) {
       "Compiled graphs and engines beyond this size are evicted, least recently used first."),
     setting(spec, "Accel.MemoryBudgetGB", "Live compiled objects (GB in memory)", ["Accel", "Cache", "Memory budget"],
       "Loaded engines and compiled modules kept in memory between runs."),
+    setting(spec, "Accel.Precompile", "Precompile the UNet for a fast restart", ["Accel", "Compile", "Precompile"],
+      "torch.compile + CUDA graphs stores the whole compiled UNet, so a restarted server loads it without " +
+      "tracing (needs a torch with dynamo precompile). COMFY_ACCEL_PRECOMPILE=0/1 overrides it."),
+    setting(spec, "Accel.ChannelsLast", "Convolution weights channels-last on the GPU", ["Accel", "Compile", "Channels-last"],
+      "The layout the GPU's convolutions use (same values, faster compiled calls). Off keeps ComfyUI's " +
+      "layout. COMFY_ACCEL_CHANNELS_LAST=0/1 overrides it."),
+    setting(spec, "Accel.Preimport", "Import the compiler at startup", ["Accel", "Compile", "Preimport"],
+      "On a CUDA machine the compiler's modules load in the background while ComfyUI starts, so the " +
+      "first warm sample does not wait for them (takes effect at the next start). COMFY_ACCEL_PREIMPORT=0/1 " +
+      "overrides it."),
   ];
 }
 

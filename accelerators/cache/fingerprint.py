@@ -81,7 +81,7 @@ def _sampled(items: list[tuple[str, torch.Tensor]]) -> str:
 
 
 def _full(items: list[tuple[str, torch.Tensor]]) -> str:
-    digest = hashlib.blake2b(_structure(items), digest_size=32)  # ~1.7x sha256's speed where there is no SHA-NI
+    digest = hashlib.blake2b(_structure(items), digest_size=32)  # faster than sha256 where there is no SHA-NI
     for _, tensor in items:
         data = _byte_view(tensor)
         if data is None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from ..base import (AcceleratorInputError, AcceleratorSpec, Availability, BackendUnavailable, cuda_available,
                     module_available, require_sd_unet)
-from ..compiled_unet import fallback_and_dynamic, store_getter
+from ..compile.session import store_getter
+from ..options import parse_backend_options
 
 NAME = "tensorrt"
 
@@ -42,10 +43,7 @@ def parse_options(options) -> "TensorRTOptions":
         options = {}
     if not isinstance(options, dict):
         raise AcceleratorInputError(f"tensorrt options must be a dict, got {type(options).__name__}")
-    fallback, dynamic = fallback_and_dynamic(options)
-    mode = options.get("mode", "default")
-    if mode is not None and not isinstance(mode, str):
-        raise AcceleratorInputError(f"mode must be a string; got {mode!r}")
+    mode, dynamic, fallback = parse_backend_options(options)
     node_id = options.get("node_id")
     level = options.get("optimization_level", 5 if mode == "max-autotune" else 3)
     if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5:

@@ -1,11 +1,11 @@
 """Running the UNet through a TensorRT engine inside ComfyUI's official hooks.
 
-`attach(model, session)` clones the ModelPatcher and adds one `APPLY_MODEL` wrapper (key
-`comfy_accel.tensorrt`) that, for the duration of one `apply_model` call, swaps the BaseModel's
-`diffusion_model` for an `EngineUNet` (the pattern of ComfyUI's own torch.compile helper): the host's
-`_apply_model` still does every input conversion, and `EngineUNet.forward` either runs the engine or calls
-the real UNet. It runs the real UNet — eager, with one notice naming the reason, or an error under the
-`error` fallback policy — whenever an engine cannot give the host's result:
+`attach(model, session)` puts an `EngineUNet` in place of the BaseModel's `diffusion_model` for the duration of
+each `apply_model` call, through the compile lane's stand-in swap (`compile/stand_in.py`, key
+`comfy_accel.tensorrt`): the host's `_apply_model` still does every input conversion, and `EngineUNet.forward`
+either runs the engine or calls the real UNet. It runs the real UNet — eager, with one notice naming the
+reason, or an error under the `error` fallback policy — whenever an engine cannot give the host's result
+(`unsupported_call_reason`, the compile lane's check with the engine's limits):
   - a ControlNet (`control`), block/attention patches (FreeU's `output_block_patch`, ...), another
     `DIFFUSION_MODEL` wrapper (DeepCache), an extra input the engine lacks;
   - weights a refit cannot express (weight wrappers, scheduled hooks), or a LoRA on an engine without a
@@ -29,6 +29,7 @@ from typing import Callable
 
 from .. import events
 from ..base import AcceleratorInputError, BackendUnavailable, model_family
+from ..compile.stand_in import FastPathLimits, attach_stand_in, unservable_reason
 from . import refit as refit_mod
 from .profiles import (EngineProfile, describe_request, envelope, profile_for_request, request_of, select_profile,
                        validate_profiles)
@@ -40,34 +41,15 @@ RESIDENCY_KEY = "comfy_accel.tensorrt"
 ENGINE_FILE = "unet.plan"
 REFIT_FILE = "refit_map.json"
 PROFILES_FILE = "profiles.json"
-# transformer_options entries ComfyUI itself puts there on every call (not patches a user added)
-_HOST_OPTION_KEYS = {"patches", "patches_replace", "wrappers", "callbacks"}
-# keyword inputs the SD/SDXL UNet forward can receive that the engine has no input for
-_SERVED_KWARGS = {"y"}
+# what a baked engine cannot honour: the engine's inputs are x, timesteps, context and (SDXL) y
+ENGINE_LIMITS = FastPathLimits(control="its residuals are not engine inputs",
+                               patch="cannot run inside a baked engine", served_kwargs=frozenset({"y"}),
+                               wrapped="whose step logic a baked engine skips")
 
 
-# ---- what an engine cannot honour -------------------------------------------------------------------------
-def unsupported_call_reason(control, transformer_options: dict | None, kwargs: dict, own_wrapper_keys=()) -> str:
+def unsupported_call_reason(control, transformer_options: dict | None, kwargs: dict) -> str:
     """Why this UNet call must run eager under a baked engine ('' when the engine can serve it)."""
-    if control is not None:
-        return "a ControlNet is applied (its residuals are not engine inputs)"
-    options = transformer_options or {}
-    patches = {k: v for k, v in (options.get("patches") or {}).items() if v}
-    if patches:
-        return f"block patches ({', '.join(sorted(patches))}, e.g. FreeU) cannot run inside a baked engine"
-    replaces = {k: v for k, v in (options.get("patches_replace") or {}).items() if v}
-    if replaces:
-        return f"attention replacements ({', '.join(sorted(replaces))}) cannot run inside a baked engine"
-    wrappers = (options.get("wrappers") or {}).get("diffusion_model") or {}
-    foreign = [key for key, fns in wrappers.items() if fns and key not in own_wrapper_keys]
-    if foreign:
-        return f"the UNet is wrapped by {', '.join(sorted(foreign))} (e.g. DeepCache), which a baked engine skips"
-    if options.get("optimized_attention_override") is not None:
-        return "an attention override is set (the engine has its own attention)"
-    extra = sorted(k for k, v in kwargs.items() if k not in _SERVED_KWARGS and v is not None)
-    if extra:
-        return f"the call has inputs the engine lacks ({', '.join(extra)})"
-    return ""
+    return unservable_reason(ENGINE_LIMITS, control, transformer_options, kwargs)
 
 
 # ---- memory reporting -------------------------------------------------------------------------------------
@@ -292,7 +274,7 @@ def _availability():
     return available()
 
 
-# ---- the UNet stand-in and the wrapper ---------------------------------------------------------------------
+# ---- the UNet stand-in ---------------------------------------------------------------------------------------
 def _engine_unet_class():
     import torch
 
@@ -352,29 +334,15 @@ def _engine_unet_class():
     return EngineUNet
 
 
-def tensorrt_wrapper_factory(session: TensorRTSession, own_patcher):
-    engine_unet = _engine_unet_class()
-
-    def tensorrt_apply_model_wrapper(executor, *args, **kwargs):
-        base_model = executor.class_obj
-        unet = base_model.diffusion_model
-        patcher = getattr(base_model, "current_patcher", None) or own_patcher
-        base_model.diffusion_model = engine_unet(unet, session, patcher, base_model)
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            base_model.diffusion_model = unet
-
-    return tensorrt_apply_model_wrapper
-
-
 def attach(model, session: TensorRTSession):
     """A clone of `model` whose UNet runs through the session's engines (never mutates `model`)."""
-    from comfy.patcher_extension import WrappersMP
+    engine_unet = _engine_unet_class()
 
-    patched = model.clone()
-    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, tensorrt_wrapper_factory(session, patched))
+    def make_stand_in(base_model, unet, patched):
+        patcher = getattr(base_model, "current_patcher", None) or patched
+        return engine_unet(unet, session, patcher, base_model)
+
+    patched = attach_stand_in(model, WRAPPER_KEY, make_stand_in, session)
     patched.set_additional_models(RESIDENCY_KEY, [session.residency.patcher(model.load_device, model.offload_device)])
     return patched
 

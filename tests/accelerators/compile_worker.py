@@ -22,8 +22,8 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
     import_pack()
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.cache import ArtifactStore
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply, apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply, apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from tools.model_factory import build_model, sample
 
     if backend == "inductor":
@@ -43,7 +43,7 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
     print("RESULT " + json.dumps({
         "first_sample_s": seconds,
         "compile_events": [e["what"] for e in session_of(accelerated).compiler.compile_events],
-        "calls": session_of(accelerated).calls, "packages": len(session_of(accelerated).packages),
+        "calls": session_of(accelerated).calls, "packages": len(session_of(accelerated).artifacts.packages),
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
         "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
         "notices": [n["message"] for n in events.recent(50)]}))

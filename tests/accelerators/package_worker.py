@@ -1,7 +1,7 @@
-"""A fresh process that loads a stored UNet package of either kind onto a newly built tiny model and runs it once:
-the package tests check that a process which never compiled (or traced) gets the parent's output.
+"""A fresh process that loads a stored precompiled UNet onto a newly built tiny model and runs it once: the
+precompile tests check that a process which never compiled (or traced) gets the parent's output.
 
-    python tests/accelerators/package_worker.py aoti|precompile FOLDER INPUTS_PT OUTPUT_PT SEED
+    python tests/accelerators/package_worker.py FOLDER INPUTS_PT OUTPUT_PT SEED
 """
 import json
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(kind: str, folder: str, inputs_file: str, output_file: str, seed: str) -> None:
+def main(folder: str, inputs_file: str, output_file: str, seed: str) -> None:
     import torch
 
     from tools.comfy_host import import_comfy, import_pack
@@ -20,20 +20,16 @@ def main(kind: str, folder: str, inputs_file: str, output_file: str, seed: str) 
     import_pack()
     from torch._dynamo.utils import counters
 
-    from comfy_accel.accelerators.aot_package import PackagedUNet
-    from comfy_accel.accelerators.compiled_unet import use_compile_friendly_attention
-    from comfy_accel.accelerators.precompile import PrecompiledUNet
+    from comfy_accel.accelerators.compile.stand_in import use_compile_friendly_attention
+    from comfy_accel.accelerators.compile.precompile import PrecompiledUNet
     from tools.model_factory import build_model
 
     unet = build_model("tiny-sd15", seed=int(seed)).model.diffusion_model
     inputs = torch.load(inputs_file)
     started = time.monotonic()
-    if kind == "precompile":
-        options: dict = {}
-        use_compile_friendly_attention(options)   # as the session passes them
-        package = PrecompiledUNet.load(Path(folder), unet, options)
-    else:
-        package = PackagedUNet.load(Path(folder))
+    options: dict = {}
+    use_compile_friendly_attention(options)   # as the session passes them
+    package = PrecompiledUNet.load(Path(folder), unet, options)
     loaded = time.monotonic()
     package.bind(unet)
     bound = time.monotonic()
@@ -46,4 +42,4 @@ def main(kind: str, folder: str, inputs_file: str, output_file: str, seed: str) 
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:5])

@@ -6,8 +6,8 @@ import torch
 
 
 def test_our_options_map_to_theirs(pack):
-    from comfy_accel.accelerators.onediff import onediff_options
-    from comfy_accel.accelerators.stable_fast import sfast_flags
+    from comfy_accel.accelerators.compile.onediff import onediff_options
+    from comfy_accel.accelerators.compile.stable_fast import sfast_flags
 
     nexfort = onediff_options("nexfort", "default", "buckets")
     assert nexfort["mode"].startswith("max-optimize") and "freezing=False" in nexfort["mode"]

@@ -42,8 +42,8 @@ def graphs(session):
 
 def test_graphs_match_eager_and_lora_needs_no_recompile(pack, gpu_model, twin, store):
     from comfy_accel.accelerators import events
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     eager = sample(twin, steps=4)
     accelerated = apply_cudagraphs(gpu_model, {"fallback": "error", "store": store})
@@ -72,7 +72,7 @@ def test_keep_weights_on_gpu_makes_a_lora_change_move_nothing(pack, twin, store)
     the weights keep their addresses, so the graphs are neither re-captured nor recompiled."""
     from comfy_accel.accelerators import events
     from comfy_accel.accelerators.accelerate import accelerate
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     model = build_model("tiny-sd15", dtype=torch.float16, device="cuda", seed=5)
     accelerated, in_effect = accelerate(model, backend="inductor+cudagraphs", fallback="error", node_id="keep",
@@ -94,8 +94,8 @@ def test_keep_weights_on_gpu_makes_a_lora_change_move_nothing(pack, twin, store)
 def test_cfg_cutoff_captures_batch_1_and_2_once(pack, gpu_model, twin, store):
     from comfy_accel.accelerators.cfg_cutoff import CFGCutoffConfig
     from comfy_accel.accelerators.cfg_cutoff import apply as cutoff
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     eager = sample(cutoff(twin, CFGCutoffConfig(cutoff_percent=50.0)), steps=6)
     base = cutoff(gpu_model, CFGCutoffConfig(cutoff_percent=50.0))
@@ -111,8 +111,8 @@ def test_cfg_cutoff_captures_batch_1_and_2_once(pack, gpu_model, twin, store):
 def test_moved_weights_are_recaptured_and_unload_frees_graphs(pack, gpu_model, store):
     import comfy.model_management
 
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     accelerated = apply_cudagraphs(gpu_model, {"fallback": "error", "store": store})
     out = sample(accelerated, steps=3)
@@ -128,10 +128,10 @@ def test_moved_weights_are_recaptured_and_unload_frees_graphs(pack, gpu_model, s
 
 @pytest.mark.parametrize("family", ["tiny-sd15", "tiny-sdxl"])
 def test_deepcache_segments_are_captured_once(pack, store, family):
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
     from comfy_accel.accelerators.deepcache import apply as deepcache
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply_cudagraphs
 
     gpu_model, twin = (build_model(family, dtype=torch.float16, device="cuda", seed=5) for _ in range(2))
     eager = sample(deepcache(twin, DeepCacheConfig(cache_interval=3)), steps=6)
@@ -149,22 +149,22 @@ def test_deepcache_segments_are_captured_once(pack, store, family):
 
 
 def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compiling(pack, tmp_path):
-    """inductor+cudagraphs builds its ahead-of-time form of the plain UNet (dynamo's precompile where torch has it;
-    an AOTInductor package after a small one loaded in a child process); a second process loads it from the store, compiles nothing (no
-    dynamo trace, no package build) and gives the same latent. Where a child could not load the probe or the
-    package, both processes must use torch.compile, the second without probing or building again, and the test
-    then skips naming the failure."""
+    """inductor+cudagraphs precompiles the plain UNet (dynamo's precompile, where torch has it); a second process
+    loads it from the store, compiles nothing (no dynamo trace, no build) and gives the same latent. Where torch
+    has no precompile, both processes use torch.compile with its compile-cache artifacts."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from comfy_accel.accelerators.compile.precompile import available
+
     worker = Path(__file__).with_name("compile_worker.py")
     results = []
     for run in range(2):
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{run}")}
-        env.pop("COMFY_ACCEL_AOT_PACKAGES", None)   # the default
+        env.pop("COMFY_ACCEL_PRECOMPILE", None)   # the default (on)
         done = subprocess.run([sys.executable, str(worker), str(tmp_path / "store"),
                                str(tmp_path / f"latent-{run}.pt"), "inductor+cudagraphs"],
                               capture_output=True, text=True, timeout=900, env=env)
@@ -174,18 +174,11 @@ def test_plain_unet_runs_from_a_package_that_a_new_process_loads_without_compili
     cold, warm = results
     print("cold:", cold["first_sample_s"], "warm:", warm["first_sample_s"], warm["notices"][-3:])
     first, second = (torch.load(tmp_path / f"latent-{run}.pt") for run in range(2))
-    unusable = [n for n in cold["notices"] if "ahead-of-time package" in n]
-    if unusable:   # the child failed to load it: the fallback must hold, and not build again next time
-        assert cold["packages"] == 0 and warm["packages"] == 0 and cold["calls"]["graph"] == 3
-        assert [e for e in warm["compile_events"] if e in ("unet package", "package probe")] == []
-        assert any("recorded in the cache" in n for n in warm["notices"]), warm["notices"]
+    if not available():
+        assert cold["packages"] == 0 and warm["packages"] == 0 and warm["calls"]["graph"] == 3
         assert rel(second, first) < 1e-3
-        pytest.skip(f"AOTInductor packages unusable on torch {torch.__version__} here: {unusable[0]}")
-    from comfy_accel.accelerators.torch_compile import PACKAGE_KINDS, package_kind
-
-    probed = PACKAGE_KINDS[package_kind()][2]   # an AOTInductor package is preceded by the environment probe
-    assert cold["packages"] == 1
-    assert cold["compile_events"] == (["package probe"] if probed else []) + ["unet package"]
+        pytest.skip(f"torch {torch.__version__} has no dynamo precompile: {available().reason}")
+    assert cold["packages"] == 1 and cold["compile_events"] == ["unet package"]
     assert cold["calls"]["graph"] == 3
     assert warm["packages"] == 1 and warm["compile_events"] == [] and warm["calls"]["graph"] == 3
     assert any("loaded from the cache" in n and "nothing to trace" in n for n in warm["notices"]), warm["notices"]
@@ -203,8 +196,8 @@ def test_fp8_weights_from_the_unet_loader_run_graphed(pack, store, tmp_path):
     import comfy.model_management
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply_cudagraphs
+    from comfy_accel.accelerators.compile.inductor import apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from tools.model_factory import load_unet_as
 
     base = build_model("small-sd15", dtype=torch.float16, device="cuda", seed=9)

@@ -3,7 +3,7 @@ the real ComfyUI UNet, CPU, from one build by a compile session: the session sto
 from the store and compiles nothing; the output matches eager; the weights are read live (in-place edits, another
 model of the architecture); other inputs are refused with the reason; a fresh process that only loads it traces
 nothing and gets the parent's output. These are also the tests that fail when torch changes the experimental API
-(precompile.py is the one place that uses it).
+(compile/precompile.py is the one place that uses it).
 """
 import json
 import os
@@ -35,7 +35,7 @@ def eager(unet, inputs):
 
 def unet_options() -> dict:
     """transformer_options as the session's stand-in passes them (attention through SDPA, which dynamo traces)."""
-    from comfy_accel.accelerators.compiled_unet import use_compile_friendly_attention
+    from comfy_accel.accelerators.compile.stand_in import use_compile_friendly_attention
 
     options: dict = {}
     use_compile_friendly_attention(options)
@@ -43,11 +43,11 @@ def unet_options() -> dict:
 
 
 def precompile_session(model, store):
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import PRECOMPILE, apply
+    from comfy_accel.accelerators.compile.inductor import apply
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     session = session_of(apply(model, {"fallback": "error", "store": store}))
-    session.compiler.use_packages(PRECOMPILE)   # what inductor+cudagraphs (a GPU backend) sets by default
+    session.compiler.use_precompile(True)   # what inductor+cudagraphs (a GPU backend) sets by default
     return session
 
 
@@ -55,13 +55,13 @@ def precompile_session(model, store):
 def built(pack, tmp_path_factory):
     """The one build of this module: the tiny SD1.5 UNet at batch 2, 64×64 px, 77 tokens, through a session."""
     from comfy_accel.accelerators.cache import ArtifactStore
-    from comfy_accel.accelerators.compiled_unet import bucket_of
-    from comfy_accel.accelerators.precompile import available
+    from comfy_accel.accelerators.compile.session import bucket_of
+    from comfy_accel.accelerators.compile.precompile import available
 
     model, unet, inputs = tiny_unet_or_skip(available(), SEED)
     store = ArtifactStore(tmp_path_factory.mktemp("precompile") / "cache")
     session = precompile_session(model, store)
-    assert session.uses_package({})
+    assert session.artifacts.uses_package({})
     bucket = bucket_of(inputs[0], inputs[2], None)
     with torch.inference_mode():
         call = session.graph_callable(unet, bucket, inputs, unet_options())
@@ -72,11 +72,11 @@ def built(pack, tmp_path_factory):
 
 def test_the_session_builds_stores_and_a_second_session_loads_it_compiling_nothing(built):
     from comfy_accel.accelerators import events
-    from comfy_accel.accelerators.precompile import PrecompiledUNet
-    from comfy_accel.accelerators.torch_compile import INDUCTOR_PRECOMPILE
+    from comfy_accel.accelerators.compile.precompile import PrecompiledUNet
+    from comfy_accel.accelerators.compile.inductor import INDUCTOR_PRECOMPILE
 
-    assert isinstance(built.call, PrecompiledUNet) and not built.session.package_failed
-    assert [e["what"] for e in built.session.compiler.compile_events] == ["unet package"]   # no probe: no child
+    assert isinstance(built.call, PrecompiledUNet) and not built.session.artifacts.package_failed
+    assert [e["what"] for e in built.session.compiler.compile_events] == ["unet package"]
     assert rel(built.out, eager(built.unet, built.inputs)) < 1e-4
     entries = [e for e in built.store.entries() if e.accelerator == INDUCTOR_PRECOMPILE]
     assert [built.store.lookup_id(e.id).entry.meta.get("kind") for e in entries] == ["precompiled UNet"]
@@ -132,7 +132,7 @@ def test_the_weights_are_read_live_in_place_edits_and_another_model(built):
 
 
 def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, tmp_path):
-    from comfy_accel.accelerators.precompile import PackageMismatch, PrecompiledUNet, precompile_files
+    from comfy_accel.accelerators.compile.precompile import PackageMismatch, PrecompiledUNet, precompile_files
 
     x, t, c = built.inputs
     assert built.call.matches(built.inputs) == ""
@@ -144,7 +144,7 @@ def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, 
     with pytest.raises(RuntimeError, match="Guard"):   # outside inference_mode: refused by its guard, not run
         built.call(*built.inputs)
 
-    files = precompile_files(built.store.lookup(built.session.package_key(built.bucket)).entry.path)
+    files = precompile_files(built.store.lookup(built.session.artifacts.package_key(built.bucket)).entry.path)
     assert set(files) == {"unet.precompiled", "record.json"}
     record = json.loads(files["record.json"])
     record["torch"] = "0.0.1"
@@ -155,12 +155,12 @@ def test_other_inputs_and_other_torch_builds_are_refused_with_the_reason(built, 
 
 
 def test_a_fresh_process_loads_it_traces_nothing_and_gets_the_same_output(built, tmp_path):
-    folder = built.store.lookup(built.session.package_key(built.bucket)).entry.path
+    folder = built.store.lookup(built.session.artifacts.package_key(built.bucket)).entry.path
     torch.save(built.inputs, tmp_path / "inputs.pt")
     worker = Path(__file__).with_name("package_worker.py")
     # inductor's cache as this process left it: on a CPU the precompiled file holds the kernels' C++ source,
     # compiled again where the cache is empty (≈30 s here; on a GPU the kernels are in the file)
-    done = subprocess.run([sys.executable, str(worker), "precompile", str(folder), str(tmp_path / "inputs.pt"),
+    done = subprocess.run([sys.executable, str(worker), str(folder), str(tmp_path / "inputs.pt"),
                            str(tmp_path / "out.pt"), str(SEED)], env=dict(os.environ), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The compiler's modules imported in the background at startup (accelerators/preimport.py), each case in a
+"""The compiler's modules imported in the background at startup (accelerators/compile/preimport.py), each case in a
 fresh interpreter: whether a module is imported is process state."""
 import json
 import os
@@ -16,7 +16,7 @@ import json, sys, time
 from tools.comfy_host import import_comfy, import_pack
 import_comfy()
 import_pack()   # this machine has no CUDA: the pack's import starts nothing
-from comfy_accel.accelerators import preimport
+from comfy_accel.accelerators.compile import preimport
 out = {"after_pack_import": "torch._inductor.compile_fx" in sys.modules}
 """
 
@@ -33,8 +33,8 @@ def run(body: str, **env) -> dict:
 def test_the_thread_imports_the_compiler_and_the_session_waits_for_it(pack):
     out = run("""
 from comfy_accel.accelerators import events
-from comfy_accel.accelerators.compiled_unet import session_of
-from comfy_accel.accelerators.torch_compile import apply
+from comfy_accel.accelerators.compile.stand_in import session_of
+from comfy_accel.accelerators.compile.inductor import apply
 from tools.model_factory import build_model
 
 model = build_model("tiny-sd15")
@@ -62,18 +62,25 @@ out["wait_after"] = preimport.wait()
 def test_switched_off_or_without_cuda_nothing_is_imported_and_a_failing_module_is_skipped(pack):
     out = run("""
 import os
-os.environ["COMFY_ACCEL_PREIMPORT"] = "0"   # read when asked, as ComfyUI's environment would be
+from comfy_accel.accelerators import settings
 out["reason_cpu"] = preimport.not_wanted_reason()
 out["started_cpu"] = preimport.start_background_import() is not None
 out["reason_off"] = preimport.not_wanted_reason(cuda=True)
 out["started_off"] = preimport.start_background_import(cuda=True) is not None
 out["wait"] = preimport.wait()
 out["imported"] = "torch._inductor.compile_fx" in sys.modules
+settings.update({"preimport": True})   # the saved setting: the process's variable still wins
+out["reason_variable_wins"] = preimport.not_wanted_reason(cuda=True)
 del os.environ["COMFY_ACCEL_PREIMPORT"]
+settings.load(None)   # as a process started without the variable
 out["reason_default"] = preimport.not_wanted_reason()
+settings.update({"preimport": False})
+out["reason_setting"] = preimport.not_wanted_reason(cuda=True)
 # json was imported already, the other module does not exist: neither is timed, neither raises
 out["seconds"] = preimport.import_compiler_modules(("no_such_module_here", "json"))
-""")
-    assert out == {"after_pack_import": False, "reason_cpu": "COMFY_ACCEL_PREIMPORT=0", "started_cpu": False,
-                   "reason_off": "COMFY_ACCEL_PREIMPORT=0", "started_off": False, "wait": 0.0,
-                   "imported": False, "reason_default": "no CUDA device", "seconds": {}}
+""", COMFY_ACCEL_PREIMPORT="off")
+    assert out == {"after_pack_import": False, "reason_cpu": "COMFY_ACCEL_PREIMPORT=off", "started_cpu": False,
+                   "reason_off": "COMFY_ACCEL_PREIMPORT=off", "started_off": False, "wait": 0.0,
+                   "imported": False, "reason_variable_wins": "COMFY_ACCEL_PREIMPORT=off",
+                   "reason_default": "no CUDA device", "reason_setting": "switched off in the settings",
+                   "seconds": {}}

@@ -40,8 +40,8 @@ def notices(node):
 @pytest.mark.slow
 def test_inductor_matches_eager_applies_lora_without_recompile_and_compiles_once_per_bucket(pack, model, twin,
                                                                                            store):
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.inductor import apply
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     eager = sample(twin, steps=3)
     accelerated = apply(model, {"fallback": "error", "store": store, "node_id": "c1"})
@@ -77,20 +77,21 @@ def test_shape_policies_foreign_wrappers_and_unavailable_backends_run_eager_with
     from comfy.patcher_extension import WrappersMP
 
     from comfy_accel.accelerators.base import BackendUnavailable
-    from comfy_accel.accelerators.compiled_unet import CompileSession, _Bucket, parse_options
-    from comfy_accel.accelerators.torch_compile import InductorCompiler, apply, apply_cudagraphs
+    from comfy_accel.accelerators.compile.session import MAX_BUCKETS, BucketState, CompileSession, parse_options
+    from comfy_accel.accelerators.compile.inductor import InductorCompiler, apply, apply_cudagraphs
 
     # the shape policy, decided before anything compiles
     compiled_64 = (2, 8, 8, 77, 0, "float32", "cpu")
-    for options, other, reason in (({"dynamic": "static"}, (2, 6, 6, 77, 0, "float32", "cpu"),
-                                    "differs from the compiled shape batch 2, 64×64 px, 77 tokens and the "
-                                    "dynamic-shape policy is 'static'"),
-                                   ({"max_buckets": 1}, (1, 8, 8, 77, 0, "float32", "cpu"),
-                                    "would be shape bucket 2, over the limit of 1")):
+    batches = [(b, 8, 8, 77, 0, "float32", "cpu") for b in range(1, MAX_BUCKETS + 1)]   # MAX_BUCKETS compiled
+    for options, known, other, reason in (
+            ({"dynamic": "static"}, [compiled_64], (2, 6, 6, 77, 0, "float32", "cpu"),
+             "differs from the compiled shape batch 2, 64×64 px, 77 tokens and the dynamic-shape policy is 'static'"),
+            ({}, batches, (MAX_BUCKETS + 1, 8, 8, 77, 0, "float32", "cpu"),
+             f"would be shape bucket {MAX_BUCKETS + 1}, over the limit of {MAX_BUCKETS}")):
         parsed = parse_options(options, "inductor")
         session = CompileSession(InductorCompiler(parsed), parsed)
-        session.buckets[compiled_64] = _Bucket(compiled=True)
-        assert reason in session.admit(other) and session.admit(compiled_64) == ""
+        session.buckets.update((bucket, BucketState(compiled=True)) for bucket in known)
+        assert reason in session.admit(other) and session.admit(known[-1]) == ""
 
     # another DIFFUSION_MODEL wrapper (a step cache we do not know): eager, exactly, with the reason
     wrapped = apply(model, {"node_id": "c2"})
@@ -110,14 +111,14 @@ def test_shape_policies_foreign_wrappers_and_unavailable_backends_run_eager_with
 def test_bad_input_gets_clear_messages(pack, model):
     from comfy_accel.accelerators.accelerate import accelerate
     from comfy_accel.accelerators.base import AcceleratorInputError
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.inductor import apply
 
     flux = build_model("tiny-flux")
     with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet"):
         apply(flux, {})
-    with pytest.raises(AcceleratorInputError, match="mode must be one of default, max-autotune; got 'turbo'"):
+    with pytest.raises(AcceleratorInputError, match="unknown mode 'turbo'; choose one of: default, max-autotune"):
         apply(model, {"mode": "turbo"})
-    with pytest.raises(AcceleratorInputError, match="dynamic must be one of buckets, static, dynamic"):
+    with pytest.raises(AcceleratorInputError, match="unknown dynamic shapes 'maybe'; choose one of: buckets, static, dynamic"):
         apply(model, {"dynamic": "maybe"})
     with pytest.raises(AcceleratorInputError, match="unknown backend 'warp'; choose one of: auto, default"):
         accelerate(model, backend="warp")
@@ -160,10 +161,10 @@ def test_keep_weights_on_gpu_sets_the_offload_device_that_lora_clones_inherit(pa
 
 @pytest.mark.slow
 def test_deepcache_segments_compile_once_each(pack, model, twin):
-    from comfy_accel.accelerators.compiled_unet import session_of
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
     from comfy_accel.accelerators.deepcache import apply as deepcache
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.inductor import apply
 
     reference = sample(deepcache(twin, DeepCacheConfig(cache_interval=3)), steps=6)
     accelerated = apply(deepcache(model, DeepCacheConfig(cache_interval=3)), {"fallback": "error"})
@@ -210,8 +211,8 @@ def test_freeu_added_after_the_node_runs_inside_the_compiled_unet(pack, model, t
     result as FreeU in eager."""
     from comfy_extras.nodes_freelunch import FreeU_V2
 
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.inductor import apply
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     plain = sample(twin, steps=3)
     reference = sample(FreeU_V2().patch(twin, 1.3, 1.4, 0.9, 0.2)[0], steps=3)
@@ -228,8 +229,8 @@ def test_fp8_weights_from_comfyuis_unet_loader_compile_and_match_their_eager_run
     """A UNet loaded by ComfyUI's own UNETLoader with weight_dtype fp8_e4m3fn_fast (the user's way to fp8; on this
     CPU its layers upcast the fp8 weights, on Hopper they multiply in fp8): compiled without a fallback, equal
     to the same fp8 model run eager."""
-    from comfy_accel.accelerators.compiled_unet import session_of
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.inductor import apply
+    from comfy_accel.accelerators.compile.stand_in import session_of
     from tools.model_factory import load_unet_as
 
     base = build_model("small-sd15", seed=23)   # the smallest model ComfyUI's loader recognises as SD1.5
@@ -256,8 +257,9 @@ def test_channels_last_weights_keep_values_lora_and_survive_a_replaced_parameter
     recompile, and a weight ComfyUI replaces with a contiguous tensor converted again before the next run."""
     import comfy.utils
 
-    from comfy_accel.accelerators.compiled_unet import channels_last_weights, session_of
-    from comfy_accel.accelerators.torch_compile import apply
+    from comfy_accel.accelerators.compile.graphs import channels_last_weights
+    from comfy_accel.accelerators.compile.inductor import apply
+    from comfy_accel.accelerators.compile.stand_in import session_of
 
     model = build_model("tiny-sd15", seed=21)   # the twin's weights; its own tensors change layout
     unet = model.model.diffusion_model

@@ -1,6 +1,6 @@
 """Node "Accelerate Model" in the real ComfyUI server: listed with its backends, a shared workflow naming a
-backend this machine lacks still runs (eager, with the reason in the image metadata), an unknown backend name
-is refused by the host's validation with the allowed values."""
+backend this machine lacks still runs (eager, with the reason in the notices), `auto` on this CPU runs eager
+and says why, an unknown backend name is refused by the host's validation with the allowed values."""
 import pytest
 
 from tests.nodes.prompts import sampling_prompt
@@ -27,6 +27,22 @@ def test_a_workflow_naming_a_missing_backend_still_runs(pack, comfy_server):
     entry = comfy_server.run_prompt(prompt_with("tensorrt", "accel_test/accelerate_trt"), timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert entry["outputs"]["6"]["latents"]
+    notices = comfy_server.get("/accel/notices")["notices"]
+    assert any(n["node"] == "2" and available().reason in n["message"] and "running eager" in n["message"]
+               for n in notices), notices[-5:]
+
+
+def test_auto_on_a_machine_without_a_gpu_runs_eager_and_says_why(pack, comfy_server):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks what auto does on a machine without a GPU")
+    entry = comfy_server.run_prompt(prompt_with("auto", "accel_test/accelerate_auto"), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    notices = comfy_server.get("/accel/notices")["notices"]
+    assert any(n["node"] == "2" and n["message"].startswith("auto picked eager: torch sees no CUDA GPU here")
+               for n in notices), notices[-5:]
+    assert not any(n["node"] == "2" and "compil" in n["message"] and "auto" not in n["message"] for n in notices)
 
 
 def test_an_unknown_backend_is_refused_with_the_allowed_values(comfy_server):

@@ -15,8 +15,11 @@ def test_object_info_lists_the_pack_nodes(comfy_server):
     assert node["input"]["required"]["cutoff_percent"][1]["max"] == 100.0
 
 
-def test_status_route_lists_accelerators_with_reasons(comfy_server):
+def test_status_route_lists_accelerators_with_reasons(pack, comfy_server):
+    from comfy_accel.accelerators import options
+
     status = comfy_server.get("/accel/status")
+    assert status["options"] == options.describe()   # what web/accel.js builds its settings from
     names = {row["name"]: row for row in status["accelerators"]}
     assert names["cfg_cutoff"]["available"] is True
     for row in status["accelerators"]:

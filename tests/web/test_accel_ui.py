@@ -102,6 +102,20 @@ def test_python_side_settings_win_on_load(server, browser):
     server.post("/accel/settings", {"default_backend": "auto"})
 
 
+def test_compile_switches_are_settings_that_reach_python(server, browser):
+    page = browser.open()
+    open_settings(page)
+    for label in ("Precompile the UNet for a fast restart", "Convolution weights channels-last on the GPU",
+                  "Import the compiler at startup"):
+        assert page.get_by_text(label, exact=True).is_visible(), label
+    close_dialogs(page)
+    page.evaluate("() => app.extensionManager.setting.set('Accel.Precompile', false)")
+    wait_for(lambda: server.get("/accel/settings")["precompile"] is False, what="precompile off at the server")
+    assert settings_file(server)["precompile"] is False
+    page.evaluate("() => app.extensionManager.setting.set('Accel.Precompile', true)")
+    wait_for(lambda: server.get("/accel/settings")["precompile"] is True, what="precompile on again")
+
+
 def test_out_of_range_setting_is_refused_with_a_message_and_reverted(server, browser):
     import urllib.error
 
@@ -196,7 +210,8 @@ def test_compile_toast_cache_entry_badge_delete_and_clear(server, browser):
     # bad ids: a clear message, nothing on disk lost
     import urllib.error
 
-    for bad, code in (("does-not-exist-0000", 404), ("..%2F..%2Fsettings.json", 400)):
+    # a well-formed id of no entry, a malformed one, a path
+    for bad, code in (("0" * 64, 404), ("does-not-exist-0000", 400), ("..%2F..%2Fsettings.json", 400)):
         with pytest.raises(urllib.error.HTTPError) as err:
             server.request("DELETE", f"/accel/cache/{bad}")
         assert err.value.code == code and err.value.read()

@@ -54,8 +54,8 @@ def test_a_model_that_is_not_a_unet_is_refused(pack):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"fallback": "maybe"}, "fallback must be 'eager' or 'error'; got 'maybe'"),
-    ({"dynamic": "sometimes"}, "dynamic must be one of buckets, static, dynamic; got 'sometimes'"),
+    ({"fallback": "maybe"}, "unknown fallback policy 'maybe'; choose one of: eager, error"),
+    ({"dynamic": "sometimes"}, "unknown dynamic shapes 'sometimes'; choose one of: buckets, static, dynamic"),
     ({"preset": "huge"}, "unknown TensorRT profile preset 'huge'"),
     ({"profiles": [{"batch": [4, 2, 1], "height": 512, "width": 512, "tokens": 77}]}, "batch needs min <= opt <= max"),
     ({"optimization_level": 9}, "optimization_level must be a whole number 0..5; got 9"),
@@ -78,7 +78,7 @@ def test_calls_a_baked_engine_cannot_honour(pack, tiny_sd15):
     assert "ControlNet" in unsupported_call_reason(object(), {}, {})
     freeu = FreeU().patch(tiny_sd15, 1.1, 1.2, 0.9, 0.2)[0]
     reason = unsupported_call_reason(None, freeu.model_options["transformer_options"], {})
-    assert "output_block_patch" in reason and "FreeU" in reason
+    assert "output_block_patch" in reason and "nodes_freelunch" in reason
     wrapped = {"wrappers": {"diffusion_model": {"comfy_accel.deepcache": [lambda *a: None]}}}
     assert "comfy_accel.deepcache" in unsupported_call_reason(None, wrapped, {})
     assert "num_video_frames" in unsupported_call_reason(None, {}, {"num_video_frames": 14})

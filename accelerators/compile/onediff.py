@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
-from .compiled_unet import Compiler, apply_backend
+from ..base import AcceleratorSpec, Availability, BackendUnavailable, cuda_available, module_available
+from .session import Compiler, apply_backend
 
 NAME = "onediff"
 COMPILER_BACKENDS = ("nexfort", "oneflow")
@@ -81,7 +81,8 @@ class OneDiffCompiler(Compiler):
 
 def apply(model, options: dict | None = None):
     """A clone whose UNet runs compiled by OneDiff, replayed as CUDA graphs."""
-    return apply_backend(model, options, NAME, available, lambda parsed: OneDiffCompiler(parsed, compiler_backend()), cuda_graphs=True)
+    return apply_backend(model, options, NAME, available, lambda parsed: OneDiffCompiler(parsed, compiler_backend()),
+                         cuda_graphs=True)
 
 
 @dataclass

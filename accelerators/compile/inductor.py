@@ -5,42 +5,35 @@
   `compile_fx` (the same path as `backend="inductor"`).
 - `inductor+cudagraphs`: the same compiled UNet, captured as one CUDA graph per shape bucket and replayed:
   the UNet call is then one launch instead of hundreds of kernel launches and guard checks. We capture
-  ourselves (`cuda_graphs.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
+  ourselves (`graphs.CapturedCall`) instead of using `mode="reduce-overhead"`, so a LoRA change (weights
   copied in place) needs neither a recompile nor a re-record, and the graphs are freed when ComfyUI unloads.
 
 Warm restart, two artifacts in the shared cache, both keyed on the architecture and shape bucket (not the
 weights, so one entry serves every checkpoint of the architecture):
-- inductor+cudagraphs, plain UNet calls (see package_kind): the whole UNet compiled ahead of time, once per
-  bucket instead of the torch.compile trace: dynamo's precompile where torch has it (`precompile.py`; on an
-  H100 a new process loads SD1.5's in 4–6 s), else an AOTInductor package (`aot_package.py`). A new process
-  loads it onto the live weights (read in place, so a LoRA patched in place needs nothing) and captures its
-  graph: no dynamo trace, no kernel compile. Either bakes one signature, so calls with patches and
-  DeepCache's segments use:
+- inductor+cudagraphs, plain UNet calls (see `precompile_wanted`): the whole UNet compiled ahead of time by
+  dynamo's precompile where torch has it (`precompile.py`), once per bucket instead of the torch.compile
+  trace. A new process loads it onto the live weights (read in place, so a LoRA patched in place needs
+  nothing) and captures its graph: no dynamo trace, no kernel compile (load times: docs/benchmarks.md). It
+  bakes one signature, so calls with patches, DeepCache's segments, and every call where torch has no
+  precompile use:
 - torch's portable compile-cache artifacts (`torch.compiler.save_cache_artifacts`: inductor's FX-graph,
   AOTAutograd and autotuning caches), loaded before the first compile of a new process: inductor generates
-  and autotunes no kernel again, but dynamo still traces the Python (≈6 s of the ≈14 s warm start of
-  SD1.5 on an H100 host).
+  and autotunes no kernel again, but dynamo still traces the Python.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass
 
-from .aot_package import FORMAT_VERSION as AOTI_FORMAT
-from .base import AcceleratorSpec, Availability, cuda_available
-from .compiled_unet import Compiler, apply_backend
+from ..base import AcceleratorSpec, Availability, cuda_available
+from ..settings import get_settings
 from .precompile import FORMAT_VERSION as PRECOMPILE_FORMAT
+from .session import Compiler, apply_backend
 
 INDUCTOR = "inductor"
 INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
-INDUCTOR_AOT = "inductor-aot"   # cache name of the AOTInductor packages (see package_kind)
 INDUCTOR_PRECOMPILE = "inductor-precompile"   # cache name of dynamo's precompiled UNets
-PRECOMPILE, AOTI = "precompile", "aoti"
-# per package kind: (cache accelerator name, what notices call one, checked in a child first, format version)
-PACKAGE_KINDS = {PRECOMPILE: (INDUCTOR_PRECOMPILE, "precompiled UNet", False, PRECOMPILE_FORMAT),
-                 AOTI: (INDUCTOR_AOT, "AOTInductor package", True, AOTI_FORMAT)}
 RECOMPILE_LIMIT = 16   # dynamo's per-function limit: buckets × (batch 1, 2) with room to spare
 # inductor settings for the UNet on a GPU: 1×1 convolutions as matmuls (cuBLAS beats cuDNN there). Coordinate-
 # descent tuning is left to max-autotune: on full SD1.5 it made the first compile take minutes.
@@ -77,30 +70,14 @@ def available_cudagraphs() -> Availability:
     return Availability(True, f"inductor + CUDA graphs on {gpu.reason}")
 
 
-def package_kind() -> str:
-    """Which ahead-of-time form inductor+cudagraphs builds of the plain UNet, so that a new process runs it
-    without dynamo tracing the UNet again (the compile-cache artifacts alone leave that trace: ~6 s of the 14 s
-    warm start of SD1.5 on an H100 host); "" for none.
-
-    COMFY_ACCEL_AOT_PACKAGES: unset/1/auto → dynamo's precompile where this torch has it (`precompile.py`),
-    else an AOTInductor package; "aoti" → AOTInductor packages; "precompile" → precompile only; 0/off → none.
-    AOTInductor's loader can crash rather than raise (a segfault on torch 2.11+cu130 on an H100), so a new
-    AOTInductor package is first loaded, run and graph-captured in a child process (aot_package.py); where that
-    fails the failure is recorded in the cache and torch.compile is used, with one line saying why.
-    Calls with patches (FreeU, attention patches) and DeepCache's segments always use torch.compile."""
-    from .aot_package import available as aoti_available
+def precompile_wanted() -> bool:
+    """Whether inductor+cudagraphs precompiles the plain UNet, so that a new process runs it without dynamo
+    tracing the UNet again (the compile-cache artifacts alone leave that trace): where this torch has dynamo's
+    precompile (`precompile.py`) and the `precompile` setting is on. Calls with patches (FreeU, attention
+    patches) and DeepCache's segments always use torch.compile."""
     from .precompile import available as precompile_available
 
-    wanted = os.environ.get("COMFY_ACCEL_AOT_PACKAGES", "auto").strip().lower()
-    if wanted in ("0", "false", "no", "off", ""):
-        return ""
-    order = {AOTI: [AOTI], PRECOMPILE: [PRECOMPILE]}.get(wanted, [PRECOMPILE, AOTI])
-    checks = {PRECOMPILE: precompile_available, AOTI: aoti_available}
-    return next((kind for kind in order if checks[kind]()), "")
-
-
-def packages_enabled() -> bool:
-    return bool(package_kind())
+    return get_settings().precompile and bool(precompile_available())
 
 
 def _has_module(name: str) -> bool:
@@ -124,13 +101,11 @@ class InductorCompiler(Compiler):
         self.config_patches = dict(MODE_CONFIG[options.mode])
         if torch.cuda.is_available():
             self.config_patches = {**GPU_DEFAULT_CONFIG, **self.config_patches}
-        # convolution weights channels-last on a GPU (compiled_unet.channels_last_weights); COMFY_ACCEL_CHANNELS_LAST=0
+        # convolution weights channels-last on a GPU (graphs.channels_last_weights); the channels_last setting off
         # keeps the host's layout
-        self.channels_last = torch.cuda.is_available() and os.environ.get(
-            "COMFY_ACCEL_CHANNELS_LAST", "1").strip().lower() not in ("0", "false", "no", "off")
-        self.package_form = ""
+        self.channels_last = torch.cuda.is_available() and get_settings().channels_last
         if options.cuda_graphs and options.dynamic != "dynamic":
-            self.use_packages(package_kind())
+            self.use_precompile(precompile_wanted())
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -183,9 +158,9 @@ class InductorCompiler(Compiler):
     def warm_start(self):
         """Kernels come from the loaded artifacts: load them in this process. With the default thread count
         inductor starts its pool of compile workers for them, and that pool's start-up (a process per core
-        importing torch and triton) took the CPU from the sampler for the next ~20 s: on an H100 the first
-        images after a warm start took 0.35 s instead of 0.17 s (0.17 s with one compile thread).
-        `compile_threads` is not part of inductor's cache key, so this changes no hit or miss."""
+        importing torch and triton) took the CPU from the sampler for many seconds and slowed the first images
+        after a warm start (docs/benchmarks.md). `compile_threads` is not part of inductor's cache key, so this
+        changes no hit or miss."""
         import contextlib
 
         import torch._inductor.config as inductor_config
@@ -195,54 +170,29 @@ class InductorCompiler(Compiler):
         return inductor_config.patch(compile_threads=self.warm_compile_threads)
 
     # -- the whole UNet ahead of time (inductor+cudagraphs, static shape buckets) -----------------------------
-    def use_packages(self, kind: str) -> None:
-        """Builds packages of this kind (PRECOMPILE or AOTI) from now on; "" for none."""
-        self.package_form = kind
-        if not kind:
-            self.package_accelerator = None
-            return
-        self.package_accelerator, self.package_kind, self.package_needs_probe, self.package_format = \
-            PACKAGE_KINDS[kind]
-
-    def _package_class(self):
-        if self.package_form == PRECOMPILE:
-            from .precompile import PrecompiledUNet
-
-            return PrecompiledUNet
-        from .aot_package import PackagedUNet
-
-        return PackagedUNet
+    def use_precompile(self, on: bool) -> None:
+        """Precompiles the plain UNet of each bucket from now on (or not)."""
+        self.package_accelerator = INDUCTOR_PRECOMPILE if on else None
+        self.package_format = PRECOMPILE_FORMAT
 
     def build_package(self, unet, inputs: tuple, transformer_options: dict, folder):
-        # counted also when the build fails (e.g. the package does not load in the checking child): it was done
+        from .precompile import PrecompiledUNet
+
+        # counted also when the build fails: it was done
         self.compile_events.append({"what": "unet package", "inputs": [tuple(t.shape) for t in inputs]})
-        return self._package_class().build(unet, inputs, transformer_options, folder,
-                                           inductor_configs=dict(self.config_patches))
-
-    def probe_packages(self, device, dtype, folder) -> str:
-        from .aot_package import probe_environment
-
-        self.compile_events.append({"what": "package probe", "inputs": []})   # a build too, as build_package's
-        return probe_environment(device, dtype, folder, inductor_configs=dict(self.config_patches))
+        return PrecompiledUNet.build(unet, inputs, transformer_options, folder,
+                                     inductor_configs=dict(self.config_patches))
 
     def load_package(self, folder, unet, transformer_options: dict):
-        if self.package_form == PRECOMPILE:
-            from .precompile import PrecompiledUNet
+        from .precompile import PrecompiledUNet
 
-            with self.warm_start():   # kernels a CPU build must compile again: in-process (see warm_start)
-                return PrecompiledUNet.load(folder, unet, transformer_options)
-        from .aot_package import PackagedUNet
-
-        return PackagedUNet.load(folder)
+        with self.warm_start():   # kernels a CPU build must compile again: in-process (see warm_start)
+            return PrecompiledUNet.load(folder, unet, transformer_options)
 
     def package_files(self, folder) -> dict:
-        if self.package_form == PRECOMPILE:
-            from .precompile import precompile_files
+        from .precompile import precompile_files
 
-            return precompile_files(folder)
-        from .aot_package import package_files
-
-        return package_files(folder)
+        return precompile_files(folder)
 
     def cache_counters(self) -> dict:
         from torch._dynamo.utils import counters

@@ -1,11 +1,11 @@
 """The whole UNet forward compiled ahead of time by dynamo's precompile, loaded by a new process onto the live
 model without tracing or compiling: the warm-restart artifact of inductor+cudagraphs where torch has it.
 
-Why this and not an AOTInductor package (`aot_package.py`): on torch 2.11+cu130 on an H100 the AOTInductor
-loader crashed the process while opening a CUDA package, while a precompiled SD1.5 UNet (47 MiB, kernels
-included) loaded in a new process in 3.3–4.3 s even with inductor's cache empty, traced nothing and gave the
-builder's output (docs/benchmarks.md). It is ordinary inductor code run by Python, so a failure is an
-exception, not a crash: no child process has to try it first.
+Why this and not an AOTInductor package: on torch 2.11+cu130 on an H100 the AOTInductor loader crashed the
+process while opening a CUDA package, while a precompiled SD1.5 UNet (kernels included) loaded in a new process
+in seconds even with inductor's cache empty, traced nothing and gave the builder's output (docs/benchmarks.md).
+It is ordinary inductor code run by Python, so a failure is an exception, not a crash. Where torch has no
+precompile, the lane uses torch.compile with the compile-cache artifacts (artifacts.py) instead.
 
 What it uses is torch's experimental module precompile (`torch._dynamo.config.enable_aot_compile`,
 `OptimizedModule._aot_compile` / `_save_aot_compiled_module` / `_load_aot_compiled_module`, present in torch
@@ -30,14 +30,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .aot_package import (INPUT_NAMES, PackageMismatch, PackageUnusable, check_input_count, describe_tensor,
-                          inputs_mismatch, unet_forward_module)
-from .base import Availability
+from ..base import Availability
 
 PRECOMPILED_FILE = "unet.precompiled"
 RECORD_FILE = "record.json"
 PRECOMPILE_FILES = (PRECOMPILED_FILE, RECORD_FILE)
 FORMAT_VERSION = 1
+INPUT_NAMES = ("x", "timesteps", "context", "y")
+
+
+class PackageMismatch(RuntimeError):
+    """The precompiled UNet cannot run in this environment: the message names what differs."""
+
+
+class PackageUnusable(RuntimeError):
+    """No precompiled UNet can be made here (the message says why)."""
 
 
 def available() -> Availability:
@@ -59,6 +66,66 @@ def available() -> Availability:
     return Availability(True, f"dynamo precompile (torch {torch.__version__})")
 
 
+# ---- describing tensors -------------------------------------------------------------------------------------
+def describe_tensor(tensor) -> dict:
+    """What the compiled code assumes about a tensor: JSON-able, compared field by field."""
+    return {"shape": list(tensor.shape), "stride": list(tensor.stride()),
+            "dtype": str(tensor.dtype).removeprefix("torch."), "device": str(tensor.device)}
+
+
+def first_difference(expected: dict, actual: dict) -> str:
+    for field in ("shape", "stride", "dtype", "device"):
+        if expected[field] != actual[field]:
+            return f"{field} {actual[field]} instead of {expected[field]}"
+    return ""
+
+
+def inputs_mismatch(recorded: list[dict], inputs: tuple, what: str) -> str:
+    """'' when `inputs` have the recorded shapes, strides, dtypes and devices (y=None: the three-input
+    signature), else why not, naming `what` takes them."""
+    given = list(inputs)
+    while given and given[-1] is None:
+        given.pop()
+    if len(given) != len(recorded):
+        return f"{what} takes {len(recorded)} inputs ({', '.join(i['name'] for i in recorded)}), got {len(given)}"
+    for expected, tensor in zip(recorded, given):
+        if tensor is None:
+            return f"{expected['name']} is missing"
+        difference = first_difference(expected, describe_tensor(tensor))
+        if difference:
+            return f"{expected['name']} has {difference}"
+    return ""
+
+
+def check_input_count(inputs: tuple) -> tuple:
+    inputs = tuple(inputs)
+    if len(inputs) == 4 and inputs[3] is None:
+        inputs = inputs[:3]
+    if len(inputs) not in (3, 4) or any(t is None for t in inputs):
+        raise ValueError("inputs must be (x, timesteps, context) or (x, timesteps, context, y)")
+    return inputs
+
+
+def unet_forward_module(unet, transformer_options: dict):
+    """The module that is compiled: the UNet's forward with a fixed signature, the UNet as its only child."""
+    import torch
+
+    class UNetForward(torch.nn.Module):
+        def __init__(self, unet, transformer_options: dict):
+            super().__init__()
+            self.unet = unet
+            # not a tensor: the dict is baked into the trace (patches in it are traced as code)
+            self.transformer_options = transformer_options
+
+        def forward(self, x, timesteps, context, y=None):
+            # a fresh dict per call, as ComfyUI passes it: the UNet writes into it while it runs
+            return self.unet(x, timesteps, context=context, y=y,
+                             transformer_options=dict(self.transformer_options))
+
+    return UNetForward(unet, transformer_options)
+
+
+# ---- the precompiled UNet -------------------------------------------------------------------------------------
 def _optimized(module, inductor_configs: dict | None):
     import torch
 
@@ -128,7 +195,7 @@ class PrecompiledUNet:
             optimized._load_aot_compiled_module((folder / PRECOMPILED_FILE).read_bytes())
         return cls(optimized, wrapper, record)
 
-    # -- the interface the compile session uses for every package kind ----------------------------------------
+    # -- the interface the compile session uses ----------------------------------------
     def needs_rebind(self, unet) -> bool:
         return self.wrapper.unet is not unet
 

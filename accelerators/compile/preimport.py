@@ -1,29 +1,26 @@
 """The compiler's Python modules, imported in a background thread while ComfyUI starts.
 
 A warm restart loads a stored compiled UNet instead of compiling it, and that load needs inductor and
-AOTAutograd: importing `torch._inductor.compile_fx` pulls in about 540 modules (1.4 s on this project's CPU
-box, which has their bytecode; 11–14 s on the lent H100, whose Python compiles them from source every time).
-Started when the node pack is imported on a CUDA machine, the import is done by the time the first prompt
-samples: on the H100 the first warm SD1.5 sample went from 6.5 to 3.4 s (docs/benchmarks.md, fifth session).
+AOTAutograd: importing `torch._inductor.compile_fx` pulls in hundreds of modules, seconds of work where
+Python has no bytecode for them. Started when the node pack is imported on a CUDA machine, the import is done
+by the time the first prompt samples, and the first warm sample no longer waits for it (docs/benchmarks.md).
 
 The compile lane calls `wait()` before it compiles or loads anything: while the thread is importing, another
 thread importing the same modules could see a partly initialised module (CPython accepts that for circular
 imports across threads), so nothing of ours touches the compiler until the thread is done.
-`COMFY_ACCEL_PREIMPORT=0` turns it off.
+The `preimport` setting turns it off (or COMFY_ACCEL_PREIMPORT=0 for one process).
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
 
 log = logging.getLogger("comfy_accel")
 
-ENV_SWITCH = "COMFY_ACCEL_PREIMPORT"
-# the load path of a stored compiled UNet (dynamo's precompile, AOTInductor packages, compile-cache
-# artifacts): inductor's compile_fx imports AOTAutograd, the partitioner and inductor's codegen
+# the load path of a stored compiled UNet (dynamo's precompile, compile-cache artifacts): inductor's
+# compile_fx imports AOTAutograd, the partitioner and inductor's codegen
 MODULES = ("torch._inductor.compile_fx",)
 GPU_MODULES = ("triton",)   # inductor's GPU kernels are triton's
 
@@ -53,8 +50,10 @@ def import_compiler_modules(modules: tuple[str, ...]) -> dict[str, float]:
 
 def not_wanted_reason(cuda: bool | None = None) -> str:
     """Why the background import is not started here, or "" when it should be."""
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"{ENV_SWITCH}=0"
+    from .. import settings
+
+    if not settings.get_settings().preimport:
+        return settings.overridden_by("preimport") or "switched off in the settings"
     if cuda is None:
         import torch
 

@@ -4,8 +4,8 @@ Written against stable-fast's public pieces: `sfast.jit.trace_helper.lazy_trace`
 structure), the TorchScript passes in `sfast.jit.passes`, and `CompilationConfig` for the user-facing flags.
 Differences from ComfyUI_stable_fast, on purpose:
 - no JIT freezing: a frozen graph bakes the weights in as constants, which is why LoRA changes there need a
-  re-trace; here the traced graph reads the live parameters, patched in place (see compiled_unet.py);
-- the CUDA graphs are ours (cuda_graphs.CapturedCall), so they are freed when ComfyUI unloads the model and
+  re-trace; here the traced graph reads the live parameters, patched in place (see session.py);
+- the CUDA graphs are ours (graphs.CapturedCall), so they are freed when ComfyUI unloads the model and
   re-captured only when the weights move;
 - a trace bakes the Python of the forward, so one trace per set of patches (FreeU on/off), and calls with
   ControlNet or unknown patches run eager with the reason.
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import AcceleratorSpec, Availability, cuda_available, module_available
-from .compiled_unet import Compiler, apply_backend, patch_signature
+from ..base import AcceleratorSpec, Availability, cuda_available, module_available
+from .session import Compiler, apply_backend
+from .stand_in import graph_options, patch_signature
 
 NAME = "stable-fast"
 
@@ -82,8 +83,7 @@ class StableFastCompiler(Compiler):
             key = patch_signature(options)
             traced = traces.get(key)
             if traced is None:
-                frozen_options = {k: v for k, v in options.items()
-                                  if k not in ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")}
+                frozen_options = graph_options(options)
 
                 def forward(x_, t_, c_, y_=None):
                     return unet(x_, t_, context=c_, y=y_, transformer_options=dict(frozen_options))

@@ -1,0 +1,329 @@
+"""The UNet stand-in: how a fast path (compiled code, a CUDA graph, a TensorRT engine) runs inside ComfyUI's
+official hooks, shared by the compile lane and the TensorRT loader.
+
+`attach_stand_in` clones the ModelPatcher and adds one `APPLY_MODEL` wrapper that swaps the BaseModel's
+`diffusion_model` for a stand-in for the duration of one `apply_model` call (the pattern of ComfyUI's own
+torch.compile helper: never a lasting object patch, so LoRA loaders keep matching keys). The stand-in decides
+per call whether its fast path can give the host's result (`unservable_reason`), else runs the real UNet.
+
+The compile lane's stand-in, `CompiledUNet`, decides per call:
+- DeepCache wraps the UNet → the real UNet runs (DeepCache's block loop stays Python) and DeepCache's three
+  segments go through the session's segment compiler (`segments.py`): each compiled, and graph-captured, once
+  per shape;
+- another `DIFFUSION_MODEL` wrapper, a shape the dynamic-shape policy refuses → eager, with one notice saying
+  why (or an error under the `error` fallback policy);
+- otherwise the compiled UNet, and with CUDA graphs a replay of the graph captured for this shape bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..segments import COMPILER_KEY
+
+WRAPPER_KEY = "comfy_accel.compile"
+DEEPCACHE_WRAPPER_KEY = "comfy_accel.deepcache"
+# transformer_options entries that change every run (the schedule, the batch's rows): never kept by a graph
+PER_RUN_KEYS = ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")
+_CHUNKED_ATTENTION = ("attention_sub_quad", "attention_split")
+
+
+# ---- what a fast path cannot serve ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FastPathLimits:
+    """What a fast path (a captured graph, a baked engine) replays faithfully, and how to say why not."""
+    control: str                            # why a ControlNet cannot run there
+    patch: str                              # why a patch cannot run there
+    safe_patch_modules: tuple = ()          # patch functions from these modules hold no per-step state
+    served_kwargs: frozenset = frozenset()  # extra UNet inputs it takes
+    wrapped: str | None = None              # why another DIFFUSION_MODEL wrapper cannot run there (None: no check)
+    own_attention_override: Callable | None = None
+
+
+def patch_functions(transformer_options: dict):
+    """(name, function) of every block patch and replacement in effect."""
+    for name, fns in (transformer_options.get("patches") or {}).items():
+        for fn in fns or ():
+            yield name, fn
+    for name, table in (transformer_options.get("patches_replace") or {}).items():
+        for where, fn in (table or {}).items():
+            yield f"{name}{where}", fn
+
+
+def patch_signature(transformer_options: dict) -> tuple:
+    """Identifies the patches in effect: a graph captured with one set is replayed only with the same set."""
+    return tuple((name, id(fn)) for name, fn in patch_functions(transformer_options))
+
+
+def foreign_unet_wrappers(transformer_options: dict, own: tuple = ()) -> list[str]:
+    wrappers = (transformer_options.get("wrappers") or {}).get("diffusion_model") or {}
+    return sorted(k for k, fns in wrappers.items() if fns and k not in own)
+
+
+def has_deepcache(transformer_options: dict) -> bool:
+    wrappers = (transformer_options.get("wrappers") or {}).get("diffusion_model") or {}
+    return bool(wrappers.get(DEEPCACHE_WRAPPER_KEY))
+
+
+def unservable_reason(limits: FastPathLimits, control, transformer_options: dict | None, kwargs: dict) -> str:
+    """Why this UNet call must not take the fast path ('' when it may)."""
+    if control is not None:
+        return f"a ControlNet is applied ({limits.control})"
+    options = transformer_options or {}
+    for name, fn in patch_functions(options):
+        module = getattr(fn, "__module__", "") or ""
+        if not (limits.safe_patch_modules and module.startswith(limits.safe_patch_modules)):
+            return f"the {name} patch from {module or 'an unknown module'} {limits.patch}"
+    if limits.wrapped is not None:
+        foreign = foreign_unet_wrappers(options)
+        if foreign:
+            return f"the UNet is wrapped by {', '.join(foreign)}, {limits.wrapped}"
+    override = options.get("optimized_attention_override")
+    if override is not None and override is not limits.own_attention_override:
+        return "an attention override is set"
+    extra = sorted(k for k, v in kwargs.items() if k not in limits.served_kwargs and v is not None)
+    if extra:
+        return f"the call has extra inputs ({', '.join(extra)})"
+    return ""
+
+
+def graph_options(transformer_options: dict) -> dict:
+    """The options a graph or a trace is made with: no per-run tensors (sigmas) kept alive by it."""
+    return {k: v for k, v in transformer_options.items() if k not in PER_RUN_KEYS}
+
+
+# ---- attention that compiles into one graph -------------------------------------------------------------------
+def sdpa_attention_override(func, *args, **kwargs):
+    """ComfyUI's attention override hook, pointing at its own SDPA attention (see use_compile_friendly_attention)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def use_compile_friendly_attention(transformer_options: dict) -> None:
+    """Under compilation, ComfyUI's memory-chunked attentions (its CPU / low-memory defaults) ask psutil for free
+    memory inside every attention call: a graph break per call and a chunking that changes between runs. Where
+    the host chose one of them and no node set an override, this call uses the host's own SDPA attention through
+    the official `optimized_attention_override` hook: the same math, one graph."""
+    if transformer_options.get("optimized_attention_override") is not None:
+        return
+    from comfy.ldm.modules import attention
+
+    chosen = getattr(attention.optimized_attention, "__name__", "")
+    if chosen in _CHUNKED_ATTENTION:
+        transformer_options["optimized_attention_override"] = sdpa_attention_override
+
+
+# patches whose functions depend only on the tensors they are given (no per-step Python state), so a CUDA
+# graph captured with them replays them faithfully. Others run compiled, without a graph.
+GRAPH_LIMITS = FastPathLimits(control="its residuals change every step", patch="may keep per-step state",
+                              safe_patch_modules=("comfy_extras.nodes_freelunch",),
+                              own_attention_override=sdpa_attention_override)
+
+
+# ---- the swap -------------------------------------------------------------------------------------------------
+def swap_wrapper(make_stand_in: Callable) -> Callable:
+    """An APPLY_MODEL wrapper that runs the call with `make_stand_in(base_model, unet)` as the diffusion model
+    (None: the call runs as it is)."""
+    def apply_model_wrapper(executor, *args, **kwargs):
+        base_model = executor.class_obj
+        unet = base_model.diffusion_model
+        stand_in = make_stand_in(base_model, unet)
+        if stand_in is None:
+            return executor(*args, **kwargs)
+        base_model.diffusion_model = stand_in
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            base_model.diffusion_model = unet
+    return apply_model_wrapper
+
+
+def attach_stand_in(model, key: str, make_stand_in: Callable, session=None):
+    """A clone of `model` (never mutated) whose apply_model runs through `swap_wrapper(make_stand_in(base_model,
+    unet, clone))` under `key`; `session` is kept on the wrapper for `session_of`."""
+    from comfy.patcher_extension import WrappersMP
+
+    patched = model.clone()
+    wrapper = swap_wrapper(lambda base_model, unet: make_stand_in(base_model, unet, patched))
+    wrapper.comfy_accel_session = session
+    patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, key)
+    patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, wrapper)
+    return patched
+
+
+def session_of(model, key: str = WRAPPER_KEY):
+    """The session attached to a ModelPatcher under `key` (for tests, the UI and diagnostics), or None."""
+    for fn in (getattr(model, "wrappers", {}) or {}).get("apply_model", {}).get(key, []):
+        session = getattr(fn, "comfy_accel_session", None)
+        if session is not None:
+            return session
+    return None
+
+
+# ---- the compile lane's stand-in ------------------------------------------------------------------------------
+def attach(model, session):
+    """A clone of `model` whose UNet runs through the compile `session` (weights patched in place, graphs freed
+    on unload)."""
+    from comfy.patcher_extension import CallbacksMP
+
+    compiled_unet = _compiled_unet_class()
+
+    def make_stand_in(_base_model, unet, _patched):
+        if isinstance(unet, compiled_unet):   # nested (a second Accelerate Model): the outer one runs
+            return None
+        return compiled_unet(unet, session)
+
+    patched = attach_stand_in(model, WRAPPER_KEY, make_stand_in, session)
+    # the host's own switch: LoRA/weight patches are copied into the existing tensors instead of replacing
+    # them, so compiled code and captured graphs keep reading the live weights
+    patched.weight_inplace_update = True
+
+    def on_detach(_patcher, unpatch_all):
+        if unpatch_all:
+            session.release()
+
+    patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
+    patched.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
+    return patched
+
+
+_stand_in_class = None
+
+
+def _compiled_unet_class():
+    global _stand_in_class
+    if _stand_in_class is None:
+        _stand_in_class = _define_compiled_unet()
+    return _stand_in_class
+
+
+def _define_compiled_unet():
+    import torch
+
+    class CompiledUNet(torch.nn.Module):
+        """Stands in for `diffusion_model` during one apply_model call: compiled, graph-replayed or eager."""
+
+        def __init__(self, unet, session):
+            super().__init__()
+            object.__setattr__(self, "unet", unet)   # not a submodule: the swap must not re-parent the UNet
+            object.__setattr__(self, "session", session)
+
+        @property
+        def dtype(self):
+            return self.unet.dtype
+
+        def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={},
+                    **kwargs):
+            """One route per call, in order: eager with the reason (a call the session refuses); DeepCache's
+            segments compiled; the whole UNet replayed as a CUDA graph; the UNet compiled without a graph (a call
+            a graph cannot replay faithfully: eager instead where the backend bakes the Python into a trace)."""
+            unet, session = self.unet, self.session
+
+            def eager():
+                return unet(x, timesteps, context=context, y=y, control=control,
+                            transformer_options=transformer_options, **kwargs)
+
+            bucket = session.bucket_of(x, context, y)
+            segments = has_deepcache(transformer_options)
+            reason = self.refusal(bucket, control, transformer_options, segments)
+            if reason:
+                return session.fallback(reason, eager)
+            session.prepare_layout(unet, transformer_options)
+            use_compile_friendly_attention(transformer_options)
+            graph_reason = unservable_reason(GRAPH_LIMITS, None if segments else control, transformer_options,
+                                             kwargs) if session.graphs is not None else "no graphs"
+            if segments:
+                return self.forward_segments(eager, bucket, transformer_options, graph_reason)
+            if not graph_reason:
+                return session.run_bucket(bucket, lambda: self.replay(bucket, x, timesteps, context, y,
+                                                                      transformer_options), eager,
+                                          packaged=session.artifacts.uses_package(transformer_options))
+            if session.graphs is not None and session.compiler.freezes_python:
+                return session.fallback(graph_reason, eager)
+            self.say_graphs_off(graph_reason)
+            compiled = session.compiled_module(unet)
+            session.calls["compiled"] += 1
+            return session.run_bucket(bucket, lambda: compiled(
+                x, timesteps, context=context, y=y, control=control, transformer_options=transformer_options,
+                **kwargs), eager)
+
+        def refusal(self, bucket, control, transformer_options, segments: bool) -> str:
+            """Why this call runs eager ('' when it runs compiled). Under DeepCache each segment is admitted by
+            its own shape, in the segment compiler."""
+            if segments:
+                return "a ControlNet is applied under DeepCache" if control is not None else ""
+            foreign = foreign_unet_wrappers(transformer_options, own=(DEEPCACHE_WRAPPER_KEY,))
+            if foreign:
+                return f"the UNet is wrapped by {', '.join(foreign)}, whose step logic compiled code could freeze"
+            return self.session.admit(bucket)
+
+        def say_graphs_off(self, graph_reason: str) -> None:
+            if self.session.graphs is not None and graph_reason:
+                self.session.notice(f"CUDA graphs off for these calls: {graph_reason}; running compiled",
+                                    level="info", once=graph_reason)
+
+        def replay(self, bucket, x, timesteps, context, y, transformer_options):
+            session, unet = self.session, self.unet
+            session.graphs.check_weights(unet, transformer_options)
+            key = (bucket, patch_signature(transformer_options))
+            captured = session.graphs.get(key)
+            if captured is None:
+                inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
+                captured = session.capture_unet(unet, key, inputs, graph_options(transformer_options))
+            session.calls["graph"] += 1
+            out = captured(x, timesteps, context) if y is None else captured(x, timesteps, context, y)
+            return out.clone()  # the next replay overwrites the static output
+
+        def forward_segments(self, eager, bucket, transformer_options, graph_reason: str):
+            session = self.session
+            if session.graphs is not None:
+                session.graphs.check_weights(self.unet, transformer_options)
+                self.say_graphs_off(graph_reason)
+            session.segment_call = (transformer_options, bucket, graph_reason)
+            transformer_options[COMPILER_KEY] = segment_compiler(session)
+            out = eager()
+            # a graph's static output is overwritten by its next replay: hand the sampler its own copy
+            return out.clone() if not graph_reason else out
+
+    return CompiledUNet
+
+
+def segment_compiler(session) -> Callable:
+    """The compiler DeepCache's segments run through during one call (`segments.run_segment`): each segment
+    compiled, and with CUDA graphs captured, once per shape bucket."""
+    def compile_segment(name: str, fn: Callable, *tensors):
+        options, unet_bucket, graph_reason = session.segment_call
+        bucket = (name, unet_bucket)
+
+        def eager():
+            return fn(*tensors)
+
+        reason = session.admit(bucket)
+        if reason:
+            return session.fallback(reason, eager)
+        session.calls["segments"] += 1
+        compiled = session.compiled_function(name, fn)
+        if session.graphs is None or graph_reason:
+            return session.run_bucket(bucket, lambda: compiled(*tensors), eager)
+        key = (bucket, patch_signature(options))
+
+        def replay():
+            captured = session.graphs.get(key)
+            if captured is None:
+                # the segment counts in transformer_options (transformer_index, block) as it runs: each
+                # warm-up and the capture start from this call's state, or dynamo sees a new count per call
+                # and recompiles inside the capture (a CUDA error on SDXL)
+                entry_state = dict(options)
+
+                def from_entry_state(*args):
+                    options.clear()
+                    options.update(entry_state)
+                    return compiled(*args)
+
+                captured = session.graphs.capture(key, from_entry_state, tensors)
+            return captured(*tensors)
+
+        return session.run_bucket(bucket, replay, eager)
+
+    return compile_segment
