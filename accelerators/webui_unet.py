@@ -10,7 +10,7 @@ sampling pass is next (`begin_call`, from the WebUI's `on_cfg_denoiser` callback
   `shallow_out`. A full call runs all three and keeps the feature; the next `interval - 1` calls run only the
   shallow segments on it. A1111 puts the cond rows first and drops the uncond rows at the end of the batch when it
   skips the uncond (NGMS, the pack's CFG cutoff), so a smaller batch reuses the first rows of a cached feature.
-- The compile lane: the same `CompileSession` as ComfyUI (compiled_unet.py: shape buckets, compile events, the
+- The compile lane: the same `CompileSession` as ComfyUI (compile/session.py: shape buckets, compile events, the
   artifact cache keyed by `ArtifactKey`, CUDA graphs through its segment compiler). The whole UNet is one
   segment named `webui.unet`; under DeepCache the three segments are compiled each once per shape.
 - LoRA: A1111 patches the weights in place (`network_apply_weights`), so compiled code reads them as they are.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import events
-from .compiled_unet import CompileSession, bucket_of, describe_bucket
+from .compile.session import CompileSession, bucket_of, describe_bucket
 
 WHOLE_UNET = "webui.unet"
 WEBUI_CACHE_LIMIT = 64   # dynamo entries per code object: SDXL's ~30 blocks × batch 2 and 1
@@ -195,7 +195,9 @@ class WebUIUNetRunner:
 
 def _segment_compiler(session: CompileSession) -> Callable:
     """The session's compiler of named segments (compiled, and graph-captured with CUDA graphs, per bucket)."""
-    return session.segment_compiler()
+    from .compile.stand_in import segment_compiler
+
+    return segment_compiler(session)
 
 
 def ldm_model_config(unet, family: str) -> dict:
@@ -218,8 +220,8 @@ def make_session(backend: str, options: dict, model_config: dict, get_store=None
     """A compile session for a WebUI UNet (inductor or inductor+cudagraphs); raises BackendUnavailable/
     AcceleratorInputError like ComfyUI's Accelerate Model does."""
     from .base import BackendUnavailable
-    from .compiled_unet import parse_options
-    from .torch_compile import INDUCTOR, INDUCTOR_CUDAGRAPHS, available, available_cudagraphs
+    from .compile.inductor import INDUCTOR, INDUCTOR_CUDAGRAPHS, available, available_cudagraphs
+    from .compile.session import parse_options
 
     if backend not in (INDUCTOR, INDUCTOR_CUDAGRAPHS):
         raise BackendUnavailable(f"{backend} does not run on the WebUI's UNet in this version (inductor and "
@@ -230,12 +232,12 @@ def make_session(backend: str, options: dict, model_config: dict, get_store=None
         raise BackendUnavailable(f"{backend}: {ready.reason}")
     parsed = parse_options(options, backend, cuda_graphs=graphs)
     compiler = _webui_compiler_class()(parsed)
-    compiler.use_packages("")   # whole-UNet AOT packages bake ComfyUI's forward signature: not for this host
+    compiler.use_precompile(False)   # a precompiled UNet bakes ComfyUI's forward signature: not for this host
     return CompileSession(compiler, parsed, get_store=get_store, model_config=model_config)
 
 
 def _webui_compiler_class():
-    from .torch_compile import InductorCompiler
+    from .compile.inductor import InductorCompiler
 
     class WebUIInductorCompiler(InductorCompiler):
         """Inductor on a torch that may predate portable compile-cache artifacts (A1111 v1.10 pins torch 2.1):

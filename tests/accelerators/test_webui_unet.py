@@ -114,7 +114,7 @@ def test_compiled_runner_matches_eager(unet_and_host, tmp_path):
     (tests/scripts/test_webui_real.py): ComfyUI's blocks, called the WebUI's way (no transformer_options), count
     into a shared default dict on every call, which keeps changing dynamo's guards here."""
     from accelerators.cache import ArtifactStore
-    from accelerators.torch_compile import available
+    from accelerators.compile.inductor import available
 
     if not available():
         pytest.skip(available().reason)
