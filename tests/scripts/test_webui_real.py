@@ -202,3 +202,45 @@ def test_saved_settings_apply_at_startup(tmp_path):
     finally:
         host.stop()
         host.write_config({})
+
+
+def write_random_lora(checkpoint: Path, out: Path, rank: int = 4, seed: int = 5) -> Path:
+    """A kohya-style LoRA (`lora_unet_<compvis path>`) on every attention q/k/v of the test checkpoint's UNet."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator, tensors = torch.Generator().manual_seed(seed), {}
+    with safe_open(str(checkpoint), "pt") as weights:
+        for key in weights.keys():
+            if ".attn" not in key or not key.endswith(("to_q.weight", "to_k.weight", "to_v.weight")):
+                continue
+            out_features, in_features = weights.get_slice(key).get_shape()
+            name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+            down = torch.randn(rank, in_features, generator=generator) / in_features ** .5
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) / rank ** .5
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out
+
+
+def test_a_lora_reaches_the_compiled_unet(webui):
+    """A1111 patches LoRA weights in place (network_apply_weights): the compiled UNet computes with them."""
+    models = DATA / "models"
+    write_random_lora(models / "Stable-diffusion" / "accel_random_sd15.safetensors",
+                      models / "Lora" / "accel_lora.safetensors")
+    webui.post("/sdapi/v1/refresh-loras", {})
+    with_lora = "a red cube <lora:accel_lora:1>"
+    eager_lora = webui.job(prompt=with_lora, steps=4)
+    compiled = webui.job(accel={"backend": "inductor"}, steps=4)
+    compiled_lora = webui.job(prompt=with_lora, accel={"backend": "inductor"}, steps=4)
+    again = webui.job(prompt=with_lora, accel={"backend": "inductor"}, steps=4)
+    for job in (eager_lora, compiled, compiled_lora, again):
+        assert job.ok, job.error
+    assert "accel_lora" in compiled_lora.infotext and infotext_fields(compiled_lora)["Accel backend"] == "inductor"
+    assert numpy.abs(compiled_lora.image() - eager_lora.image()).max() <= 2.0
+    assert numpy.abs(compiled_lora.image() - compiled.image()).max() > 2.0   # the LoRA changed the image
+    assert again.accel["compile_events"] == 0 and numpy.array_equal(again.image(), compiled_lora.image())
+    print(json.dumps({"lora_first_compile_events": compiled_lora.accel["compile_events"]}))
