@@ -40,6 +40,9 @@ class JobState:
     def warnings(self) -> list[str]:
         """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""
         found = list(getattr(self.runner, "notes", []))
+        session = getattr(self.runner, "session", None)
+        if session is not None and self.runner.counts.eager:   # a shape whose compile failed runs eager: say why
+            found += [f"{session.name}: {state.failed}" for state in session.buckets.values() if state.failed]
         found += [f"{n['accelerator']}: {n['message']}" for n in events.recent(50)
                   if n["time"] >= self.started and n["level"] != "info" and n["accelerator"] != "webui"]
         return found

@@ -97,7 +97,8 @@ class AccelPlan:
                                                    f"branch {deepcache.options['cache_branch']}")
         if self.step("taesd") and ran.get("taesd"):
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
-        notes = [n for n in ran.get("notes", []) if n]
+        # one line each, kept short: an exception's text can run to pages, and a newline would end the infotext
+        notes = [_one_line(n) for n in ran.get("notes", []) if n and n.strip()]
         if notes:
             out[f"{INFOTEXT_PREFIX} note"] = "; ".join(dict.fromkeys(notes))
         return out
@@ -108,6 +109,11 @@ class AccelPlan:
                 "steps": [{"accelerator": s.accelerator, "kind": s.kind,
                            "options": {k: v for k, v in s.options.items() if k != "store"}} for s in self.steps],
                 "notes": list(self.notes)}
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings | None = None,

@@ -185,7 +185,27 @@ def _prepare_job_unet():
         state.runner.reset_counts()
         session = state.runner.session
         state.compiles_before = len(session.compiler.compile_events) if session else 0
+        if session is not None:
+            _apply_lora_weights(unet)
     return state.runner
+
+
+def _apply_lora_weights(unet) -> None:
+    """A1111's LoRA patches each layer's weights in place from inside that layer's forward
+    (`networks.network_apply_weights`, lazily, once per change). Traced by the compiler, that in-place copy fails
+    the compile; so it is done here, before the compiled UNet runs, with the host's own function: inside, the
+    layers then find their weights current and only their check is traced."""
+    networks = sys.modules.get("networks")   # the built-in Lora extension's module (absent when disabled)
+    apply = getattr(networks, "network_apply_weights", None)
+    if apply is None or getattr(shared.opts, "lora_functional", False):
+        return
+    import torch
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, kinds):
+                apply(module)
 
 
 def _bounds(option_range) -> dict:

@@ -131,6 +131,9 @@ def test_the_infotext_states_what_ran_not_what_was_asked():
     assert plan.infotext(ran) == {"Accel backend": "eager", "Accel requested": "inductor", "Accel CFG cutoff": "50%",
                                   "Accel note": "inductor: compiling failed; running eager; TAESD not used: "
                                                 "taesd_decoder.pth is missing"}
+    long_failure = {**ran, "notes": ["inductor: compiling failed (BackendCompilerFailed:\n" + "x" * 500 + ")"]}
+    note = plan.infotext(long_failure)["Accel note"]
+    assert "\n" not in note and len(note) < 250
     everything = {"backend": "inductor", "deepcache": True, "cfg_cutoff": True, "taesd": True, "notes": []}
     assert plan.infotext(everything) == plan.infotext()
     pasted = infotext_to_panel(plan.infotext(ran))
