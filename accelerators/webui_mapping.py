@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import options
 from . import settings as settings_module
 from .base import AcceleratorInputError, Availability, BackendUnavailable
 # every value and range comes from options.py, like the ComfyUI nodes'
@@ -254,7 +255,9 @@ def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
 
 
 SETTING_TO_CORE = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
-                   "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb"}
+                   "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb",
+                   # the compile lane's switches (settings.py); `preimport` is ComfyUI's start-up only, not listed
+                   "accel_precompile": "precompile", "accel_channels_last": "channels_last"}
 CACHE_FOLDER_SETTING = "accel_cache_folder"
 
 
@@ -272,6 +275,8 @@ def webui_setting_to_core(key: str, value, current: settings_module.Settings | N
             value = float(value)
         except ValueError:
             raise AcceleratorInputError(f"{name} must be a number; got {value!r}") from None
+    if name in ("precompile", "channels_last"):
+        value = options.parse_bool(name, value)
     dataclasses.replace(current or settings_module.get_settings(), **{name: value}).validate()
     return name, value
 

@@ -380,6 +380,10 @@ if IN_WEBUI:
                gr.Dropdown, {"choices": list(options.DEFAULT_BACKEND_CHOICES)})
         option("accel_fallback_policy", current.fallback_policy, "When a backend cannot serve a run", gr.Radio,
                {"choices": list(options.FALLBACKS)})
+        option("accel_precompile", current.precompile, "inductor+cudagraphs: store the UNet precompiled, so that a "
+               "new process loads it without compiling", gr.Checkbox)
+        option("accel_channels_last", current.channels_last, "On a GPU, keep convolution weights channels-last "
+               "(values unchanged, faster compiled convolutions)", gr.Checkbox)
 
     def on_app_started(_demo, app):
         @app.get("/comfy-accel/status")

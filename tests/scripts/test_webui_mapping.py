@@ -200,6 +200,16 @@ def test_each_webui_setting_is_validated_alone():
     assert core_settings.as_dict() == before   # validating applies nothing
 
 
+def test_the_compile_switches_are_webui_settings_too():
+    """The compile lane's switches (settings.py) are in the WebUI's settings section as in ComfyUI's; the
+    checkbox's bool or a saved on/off word both map, anything else is reported for that key alone."""
+    mapped = webui_settings_to_core({"accel_precompile": False, "accel_channels_last": "on"})
+    assert mapped["settings"] == {"precompile": False, "channels_last": True} and mapped["errors"] == {}
+    bad = webui_settings_to_core({"accel_precompile": "sometimes", "accel_channels_last": False})
+    assert bad["settings"] == {"channels_last": False}
+    assert "precompile must be on or off" in bad["errors"]["accel_precompile"]
+
+
 def test_shim_imports_outside_the_webui_and_maps_its_args():
     """The WebUI loads scripts/*.py by path; without the WebUI the shim still imports and maps its panel."""
     path = REPO_ROOT / "scripts" / "comfy_accel_webui.py"
