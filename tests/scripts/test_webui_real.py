@@ -57,7 +57,11 @@ def _split(line: str):
 
 def test_settings_section_and_panel_are_there(webui):
     options = webui.get("/sdapi/v1/options")
-    assert {"accel_cache_folder", "accel_default_backend", "accel_fallback_policy"} <= set(options)
+    assert {"accel_cache_folder", "accel_default_backend", "accel_fallback_policy", "accel_precompile",
+            "accel_channels_last"} <= set(options)
+    webui.post("/sdapi/v1/options", {"accel_channels_last": False})   # a switch reaches the core settings
+    assert webui.get("/comfy-accel/status")["settings"]["channels_last"] is False
+    webui.post("/sdapi/v1/options", {"accel_channels_last": True})
     names = webui.get("/sdapi/v1/scripts")
     assert "comfy-accel" in names["txt2img"] and "comfy-accel" in names["img2img"]
 
