@@ -1,10 +1,13 @@
 """Side-by-side benchmark of a DiT (Flux, Wan, ... from `dit_factory`) on the real ComfyUI sampler, in one process:
 ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, inductor) and Accelerate Model
-(inductor, block by block). For each: the first sample (cold compile included), the median of the timed
-samples, peak GPU memory and the final latent's relative error against eager. `tools.bench --model flux-dev`
-comes here.
+(inductor block by block; the same replayed as CUDA graphs; inductor on the whole model, `scope` whole). For
+each: the first sample (cold compile included), the median of the timed samples, peak GPU memory and the final
+latent's relative error against eager. `tools.bench --model flux-dev` comes here, and on a CPU the default
+`tools.bench` (./run_demo.sh) runs tiny Flux-dev here after the tiny UNet.
 
     python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
+    python -m tools.bench_dit --model flux-schnell --steps 4    # FLUX.1-schnell, 4 steps (GPU)
+    python -m tools.bench_dit --model wan21-1.3b --width 832 --height 480 --frames 9   # Wan 2.1 1.3B, 33 frames
     python -m tools.bench_dit --model tiny-flux-dev --runs 1    # a CPU smoke run
 
 Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for cold compile times (otherwise inductor's on-disk caches of an
@@ -24,7 +27,9 @@ import torch
 
 from tools.comfy_host import import_comfy, import_pack
 
-STACKS = ("eager", "comfy-compile", "inductor")
+STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole")
+DEFAULT_STACKS = {"cuda": ("eager", "comfy-compile", "inductor", "inductor+cudagraphs"), "cpu": ("eager", "inductor")}
+GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU"}
 
 
 def _comfy_torch_compile(model):
@@ -35,15 +40,18 @@ def _comfy_torch_compile(model):
     return clone
 
 
-def _ours(model):
-    from comfy_accel.accelerators.accelerate import accelerate
+def _ours(backend: str, scope: str = "auto"):
+    def build(model):
+        from comfy_accel.accelerators.accelerate import accelerate
 
-    out, in_effect = accelerate(model, backend="inductor", fallback="error")
-    print(f"[bench_dit] Accelerate Model compiles {in_effect.get('compiles')}", flush=True)
-    return out
+        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope)
+        print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
+        return out
+    return build
 
 
-BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours}
+BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours("inductor"),
+         "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole")}
 
 
 def _sync(cuda: bool):
@@ -81,7 +89,8 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux-dev")
-    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--stacks", default=None, help=f"of {', '.join(STACKS)} (default: "
+                        f"{','.join(DEFAULT_STACKS['cuda'])} on a GPU, {','.join(DEFAULT_STACKS['cpu'])} on a CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--width", type=int, default=None, help="pixels (latent = /8); default 1024 on a GPU")
     parser.add_argument("--height", type=int, default=None)
@@ -90,11 +99,16 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    stacks = args.stacks.split(",") if args.stacks else DEFAULT_STACKS["cuda" if cuda else "cpu"]
+    unknown = set(stacks) - set(STACKS)
+    if unknown:
+        print(f"unknown stack(s): {', '.join(sorted(unknown))}; known: {', '.join(STACKS)}", file=sys.stderr)
+        return 2
     import_comfy()
     import_pack()
     from tools.dit_factory import build_dit
 
-    cuda = torch.cuda.is_available()
     size = 1024 if cuda else 64
     width, height = args.width or size, args.height or size
     runs = args.runs if args.runs is not None else (3 if cuda else 1)
@@ -110,7 +124,11 @@ def main(argv=None) -> int:
            "steps": args.steps, "dtype": str(dtype)}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
     rows, reference = [], None
-    for name in args.stacks.split(","):
+    for name in stacks:
+        if name in GPU_ONLY and not cuda:
+            rows.append({"stack": name, "skipped": GPU_ONLY[name]})
+            print(f"[bench_dit] {json.dumps(rows[-1])}", flush=True)
+            continue
         try:
             row, out = run_stack(name, base, kwargs, runs, cuda)
         except Exception as exc:   # one stack failing must not lose the others' numbers
