@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import events
-from ..base import BackendUnavailable, model_family
+from ..base import AcceleratorInputError, BackendUnavailable, model_family
 from ..options import parse_backend_options, parse_scope
 from .artifacts import Artifacts
 from .dit import BLOCKS, Served, served_model
