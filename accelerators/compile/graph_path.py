@@ -24,7 +24,7 @@ def graph_inputs(x, timesteps, context, y, kwargs: dict, options: dict) -> Carri
     """The call as a graph carries it (`options`: the call's transformer_options without per-run entries), or
     why a graph cannot replay it."""
     carried = carry_call(x, timesteps, {"context": context, "y": y, **kwargs}, options)
-    return carried if isinstance(carried, CarriedCall) else f"the call {carried}"
+    return carried if isinstance(carried, CarriedCall) else f"the call's {carried}"
 
 
 def graph_key(bucket: tuple, patches: tuple, carried: CarriedCall) -> tuple:

@@ -102,12 +102,12 @@ def carry_call(x, timesteps, inputs: dict, transformer_options: dict) -> Carried
             constants.append((name, value))
             signature.append((name, repr(value)))
         else:
-            return f"its input {name} ({type(value).__name__}) is neither a tensor nor a plain value"
+            return f"input {name} ({type(value).__name__}) is neither a tensor nor a plain value"
     options = []
     for key in sorted(k for k in transformer_options if k not in PER_RUN_KEYS and k not in CHECKED_KEYS):
         value = transformer_options[key]
         if not _plain(value):
-            return f"the transformer option {key} ({type(value).__name__}) is not a plain value a graph can key"
+            return f"transformer option {key} ({type(value).__name__}) is not a plain value a graph can key"
         options.append((key, repr(value)))
     if options:
         signature.append(("transformer_options", tuple(options)))

@@ -257,7 +257,7 @@ def test_flux_calls_with_guidance_take_the_graph_path_carrying_every_input(pack)
 
     # what a graph cannot carry or key keeps the call off it, with the reason
     x, t = torch.zeros(1, 16, 8, 8), torch.zeros(1)
-    assert "its input extra (object)" in carry_call(x, t, {"extra": object()}, {})
+    assert carry_call(x, t, {"extra": object()}, {}).startswith("input extra (object) is neither a tensor")
     assert "transformer option hook (function)" in carry_call(x, t, {}, {"hook": rel})
     listed = carry_call(x, t, {"context": torch.zeros(1, 4, 8), "ref_latents": [x, x], "num_tokens": 4}, {})
     assert len(listed.tensors) == 5 and not listed.plain_unet_call
@@ -320,3 +320,32 @@ def test_warm_restart_a_fresh_process_compiles_no_dit_block_again(pack, tmp_path
     assert '"scope": "blocks"' in json.dumps(entries[0].key_fields)   # per-block artifacts, keyed as such
     assert torch.equal(torch.load(tmp_path / "latent-1.pt"), torch.load(tmp_path / "latent-2.pt"))
     print(f"first sample: cold {cold['first_sample_s']:.1f} s, warm {warm['first_sample_s']:.1f} s")
+
+
+@pytest.mark.parametrize("name, baked", [("tiny-ltxv", "frame_rate"), ("tiny-lumina2", "num_tokens")])
+def test_extra_tensors_and_plain_inputs_of_other_families_are_carried_or_keyed(pack, name, baked):
+    """LTXV's `attention_mask` tensor is carried and its `frame_rate` keys the graph; Lumina2's `num_tokens` (the
+    prompt length) keys it: the graph path gives eager's result with every call on a graph."""
+    video = DIT_SPECS[name].video
+    model, twin = build_dit(name, seed=6), build_dit(name, seed=6, check_alive=False)
+    accelerated, session = graph_lane(model, f"graph-{name}")
+    shape = dict(frames=3 if video else 1)
+    assert rel(sample_dit(accelerated, steps=2, **shape), sample_dit(twin, steps=2, **shape)) < 1e-5
+    assert session.calls["graph"] == 2 and session.calls["compiled"] == session.calls["eager"] == 0
+    (key,) = session.graphs.keys
+    assert baked in dict(key[2]) and isinstance(dict(key[2])[baked], str)   # baked in: its value keys the graph
+    if name == "tiny-ltxv":
+        assert dict(key[2])["attention_mask"] == ((1, 8), "float32", "cpu")   # carried
+
+
+def test_sd_unet_calls_take_the_same_graph_path(pack):
+    """The refactored path still serves SD UNets: (x, timesteps, context) carried, nothing else in the key."""
+    from tools.model_factory import build_model, sample
+
+    model = build_model("tiny-sd15", seed=8)
+    accelerated, session = graph_lane(model, "graph-sd15")
+    out = sample(accelerated, steps=2)
+    assert rel(out, sample(build_model("tiny-sd15", seed=8), steps=2)) < 1e-4
+    assert session.calls["graph"] == 2 and session.calls["compiled"] == 0
+    (key,) = session.graphs.keys
+    assert [name for name, _ in key[2]] == ["x", "timesteps", "context"]
