@@ -1,10 +1,11 @@
 """One ComfyUI process that samples the tiny model through the inductor backend with a given artifact store,
 and prints what it compiled: the warm-restart test runs it twice, each time with a fresh inductor cache.
 
-    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND] [MODEL]
+    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND] [MODEL] [LATENT_SIZE]
 
-BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA float16); MODEL is `tiny-sd15`
-(default) or a DiT of `tools.dit_factory` (`tiny-flux-dev`: compiled block by block).
+BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA: float16 UNets, bfloat16 DiTs);
+MODEL is `tiny-sd15` (default) or a DiT of `tools.dit_factory` (`tiny-flux-dev`, `flux-dev`: compiled block by
+block), sampled at LATENT_SIZE² latent pixels (DiTs; default 8).
 """
 import json
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name: str = "tiny-sd15") -> None:
+def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name: str = "tiny-sd15",
+         latent_size: str = "8") -> None:
     import torch
 
     from tools.comfy_host import import_comfy, import_pack
@@ -28,9 +30,13 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name:
     from tools.dit_factory import DIT_SPECS, build_dit, sample_dit
     from tools.model_factory import build_model, sample
 
-    gpu = {} if backend == "inductor" else {"dtype": torch.float16, "device": "cuda"}
-    if model_name in DIT_SPECS:
-        model, sample = build_dit(model_name, seed=21, **gpu), sample_dit
+    dit = model_name in DIT_SPECS
+    gpu = {} if backend == "inductor" else {"dtype": torch.bfloat16 if dit else torch.float16, "device": "cuda"}
+    if dit:
+        model = build_dit(model_name, seed=21, **gpu)
+
+        def sample(patcher, steps):
+            return sample_dit(patcher, steps=steps, height=int(latent_size), width=int(latent_size))
     else:
         model = build_model(model_name, seed=21, **gpu)
     accelerate = apply if backend == "inductor" else apply_cudagraphs
@@ -53,4 +59,4 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
