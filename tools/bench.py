@@ -6,7 +6,7 @@ the end-to-end sampling time (median of N after a warm-up), the speed-up over ea
 the first-run time (compile/build included) and the fidelity against eager (relative error and PSNR of
 the final latent). Results also go to JSON and a PNG bar chart.
 
-    python -m tools.bench                          # CPU: tiny SD1.5, then tiny Flux-dev; CUDA: full SD1.5 512², 20 steps
+    python -m tools.bench                          # CPU: tiny SD1.5, then tiny Flux-dev; CUDA: SD1.5 512², 20 steps
     python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
     python -m tools.bench --model flux-dev         # FLUX.1-dev architecture (GPU): eager, core compile, ours
     python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5

@@ -10,8 +10,8 @@
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side with eager and TorchCompileModel, LoRA switch
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
 #   bash tools/gpu_runs.sh precompile # dynamo's AOT compile of the UNet: new-process load time (tools/probe_precompile)
-#   bash tools/gpu_runs.sh dit        # issue 16: DiT CUDA-graph test, then FLUX.1-dev side by side (DIT_MODEL, DIT_STACKS)
-#   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT's cold then warm process, inductor+cudagraphs (DIT_MODEL, 1024²)
+#   bash tools/gpu_runs.sh dit        # issue 16: DiT graph test, FLUX.1-dev side by side (DIT_MODEL, DIT_STACKS)
+#   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
 set -u
 runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm"
 what=${1:?"$runs"}

@@ -22,7 +22,7 @@ from typing import Callable
 from ..segments import COMPILER_KEY
 from . import graph_path
 from .dit import run_blocks
-from .graphs import PER_RUN_KEYS, graph_options  # noqa: F401  (graph_options: stable_fast imports it from here)
+from .graphs import graph_options   # stable_fast imports it from here too
 
 WRAPPER_KEY = "comfy_accel.compile"
 DEEPCACHE_WRAPPER_KEY = "comfy_accel.deepcache"
