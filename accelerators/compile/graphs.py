@@ -88,8 +88,13 @@ def carry_call(x, timesteps, inputs: dict, transformer_options: dict) -> Carried
         k for k, v in inputs.items() if k not in LEADING and v is not None)
     tensors, layout, constants, signature = [x, timesteps], [], [], [("x", _tensor_signature(x)),
                                                                    ("timesteps", _tensor_signature(timesteps))]
+    if timesteps.device != x.device:
+        return f"input timesteps is not on the latent's device ({x.device})"
     for name in order:
         value = inputs[name]
+        parts = [value] if torch.is_tensor(value) else value if isinstance(value, (list, tuple)) else []
+        if any(torch.is_tensor(t) and t.device != x.device for t in parts):
+            return f"input {name} is not on the latent's device ({x.device})"   # the graph's kernels run there
         if torch.is_tensor(value):
             tensors.append(value)
             layout.append((name, -1))

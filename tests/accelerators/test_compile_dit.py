@@ -259,6 +259,8 @@ def test_flux_calls_with_guidance_take_the_graph_path_carrying_every_input(pack)
     x, t = torch.zeros(1, 16, 8, 8), torch.zeros(1)
     assert carry_call(x, t, {"extra": object()}, {}).startswith("input extra (object) is neither a tensor")
     assert "transformer option hook (function)" in carry_call(x, t, {}, {"hook": rel})
+    elsewhere = carry_call(x.to("meta"), t.to("meta"), {"guidance": t}, {})   # another device than the latent's
+    assert elsewhere == "input guidance is not on the latent's device (meta)"
     listed = carry_call(x, t, {"context": torch.zeros(1, 4, 8), "ref_latents": [x, x], "num_tokens": 4}, {})
     assert len(listed.tensors) == 5 and not listed.plain_unet_call
     x_, t_, kwargs = listed.rebuild(listed.tensors)
