@@ -38,15 +38,20 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
         out = model.clone()
     else:
         spec = registry.get(chosen)
+        asked = f"backend '{backend}'" + (f" (picked {chosen})" if chosen != backend else "")
         backend_options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node,
-                           "get_store": get_store, "scope": scope}
+                           "get_store": get_store, "asked": asked, "scope": scope}
         ready = spec.available()
         if not ready:
             in_effect["unavailable"] = ready.reason
-        try:
-            out = spec.apply(model, backend_options)
-        except AcceleratorInputError as exc:   # the options are checked above: the lane refuses this model
-            out, in_effect["unavailable"] = refused_model(model, exc, backend, chosen, fallback, node)
+        with events.collect() as raised:
+            try:
+                out = spec.apply(model, backend_options)
+            except AcceleratorInputError as exc:   # the options are checked above: the lane refuses this model
+                out, in_effect["unavailable"] = refused_model(model, exc, asked, fallback, node)
+        said = [n["message"] for n in raised if n["level"] == "warning" and n["node"] == node]
+        if said and not attached_anything(out, model):   # the lane ran its own fallback: keep its reason
+            in_effect["unavailable"] = said[-1].removesuffix("; running eager")
         compiled = what_is_compiled(out)
         if compiled:
             in_effect["compiles"] = compiled
@@ -56,10 +61,19 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
     return out, in_effect
 
 
-def refused_model(model, refusal: Exception, requested: str, chosen: str, fallback: str, node: str | None):
+def attached_anything(out, model) -> bool:
+    """Whether `out` (a clone of `model`) runs anything `model` does not: a wrapper the backend added."""
+    def wrappers(patcher) -> set[int]:
+        return {id(fn) for fns in (getattr(patcher, "wrappers", {}) or {}).get("apply_model", {}).values()
+                for fn in fns}
+
+    return wrappers(out) != wrappers(model)
+
+
+def refused_model(model, refusal: Exception, asked: str, fallback: str, node: str | None):
     """(the model unaccelerated, the reason) when the chosen backend cannot serve it (a DiT given to a UNet
     lane): one line naming what was asked and the model, or the prompt failed under the `error` policy."""
-    reason = f"backend '{requested}'" + (f" (picked {chosen})" if chosen != requested else "") + f": {refusal}"
+    reason = str(refusal) if str(refusal).startswith(asked) else f"{asked}: {refusal}"
     if fallback == "error":
         raise AcceleratorInputError(reason) from None
     events.notice(NAME, f"{reason}; running eager", node_id=node)

@@ -66,6 +66,15 @@ DEEPCACHE_INTERVAL = Range(1, 100, 3, whole=True)
 # range; the core's 64 admitted nothing more). The per-model limit (SDXL: 9) is checked when it is applied.
 DEEPCACHE_BRANCH = Range(0, 11, 0, whole=True)
 PERCENT = Range(0.0, 100.0, 0.0)                 # start/end percent of the steps a step accelerator covers
+# Step Cache (step_cache.py): which rule picks the skipped steps, and its knobs. The threshold is the accumulated
+# relative change of the model's prediction EasyCache allows (its default 0.2); 0 never skips. start/end are
+# shares of the steps (EasyCache's 0.15/0.95: the first steps lay out the image, the last ones sharpen it).
+STEP_CACHE_MODES = ("adaptive", "interval", "taylor")
+STEP_CACHE_THRESHOLD = Range(0.0, 5.0, 0.2)
+STEP_CACHE_INTERVAL = Range(1, 100, 2, whole=True)          # a full step every N (interval, taylor); 1 = off
+STEP_CACHE_START = Range(0.0, 1.0, 0.15)
+STEP_CACHE_END = Range(0.0, 1.0, 0.95)
+STEP_CACHE_MAX_CONSECUTIVE = Range(1, 100, 3, whole=True)   # skipped steps in a row before a full one
 # CFG cutoff: 60 % was the default of both faces (the core said 50): past ~60 % the uncond is rarely visible.
 CFG_CUTOFF_PERCENT = Range(0.0, 100.0, 60.0)
 # Up to 1e4 (the core's bound, not the node's 1000): zero-terminal-SNR schedules start near sigma 4.5e3.
@@ -126,6 +135,10 @@ def parse_mode(value) -> str:
 
 def parse_scope(value) -> str:
     return parse_choice("scope", value or SCOPES[0], SCOPES)
+
+
+def parse_step_cache_mode(value) -> str:
+    return parse_choice("cache_mode", value or STEP_CACHE_MODES[0], STEP_CACHE_MODES)
 
 
 def parse_backend_options(options: dict | None, settings=None) -> tuple[str, str, str]:
@@ -205,6 +218,10 @@ def describe() -> dict:
         "fallback": {"choices": list(FALLBACK_CHOICES), "default": DEFAULT},
         "deepcache": {"cache_interval": DEEPCACHE_INTERVAL.as_dict(), "cache_branch": DEEPCACHE_BRANCH.as_dict(),
                       "start_percent": PERCENT.as_dict(), "end_percent": {**PERCENT.as_dict(), "default": 100.0}},
+        "step_cache": {"cache_mode": {"choices": list(STEP_CACHE_MODES), "default": STEP_CACHE_MODES[0]},
+                       "threshold": STEP_CACHE_THRESHOLD.as_dict(), "interval": STEP_CACHE_INTERVAL.as_dict(),
+                       "start": STEP_CACHE_START.as_dict(), "end": STEP_CACHE_END.as_dict(),
+                       "max_consecutive": STEP_CACHE_MAX_CONSECUTIVE.as_dict()},
         "cfg_cutoff": {"cutoff_percent": CFG_CUTOFF_PERCENT.as_dict(), "sigma_threshold": SIGMA_THRESHOLD.as_dict()},
         "settings": {
             "default_backend": {"choices": [{"value": v, "text": v} for v in DEFAULT_BACKEND_CHOICES],

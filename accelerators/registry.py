@@ -16,6 +16,7 @@ log = logging.getLogger("comfy_accel")
 SPEC_MODULES = (
     "cfg_cutoff",
     "deepcache",
+    "step_cache",
     "freeu",
     "taesd",
     "compile.inductor",

@@ -1,19 +1,7 @@
-"""Helpers shared by the node shims: the category, the fallback choices, and what a node records and shows."""
+"""Helpers shared by the node shims: the category, and what a node records and shows."""
 from __future__ import annotations
 
 CATEGORY = "comfy-accel"
-FALLBACK_CHOICES = ("default", "eager", "error")   # default: the settings' policy (Accel → Fallback policy)
-
-
-def fallback_policy(choice: str) -> str:
-    """A node's fallback input as the policy in effect: 'eager' or 'error' ('default' → the settings')."""
-    from ..accelerators.base import AcceleratorInputError
-    from ..accelerators.settings import get_settings
-
-    policy = get_settings().fallback_policy if choice == "default" else choice
-    if policy not in ("eager", "error"):
-        raise AcceleratorInputError(f"fallback must be one of {', '.join(FALLBACK_CHOICES)}; got {choice!r}")
-    return policy
 
 
 def record_in_model(model, key: str, settings: dict) -> None:

@@ -10,11 +10,11 @@ says why, `error` fails the prompt with the reason.
 """
 from __future__ import annotations
 
-from ..accelerators import events
+from ..accelerators import events, options
 from ..accelerators.base import AcceleratorInputError, BackendUnavailable
 from ..accelerators.tensorrt import NAME, apply, available
 from ..accelerators.tensorrt.profiles import make_profile, preset, preset_names
-from .common import CATEGORY, FALLBACK_CHOICES, backend_node_result, fallback_policy
+from .common import CATEGORY, backend_node_result
 
 CUSTOM = "custom (min/opt/max below)"
 ENGINE_FOLDER = "tensorrt"
@@ -56,7 +56,7 @@ def _cached_engines() -> dict[str, str]:
 
 
 def _fallback_input() -> tuple:
-    return (list(FALLBACK_CHOICES), {"default": "eager", "tooltip":
+    return (list(options.FALLBACK_CHOICES), {"default": options.EAGER, "tooltip":
             "When TensorRT or the engine is missing here: eager runs the model unaccelerated and says why; "
             "error fails the prompt; default follows the settings."})
 
@@ -119,7 +119,7 @@ class BuildTensorRTEngine:
         from ..accelerators.tensorrt.loader import TensorRTSession, build_into_store
         from ..accelerators.tensorrt import parse_options
 
-        policy = fallback_policy(fallback)
+        policy = options.parse_fallback(fallback)
         profiles = self.profiles(profile, static, **ranges)
         try:
             unet_signature(model)  # a model the export cannot take is refused before any work, with the reason
@@ -136,14 +136,14 @@ class BuildTensorRTEngine:
             return backend_node_result(out, "tensorrt", settings, "")
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         bar = comfy.utils.ProgressBar(100)
-        options = {"fallback": "eager", "node_id": unique_id, "get_store": _store,
-                   "optimization_level": optimization_level, "profiles": [p.as_dict() for p in profiles]}
-        session = TensorRTSession(parse_options(options), get_store=_store)
+        trt_options = {"fallback": "eager", "node_id": unique_id, "get_store": _store,
+                       "optimization_level": optimization_level, "profiles": [p.as_dict() for p in profiles]}
+        session = TensorRTSession(parse_options(trt_options), get_store=_store)
         record = build_into_store(session, model, model.model.diffusion_model, profiles,
                                   on_progress=lambda share, _phase: bar.update_absolute(int(share * 100), 100),
                                   node_id=unique_id, settings=BuildSettings(optimization_level=optimization_level))
         bar.update_absolute(100, 100)
-        out = apply(model, {**options, "fallback": policy}, engines=[record])
+        out = apply(model, {**trt_options, "fallback": policy}, engines=[record])
         return backend_node_result(out, "tensorrt", {"engine": record.source, "fallback": policy,
                                                      "profiles": [p.describe() for p in profiles]}, record.source)
 
@@ -164,18 +164,18 @@ class LoadTensorRTEngine:
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
+    CATEGORY = CATEGORY
 
     @classmethod
     def VALIDATE_INPUTS(cls, engine):
         """Any engine name passes ComfyUI's validation: a workflow shared from a machine with engines names
         one this machine lacks, and what then happens is the fallback input's choice."""
         return isinstance(engine, str) or f"engine must be a name, got {engine!r}"
-    CATEGORY = CATEGORY
 
     def load(self, model, engine, fallback="eager", unique_id=None):
         import folder_paths
 
-        policy = fallback_policy(fallback)
+        policy = options.parse_fallback(fallback)
         cached = _cached_engines()
         if engine in cached:
             target = cached[engine]

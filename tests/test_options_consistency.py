@@ -21,13 +21,16 @@ def options(pack):
 def combo_options(options) -> dict:
     """Node input name → the values options.py allows for it."""
     return {"backend": options.BACKEND_CHOICES, "mode": options.MODES, "dynamic": options.DYNAMIC,
-            "fallback": options.FALLBACK_CHOICES, "scope": options.SCOPES}
+            "fallback": options.FALLBACK_CHOICES, "cache_mode": options.STEP_CACHE_MODES, "scope": options.SCOPES}
 
 
 def range_options(options) -> dict:
     return {"cache_interval": options.DEEPCACHE_INTERVAL, "cache_branch": options.DEEPCACHE_BRANCH,
             "start_percent": options.PERCENT, "end_percent": options.PERCENT,
-            "cutoff_percent": options.CFG_CUTOFF_PERCENT, "sigma_threshold": options.SIGMA_THRESHOLD}
+            "cutoff_percent": options.CFG_CUTOFF_PERCENT, "sigma_threshold": options.SIGMA_THRESHOLD,
+            "threshold": options.STEP_CACHE_THRESHOLD, "interval": options.STEP_CACHE_INTERVAL,
+            "start": options.STEP_CACHE_START, "end": options.STEP_CACHE_END,
+            "max_consecutive": options.STEP_CACHE_MAX_CONSECUTIVE}
 
 
 # combo inputs whose values are not options of the pack but data of this install: TAESD families (taesd.py),
@@ -75,11 +78,15 @@ def test_the_core_configs_accept_exactly_the_ranges(pack, options):
     from comfy_accel.accelerators.base import AcceleratorInputError
     from comfy_accel.accelerators.cfg_cutoff import CFGCutoffConfig
     from comfy_accel.accelerators.deepcache import DeepCacheConfig
+    from comfy_accel.accelerators.step_cache import StepCacheConfig
 
     for config, name, bounds in ((DeepCacheConfig, "cache_interval", options.DEEPCACHE_INTERVAL),
                                  (DeepCacheConfig, "cache_branch", options.DEEPCACHE_BRANCH),
                                  (CFGCutoffConfig, "cutoff_percent", options.CFG_CUTOFF_PERCENT),
-                                 (CFGCutoffConfig, "sigma_threshold", options.SIGMA_THRESHOLD)):
+                                 (CFGCutoffConfig, "sigma_threshold", options.SIGMA_THRESHOLD),
+                                 (StepCacheConfig, "threshold", options.STEP_CACHE_THRESHOLD),
+                                 (StepCacheConfig, "interval", options.STEP_CACHE_INTERVAL),
+                                 (StepCacheConfig, "max_consecutive", options.STEP_CACHE_MAX_CONSECUTIVE)):
         assert getattr(config(), name) == bounds.default
         config(**{name: bounds.low}), config(**{name: bounds.high})
         for outside in (bounds.low - 1, bounds.high + 1):
@@ -137,6 +144,12 @@ def test_accel_js_lists_no_option_value_of_its_own(options):
         assert sum(item in values for item in items) < 2, f"a hard-coded list of option values: [{array}]"
     assert not re.search(r"\b(min|max)\s*:\s*[\d.]+", JS), "a hard-coded bound"
     assert '"/accel/status"' in JS and ".options" in JS
+
+
+def test_accel_js_badges_every_pack_node(pack):
+    """web/accel.js adds its badge (what ran, a fallback, a run's summary) to the nodes it names: every node."""
+    listed = set(re.findall(r'"(Accel\w+)"', re.search(r"PACK_NODES = new Set\(\[(.*?)\]\)", JS, re.S).group(1)))
+    assert listed == set(pack.NODE_CLASS_MAPPINGS)
 
 
 def test_webui_mapping_uses_the_same_values_and_ranges(pack, options):

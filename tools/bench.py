@@ -112,6 +112,7 @@ def _comfy_torch_compile_cudagraphs(model, ctx):
     return clone
 
 
+_STEP_CACHE_2 = _accelerator("step_cache", cache_mode="interval", interval=2, start=0.0, end=0.95)
 _FASTEST = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
                   _backend("inductor+cudagraphs"))
 
@@ -139,6 +140,15 @@ STACKS = [
           requires=("cfg_cutoff",), lossless=False),
     Stack("deepcache-3", "DeepCache interval 3", _accelerator("deepcache", cache_interval=3),
           requires=("deepcache",), lossless=False),
+    # a forced schedule (a full step every 2nd step up to 95%: 9 of 20 skipped), so the speed shows even where
+    # random weights give the adaptive rule nothing to skip; the row says what was skipped
+    Stack("step-cache-2", "Step Cache, interval 2", _STEP_CACHE_2, requires=("step_cache",), lossless=False),
+    Stack("compile+step-cache-2", "inductor+cudagraphs + Step Cache interval 2",
+          _chain(_STEP_CACHE_2, _backend("inductor+cudagraphs")), requires=("step_cache", "inductor+cudagraphs"),
+          lossless=False, gpu_only=True),
+    Stack("compile+step-cache-2+cutoff-50", "inductor+cudagraphs + Step Cache interval 2 + CFG cutoff 50%",
+          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _STEP_CACHE_2, _backend("inductor+cudagraphs")),
+          requires=("cfg_cutoff", "step_cache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
     Stack("compile+deepcache-3", "inductor+cudagraphs + DeepCache 3",
           _chain(_accelerator("deepcache", cache_interval=3), _backend("inductor+cudagraphs")),
           requires=("deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
@@ -245,6 +255,7 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     if sampling_times[1:]:  # the timed runs' sampling part, without the decode
         row["sampling_median_s"] = statistics.median(sampling_times[1:])
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
+    row.update(_step_cache_run(model))
     if getattr(args, "lora_switch", False):
         row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
     if getattr(args, "steps_sweep", False):
@@ -357,6 +368,14 @@ def _vae_section(args, cuda: bool) -> list[dict]:
     return rows
 
 
+def _step_cache_run(model) -> dict:
+    """What the stack's Step Cache did in the last timed run ({} without one)."""
+    from comfy_accel.accelerators.step_cache import step_cache_state
+
+    state = step_cache_state(model)
+    return {"step_cache": state.last_run["line"]} if state is not None and state.last_run else {}
+
+
 def stack_vae(row: dict) -> str:
     vae = next((s.vae for s in STACKS if s.name == row["stack"]), "full")
     return "Tiny VAE" if vae == "taesd" else "full VAE"
@@ -383,6 +402,8 @@ def format_table(rows: list[dict], baseline: dict | None) -> str:
             extra = f" (image PSNR {fid['image_psnr_db']:.1f} dB, SSIM {fid['image_ssim']:.3f})"
         if "sampling_median_s" in row:
             extra += f" (sampling {row['sampling_median_s']:.3f} s + {stack_vae(row)} decode)"
+        if "step_cache" in row:
+            extra += f" ({row['step_cache']})"
         if "lora_switch_s" in row:
             extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
         lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "

@@ -3,7 +3,9 @@ ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, induc
 (inductor block by block; the same replayed as CUDA graphs; inductor on the whole model, `scope` whole). For
 each: the first sample (cold compile included), the median of the timed samples, peak GPU memory and the final
 latent's relative error against eager. `tools.bench --model flux-dev` comes here, and on a CPU the default
-`tools.bench` (./run_demo.sh) runs tiny Flux-dev here after the tiny UNet.
+`tools.bench` (./run_demo.sh) runs tiny Flux-dev here after the tiny UNet. The step-cache stacks (Step Cache on
+a forced schedule, alone and under Accelerate Model, and core's EasyCache alone and under core's
+TorchCompileModel) add what they skipped to their row.
 
     python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
     python -m tools.bench_dit --model flux-schnell --steps 4    # FLUX.1-schnell, 4 steps (GPU)
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import statistics
 import sys
 import time
@@ -27,9 +30,12 @@ import torch
 
 from tools.comfy_host import import_comfy, import_pack
 
-STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole")
-DEFAULT_STACKS = {"cuda": ("eager", "comfy-compile", "inductor", "inductor+cudagraphs"), "cpu": ("eager", "inductor")}
+STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
+          "inductor+step-cache-2", "comfy-easycache", "comfy-compile+easycache")
+# on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
+DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
 GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU"}
+EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
 
 def _comfy_torch_compile(model):
@@ -50,8 +56,40 @@ def _ours(backend: str, scope: str = "auto"):
     return build
 
 
+def _step_cache_2(model):
+    """Step Cache on a forced schedule (a full step every 2nd up to 95%: 9 of 20 skipped), so the speed shows even
+    where random weights give the adaptive rule nothing to skip."""
+    from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
+
+    return apply(model, StepCacheConfig(cache_mode="interval", interval=2, start=0.0, end=0.95))
+
+
+def _core_easycache(model):
+    """ComfyUI's own EasyCache node (its defaults but the threshold), the step cache users reach for today."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    return EasyCacheNode.execute(model, reuse_threshold=EASYCACHE_THRESHOLD, start_percent=0.15, end_percent=0.95,
+                                 verbose=False).result[0]
+
+
 BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours("inductor"),
-         "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole")}
+         "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole"),
+         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours("inductor")(_step_cache_2(m)),
+         "comfy-easycache": _core_easycache,
+         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m))}
+
+
+class _EasyCacheLines(logging.Handler):
+    """Core EasyCache says what it skipped only in its log line ("EasyCache - skipped N/M steps"): kept here."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "EasyCache - skipped" in message:
+            self.lines.append(message)
 
 
 def _sync(cuda: bool):
@@ -60,9 +98,24 @@ def _sync(cuda: bool):
 
 
 def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
+    torch._dynamo.reset()
+    easycache_lines, root = _EasyCacheLines(), logging.getLogger()
+    level = root.level
+    root.addHandler(easycache_lines)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)   # its line is an info record
+    try:
+        row, out = _run_stack(name, base, kwargs, runs, cuda)
+    finally:
+        root.removeHandler(easycache_lines)
+        root.setLevel(level)
+    if easycache_lines.lines:
+        row["easycache"] = easycache_lines.lines[-1]
+    return row, out
+
+
+def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
     from tools.dit_factory import sample_dit
 
-    torch._dynamo.reset()
     model = BUILD[name](base)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -82,11 +135,17 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
            "compile_s": round(first - median, 1), "runs": [round(t, 3) for t in times]}
     if cuda:
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    from comfy_accel.accelerators.step_cache import step_cache_state
+
+    state = step_cache_state(model)
+    if state is not None and state.last_run:
+        row["step_cache"] = state.last_run["line"]
     print(f"[bench_dit] {json.dumps(row)}", flush=True)
     return row, out
 
 
 def main(argv=None) -> int:
+    global EASYCACHE_THRESHOLD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux-dev")
     parser.add_argument("--stacks", default=None, help=f"of {', '.join(STACKS)} (default: "
@@ -98,7 +157,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=None, help="text tokens (default 512 on a GPU, as Flux's T5)")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    parser.add_argument("--easycache-threshold", type=float, default=EASYCACHE_THRESHOLD,
+                        help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks)")
     args = parser.parse_args(argv)
+    EASYCACHE_THRESHOLD = args.easycache_threshold
     cuda = torch.cuda.is_available()
     stacks = args.stacks.split(",") if args.stacks else DEFAULT_STACKS["cuda" if cuda else "cpu"]
     unknown = set(stacks) - set(STACKS)

@@ -161,10 +161,30 @@ def init_dit_by_module_type(module: torch.nn.Module, seed: int = 0) -> None:
                                f"e.g. {missed[:5]}")
 
 
+# The timestep-embedding module of each family that has one under these names (`smooth` scales it down).
+TIME_EMBEDDINGS = ("time_in", "time_embedding", "t_embedder", "time_text_embed")
+SMOOTH_TIME_SCALE = 0.1
+
+
+def smooth_time_response(diffusion_model, scale: float = SMOOTH_TIME_SCALE) -> None:
+    """Scales the Linear weights of the timestep embedding by `scale`. Random weights make the modulation, and so
+    the prediction, jump between adjacent steps (on a random FLUX.1-dev core's EasyCache skipped no step); a
+    trained model's prediction moves slowly along the sampling path. This damping gives the step caches a model
+    whose step-to-step change resembles a trained one's, while it still answers its latent input."""
+    found = [getattr(diffusion_model, name) for name in TIME_EMBEDDINGS if hasattr(diffusion_model, name)]
+    if not found:
+        raise ValueError(f"{type(diffusion_model).__name__} has none of {TIME_EMBEDDINGS}: no smooth variant")
+    with torch.no_grad():
+        for module in found[0].modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(scale)
+
+
 def build_dit(name: str = "tiny-flux-dev", dtype: torch.dtype = torch.float32, device=None, seed: int = 0,
-              check_alive: bool = True):
+              check_alive: bool = True, smooth: bool = False):
     """A ComfyUI ModelPatcher of the named DiT family with random (alive) weights, built as the host's loader
-    builds it: the family's config, the host's weight/compute dtype rules, `get_model`."""
+    builds it: the family's config, the host's weight/compute dtype rules, `get_model`. `smooth`: the timestep
+    response damped (smooth_time_response), for the step caches' tests."""
     comfy = _comfy()
     mm = comfy.model_management
     spec = DIT_SPECS[name]
@@ -178,6 +198,8 @@ def build_dit(name: str = "tiny-flux-dev", dtype: torch.dtype = torch.float32, d
     build_device = load_device if load_device.type == "cuda" else torch.device("cpu")
     base = config.get_model({}, device=build_device)
     init_dit_by_module_type(base.diffusion_model, seed)
+    if smooth:
+        smooth_time_response(base.diffusion_model)
     patcher = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
     patcher.accel_factory_name = name
     base.accel_factory_name = name   # the BaseModel is shared by every clone (LoRA loaders, accelerators)

@@ -16,7 +16,7 @@ import { api } from "../../scripts/api.js";
 
 const EXT = "comfy_accel.ui";
 const PACK_NODES = new Set(["AccelCFGCutoff", "AccelAccelerateModel", "AccelBuildTensorRTEngine",
-  "AccelLoadTensorRTEngine", "AccelDeepCache", "AccelTinyVAE"]);
+  "AccelLoadTensorRTEngine", "AccelDeepCache", "AccelStepCache", "AccelTinyVAE"]);
 
 // frontend setting id -> field of accelerators/settings.py
 const SETTING_FIELDS = {
@@ -331,6 +331,9 @@ function onNotice(event) {
   toast(severity, `comfy-accel · ${notice.accelerator}`, notice.message, severity === "info" ? 4000 : 10000);
   if (notice.node !== undefined && notice.node !== null && notice.level !== "info") {
     setNodeStatus(notice.node, { text: `↩ eager: ${shortReason(notice.message)}`, level: "warn", detail: notice.message });
+  } else if (notice.node !== undefined && notice.node !== null && notice.summary) {
+    // what a run did (Step Cache: "skipped N of M steps (...)"), sent after the run's accel.applied
+    setNodeStatus(notice.node, { text: `✓ ${shortReason(notice.message)}`, level: "ok", detail: notice.message });
   }
   refreshPanel();
 }

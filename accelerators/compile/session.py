@@ -333,9 +333,11 @@ def apply_backend(model, options: dict | None, backend: str, available: Callable
     parsed = parse_options(options, backend, cuda_graphs=cuda_graphs)
     served = served_model(model, backend, regional, parsed.scope)
     if not served:
+        # `asked`: what the caller asked for ("backend 'auto' (picked inductor)"), named in the line
+        reason = f"{options['asked']}: {served.reason}" if options.get("asked") else served.reason
         if parsed.fallback == "error" or getattr(getattr(model, "model", None), "diffusion_model", None) is None:
-            raise AcceleratorInputError(served.reason)
-        events.notice(backend, f"{served.reason}; running eager", node_id=parsed.node_id)
+            raise AcceleratorInputError(reason)
+        events.notice(backend, f"{reason}; running eager", node_id=parsed.node_id)
         return model.clone()
     ready = available()
     if not ready:

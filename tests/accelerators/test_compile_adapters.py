@@ -42,14 +42,20 @@ def test_compiles_and_matches_eager_where_the_library_runs(pack, name):
 @pytest.mark.parametrize("name", ["onediff", "stable-fast"])
 def test_models_it_cannot_trace_are_refused_with_the_reason(pack, name):
     """Both trace or compile the SD UNet only: a DiT is refused up front, naming its family (never a silent
-    no-op), whether or not the library is installed."""
-    from comfy_accel.accelerators import registry
+    no-op), whether or not the library is installed: eager with that line under the `eager` policy, an error
+    under `error`."""
+    from comfy_accel.accelerators import events, registry
     from comfy_accel.accelerators.base import AcceleratorInputError
     from tools.model_factory import build_model
 
     flux = build_model("tiny-flux")
-    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet models; this MODEL is Flux"):
-        registry.get(name).apply(flux, {"fallback": "eager"})
+    with pytest.raises(AcceleratorInputError, match="SD1.x/SD2.x/SDXL UNet models only; this MODEL is Flux"):
+        registry.get(name).apply(flux, {"fallback": "error"})
+    with events.collect() as lines:
+        out = registry.get(name).apply(flux, {"fallback": "eager", "node_id": f"refuse-{name}"})
+    assert out is not flux and out.model is flux.model    # a clone that runs the model as it is
+    assert any(line["node"] == f"refuse-{name}" and "this MODEL is Flux" in line["message"]
+               and line["message"].endswith("running eager") for line in lines)
 
 
 def test_stable_fast_trace_reads_the_live_weights(pack):

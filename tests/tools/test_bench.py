@@ -10,7 +10,7 @@ from tools.comfy_host import REPO_ROOT
 
 @pytest.mark.slow
 def test_bench_runs_side_by_side_and_writes_results(tmp_path):
-    cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50", "--steps", "4", "--runs", "2",
+    cmd = [sys.executable, "-m", "tools.bench", "--stacks", "eager,cfg-cutoff-50,step-cache-2", "--steps", "4", "--runs", "2",
            "--width", "64", "--height", "64", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -22,6 +22,9 @@ def test_bench_runs_side_by_side_and_writes_results(tmp_path):
     # the cutoff drops the uncond pass on 2 of 4 steps: a real but bounded change
     assert 1e-4 < rows["cfg-cutoff-50"]["fidelity"]["rel_err"] < 0.5
     assert list(tmp_path.glob("bench-tiny-sd15-*.png"))
+    # the forced schedule skips steps 1 and 3 (window up to 95%), and the row and the table say so
+    assert rows["step-cache-2"]["step_cache"].startswith("skipped 2 of 4 steps (interval, interval 2")
+    assert "(skipped 2 of 4 steps" in proc.stdout and 1e-4 < rows["step-cache-2"]["fidelity"]["rel_err"] < 1.0
 
 
 @pytest.mark.slow
@@ -39,3 +42,19 @@ def test_steps_sweep_fit_splits_per_step_and_fixed_cost():
     assert abs(per_step - 0.007) < 1e-12 and abs(fixed - 0.010) < 1e-12
     # a run whose time does not grow linearly with the steps gives a negative fixed cost: the bench says so
     assert fit_steps({10: 0.33, 20: 0.68, 40: 1.92})[1] < 0
+
+
+@pytest.mark.slow
+def test_bench_dit_step_cache_stacks_say_what_they_skipped(tmp_path):
+    """The DiT bench's step-cache stacks: our forced schedule skips 9 of 20 steps; core's EasyCache beside it says
+    what it skipped (its log line); both differ from eager by a bounded amount."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "tools.bench_dit", "--model", "tiny-wan21", "--stacks",
+           "eager,step-cache-2,comfy-easycache", "--steps", "20", "--runs", "1", "--easycache-threshold", "0.5",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {row["stack"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["step-cache-2"]["step_cache"].startswith("skipped 9 of 20 steps")
+    assert rows["comfy-easycache"]["easycache"].startswith("EasyCache - skipped")
+    assert 0 < rows["step-cache-2"]["rel_err_vs_eager"] < 0.5
