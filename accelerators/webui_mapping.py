@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import options
 from . import settings as settings_module
 from .base import AcceleratorInputError, Availability, BackendUnavailable
 # every value and range comes from options.py, like the ComfyUI nodes'
@@ -23,6 +24,8 @@ from .options import (BACKEND_CHOICES, CFG_CUTOFF_PERCENT, DEEPCACHE_BRANCH, DEE
 
 PANEL_BACKENDS = BACKEND_CHOICES
 INFOTEXT_PREFIX = "Accel"
+# The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
+PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd")
 
 
 @dataclass
@@ -71,23 +74,47 @@ class AccelPlan:
     def step(self, accelerator: str) -> PlanStep | None:
         return next((s for s in self.steps if s.accelerator == accelerator), None)
 
-    def infotext(self) -> dict:
-        """Key/values for the WebUI's infotext (p.extra_generation_params); `infotext_to_panel` reads them back."""
-        if not self.steps:
+    def infotext(self, ran: dict | None = None) -> dict:
+        """Key/values for the WebUI's infotext (p.extra_generation_params); `infotext_to_panel` reads them back.
+
+        `ran` says what actually ran in the job ({"backend", "deepcache", "cfg_cutoff", "taesd": bool, "notes"});
+        an accelerator that was asked for but did not run is left out and said in "Accel note", so the image
+        never claims what did not happen. Without `ran` (before the job) it is the plan itself.
+        """
+        if not self.steps and not (ran and ran.get("notes")):
             return {}
-        out = {f"{INFOTEXT_PREFIX} backend": self.backend}
-        if self.requested_backend != self.backend:
+        ran = ran if ran is not None else {"backend": self.backend, "deepcache": bool(self.step("deepcache")),
+                                           "cfg_cutoff": bool(self.step("cfg_cutoff")),
+                                           "taesd": bool(self.step("taesd")), "notes": []}
+        out = {f"{INFOTEXT_PREFIX} backend": ran["backend"]}
+        if self.requested_backend != ran["backend"]:
             out[f"{INFOTEXT_PREFIX} requested"] = self.requested_backend
         cutoff = self.step("cfg_cutoff")
-        if cutoff:
+        if cutoff and ran.get("cfg_cutoff"):
             out[f"{INFOTEXT_PREFIX} CFG cutoff"] = f"{cutoff.options['cutoff_percent']:g}%"
         deepcache = self.step("deepcache")
-        if deepcache:
+        if deepcache and ran.get("deepcache"):
             out[f"{INFOTEXT_PREFIX} DeepCache"] = (f"interval {deepcache.options['cache_interval']}, "
                                                    f"branch {deepcache.options['cache_branch']}")
-        if self.step("taesd"):
+        if self.step("taesd") and ran.get("taesd"):
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
+        # one line each, kept short: an exception's text can run to pages, and a newline would end the infotext
+        notes = [_one_line(n) for n in ran.get("notes", []) if n and n.strip()]
+        if notes:
+            out[f"{INFOTEXT_PREFIX} note"] = "; ".join(dict.fromkeys(notes))
         return out
+
+    def as_metadata(self) -> dict:
+        """The same facts as JSON (what ComfyUI's saved images carry under "comfy_accel")."""
+        return {"backend": self.backend, "requested_backend": self.requested_backend, "fallback": self.fallback,
+                "steps": [{"accelerator": s.accelerator, "kind": s.kind,
+                           "options": {k: v for k, v in s.options.items() if k != "store"}} for s in self.steps],
+                "notes": list(self.notes)}
+
+
+def _one_line(text: str, limit: int = 240) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings | None = None,
@@ -96,8 +123,9 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     """Validates the panel values and returns the plan; raises AcceleratorInputError on any bad value.
 
     `availability(name)` answers for registered accelerators (None when the install lacks one); it defaults
-    to the registry; `gpu` whether a CUDA GPU is here (default: torch's answer). A requested backend that cannot run here becomes eager with a note, or raises
-    BackendUnavailable when the fallback policy is "error" (the same policy the ComfyUI nodes follow).
+    to the registry; `gpu` whether a CUDA GPU is here (default: torch's answer). A requested backend that
+    cannot run here becomes eager with a note, or raises BackendUnavailable when the fallback policy is "error"
+    (the same policy the ComfyUI nodes follow).
     """
     panel = values if isinstance(values, PanelValues) else PanelValues.from_dict(dict(values))
     settings = settings or settings_module.get_settings()
@@ -153,28 +181,62 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     return plan
 
 
-def infotext_to_panel(params: dict) -> dict:
-    """Reads the infotext keys that AccelPlan.infotext writes back into panel values (for "paste")."""
+def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
+    """Reads the infotext keys that AccelPlan.infotext writes back into panel values (for "paste").
+
+    Each field is read on its own: a bad one is left out (the others still paste) and its message goes to
+    `errors`; without an `errors` list the first bad field raises AcceleratorInputError.
+    """
     out: dict = {}
     backend = params.get(f"{INFOTEXT_PREFIX} requested") or params.get(f"{INFOTEXT_PREFIX} backend")
     if backend is None:
         return out
+    found: list[str] = []
+
+    def read(name, parse):
+        try:
+            out[name] = parse()
+        except AcceleratorInputError as exc:
+            found.append(f"pasted {INFOTEXT_PREFIX} {name.replace('_', ' ')}: {exc}")
+
     out["enabled"] = True
-    out["backend"] = parse_choice("backend", backend, PANEL_BACKENDS)
+    read("backend", lambda: parse_choice("backend", backend, PANEL_BACKENDS))
     cutoff = params.get(f"{INFOTEXT_PREFIX} CFG cutoff")
     out["cfg_cutoff"] = cutoff is not None
     if cutoff is not None:
-        out["cfg_cutoff_percent"] = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", str(cutoff).rstrip("%"))
+        read("cfg_cutoff_percent",
+             lambda: CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", str(cutoff).strip().rstrip("%")))
     deepcache = params.get(f"{INFOTEXT_PREFIX} DeepCache")
     out["deepcache"] = deepcache is not None
     if deepcache is not None:
         fields = dict(part.strip().split(" ", 1) for part in str(deepcache).split(",") if " " in part.strip())
-        out["deepcache_interval"] = DEEPCACHE_INTERVAL.parse("deepcache_interval",
-                                                             fields.get("interval", DEEPCACHE_INTERVAL.default))
-        out["deepcache_branch"] = DEEPCACHE_BRANCH.parse("deepcache_branch",
-                                                         fields.get("branch", DEEPCACHE_BRANCH.default))
+        read("deepcache_interval", lambda: DEEPCACHE_INTERVAL.parse(
+            "deepcache_interval", fields.get("interval", DEEPCACHE_INTERVAL.default)))
+        read("deepcache_branch", lambda: DEEPCACHE_BRANCH.parse("deepcache_branch",
+                                                                fields.get("branch", DEEPCACHE_BRANCH.default)))
     out["taesd"] = params.get(f"{INFOTEXT_PREFIX} TAESD") == "on"
+    if found and errors is None:
+        raise AcceleratorInputError(found[0])
+    if errors is not None:
+        errors.extend(found)
     return out
+
+
+def img2img_sigmas(sigmas, steps: int, t_enc: int) -> list[float]:
+    """The part of a `steps`-step schedule an img2img (or hires) pass samples: A1111's k-diffusion sampler takes
+    `sigmas[steps - t_enc - 1:]`, with (steps, t_enc) from `sd_samplers_common.setup_img2img_steps`."""
+    values = [float(s) for s in sigmas]
+    return values[steps - t_enc - 1:]
+
+
+def setup_img2img_steps(steps: int, denoising_strength: float, fix_steps: bool, pass_steps: int | None = None):
+    """(steps, t_enc) as A1111 v1.10's `sd_samplers_common.setup_img2img_steps` computes them (the shim calls the
+    WebUI's own function; this copy of the arithmetic is what the CPU tests check the cutoff step against)."""
+    if fix_steps or pass_steps is not None:
+        requested = pass_steps or steps
+        total = int(requested / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0
+        return total, requested - 1
+    return steps, int(min(denoising_strength, 0.999) * steps)
 
 
 def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
@@ -192,23 +254,45 @@ def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
     return values[step] * (1.0 + 1e-4) + 1e-8
 
 
-def webui_settings_to_core(values: dict) -> dict:
-    """The WebUI settings section (cache folder, budgets, default backend, fallback) → validated core settings.
+SETTING_TO_CORE = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
+                   "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb",
+                   # the compile lane's switches (settings.py); `preimport` is ComfyUI's start-up only, not listed
+                   "accel_precompile": "precompile", "accel_channels_last": "channels_last"}
+CACHE_FOLDER_SETTING = "accel_cache_folder"
 
-    Returns {"settings": {...}, "cache_root": str|None}; a bad value raises AcceleratorInputError naming it.
-    """
-    mapping = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
-               "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb"}
-    unknown = set(values) - set(mapping) - {"accel_cache_folder"}
-    if unknown:
-        raise AcceleratorInputError(f"unknown WebUI accelerator setting(s): {', '.join(sorted(unknown))}")
-    core = {mapping[k]: v for k, v in values.items() if k in mapping}
-    for name in ("cache_budget_gb", "memory_budget_gb"):
-        if name in core and isinstance(core[name], str):
-            try:
-                core[name] = float(core[name])
-            except ValueError:
-                raise AcceleratorInputError(f"{name} must be a number; got {core[name]!r}") from None
-    dataclasses.replace(settings_module.get_settings(), **core).validate()
-    folder = str(values.get("accel_cache_folder") or "").strip() or None
-    return {"settings": core, "cache_root": folder}
+
+def webui_setting_to_core(key: str, value, current: settings_module.Settings | None = None) -> tuple[str, object]:
+    """One WebUI setting → (core settings field, validated value); ("cache_root", folder or None) for the cache
+    folder. Checked on its own against the current settings, so one bad value never blocks another."""
+    if key == CACHE_FOLDER_SETTING:
+        return "cache_root", str(value or "").strip() or None
+    if key not in SETTING_TO_CORE:
+        raise AcceleratorInputError(f"unknown WebUI accelerator setting {key}; known: "
+                                    f"{', '.join(sorted([*SETTING_TO_CORE, CACHE_FOLDER_SETTING]))}")
+    name = SETTING_TO_CORE[key]
+    if name in ("cache_budget_gb", "memory_budget_gb") and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise AcceleratorInputError(f"{name} must be a number; got {value!r}") from None
+    if name in ("precompile", "channels_last"):
+        value = options.parse_bool(name, value)
+    dataclasses.replace(current or settings_module.get_settings(), **{name: value}).validate()
+    return name, value
+
+
+def webui_settings_to_core(values: dict) -> dict:
+    """Several WebUI settings at once: {"settings": {...}, "cache_root": str|None, "errors": {key: message}}.
+    Each is validated alone; a bad one is reported under "errors" and left out, the others are kept."""
+    out: dict = {"settings": {}, "cache_root": None, "errors": {}}
+    for key, value in values.items():
+        try:
+            name, checked = webui_setting_to_core(key, value)
+        except AcceleratorInputError as exc:
+            out["errors"][key] = str(exc)
+            continue
+        if name == "cache_root":
+            out["cache_root"] = checked
+        else:
+            out["settings"][name] = checked
+    return out

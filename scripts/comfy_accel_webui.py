@@ -1,27 +1,27 @@
-"""comfy-accel for the AUTOMATIC1111 WebUI: an always-visible accordion and a settings section.
+"""comfy-accel for the AUTOMATIC1111 WebUI: an always-visible accordion, a settings section and an SdUnet.
 
-The WebUI imports every .py in scripts/ by path, so this file puts the repository root on sys.path and
-imports the host-agnostic core as the top-level package `accelerators`; the WebUI's own modules are imported
-in a guarded block, so the pieces that need no WebUI (the panel layout, `plan_for`) import anywhere.
+The WebUI imports every .py in scripts/ by path, so this file puts the repository root on sys.path and imports the
+host-agnostic core as the top-level package `accelerators`; the WebUI's own modules are imported in a guarded block.
 
 What reaches the WebUI's sampling, each through its official hook:
-- the panel values become an `accelerators.webui_mapping.AccelPlan` (validated: a bad value stops the job
-  with the message) in `before_process`, and its summary goes into the infotext;
-- CFG cutoff: the WebUI's own uncond skip (NGMS): `p.s_min_uncond` is set in `process_before_every_sampling`
-  to the sigma of the cutoff step of the real schedule (`webui_mapping.cfg_cutoff_sigma`), with the
-  per-job override `s_min_uncond_all`;
-- TAESD: the per-job override of the WebUI's `sd_vae_decode_method`/`sd_vae_encode_method`;
-- backend and DeepCache: an `sd_unet.SdUnetOption` ("comfy-accel") selected by the per-job override of
-  `sd_unet`; its SdUnet runs the UNet through the backend module's host-agnostic `webui_unet_runner` when
-  the module has one, and otherwise runs eager and says why (the same fallback policy as ComfyUI);
-- settings (cache folder, budgets, default backend, fallback policy) go to `accelerators.settings`, the
-  same file the ComfyUI panel writes when both hosts share COMFY_ACCEL_CACHE.
+- the panel values → `webui_mapping.AccelPlan` in `before_process`. A1111 swallows exceptions raised there, so a
+  bad value is kept and raised where A1111 does not catch it: by the SdUnet (`activate`/`forward`), which every
+  enabled job selects; the job then fails with the message;
+- backend and DeepCache: the SdUnet ("comfy-accel"), switched in per sampling pass with `sd_unet.apply_unet`
+  (the next job's own `apply_unet()` switches back: the user's `sd_unet` setting is never written). It runs the
+  UNet through `accelerators.webui_unet.WebUIUNetRunner`: the compile session of the ComfyUI side (shape buckets,
+  artifact cache) and DeepCache's block walk;
+- CFG cutoff: the WebUI's own uncond skip (NGMS): `p.s_min_uncond` = the sigma of the cutoff step of the schedule
+  the pass really samples (img2img and hires through the WebUI's `setup_img2img_steps`);
+- TAESD: the WebUI's `sd_vae_decode_method`/`sd_vae_encode_method` when its TAESD files are in models/VAE-taesd;
+  otherwise the job runs with the full VAE and says which files are missing where;
+- per-job settings overrides are made restorable: A1111 restores only keys already in `opts.data`
+  (processing.py: `stored_opts`), so a key not there yet is put there with its current value first;
+- the infotext says what ran (post_sample), never only what was asked.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -29,10 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from accelerators import events, registry, settings  # noqa: E402
+from accelerators import events, options, settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa: E402
-from accelerators.webui_mapping import (PANEL_BACKENDS, AccelPlan, PanelValues, cfg_cutoff_sigma,  # noqa: E402
-                                        infotext_to_panel, panel_to_plan, webui_settings_to_core)
+from accelerators.webui_job import JobState, restorable_override  # noqa: E402
+from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
+                                        cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel, panel_to_plan)
+from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
 
 log = logging.getLogger("comfy_accel")
 
@@ -46,10 +48,6 @@ except ImportError:
 
 SECTION = ("comfy_accel", "comfy-accel")
 UNET_LABEL = "comfy-accel"
-# The accordion's components in the order the WebUI passes their values as *args.
-PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd")
-SETTING_KEYS = ("accel_cache_folder", "accel_cache_budget_gb", "accel_memory_budget_gb", "accel_default_backend",
-                "accel_fallback_policy")
 
 
 def panel_values(args) -> dict:
@@ -61,39 +59,24 @@ def plan_for(args, store=None) -> AccelPlan:
     return panel_to_plan(panel_values(args), store=store)
 
 
-def apply_webui_settings(values: dict) -> None:
-    """WebUI settings → core settings and cache folder (validated; a bad value is reported and not applied)."""
-    mapped = webui_settings_to_core(values)
-    if mapped["cache_root"]:
-        os.environ["COMFY_ACCEL_CACHE"] = mapped["cache_root"]
-    root = _cache_root()
-    settings.load(root / "settings.json")
-    settings.update(mapped["settings"])
+_job = JobState()
+_last_report: dict = {}
+_runners: dict = {}          # (backend, deepcache, dynamic, fallback) → WebUIUNetRunner, kept across jobs
+_data_dir = getattr(getattr(shared, "cmd_opts", None), "data_dir", None) if shared is not None else None
+webui_settings = WebUISettings(Path(_data_dir or REPO_ROOT) / "models" / "accel_cache")
 
 
-def _cache_root() -> Path:
-    from accelerators.cache import resolve_cache_root
-
-    default = Path(getattr(shared.cmd_opts, "data_dir", None) or REPO_ROOT) / "models" / "accel_cache" \
-        if shared is not None else REPO_ROOT / "accel_cache"
-    return Path(resolve_cache_root(host_default=default))
-
-
-_store = None
-_current_plan = AccelPlan()  # the plan of the job being processed (set in before_process)
-
-
-def webui_store():
-    """The WebUI's ArtifactStore: same format and (with COMFY_ACCEL_CACHE) same folder as ComfyUI's."""
-    global _store
-    from accelerators.cache import ArtifactStore
-
-    root = _cache_root()
-    budget = int(settings.get_settings().cache_budget_gb * 1e9)
-    if _store is None or Path(_store.root) != root:
-        _store = ArtifactStore(root, budget_bytes=budget)
-    _store.budget_bytes = budget
-    return _store
+# ---- the console ------------------------------------------------------------------------------------------------
+def _console_handler() -> None:
+    """The WebUI has no handler for the pack's logger: info notices (compiled, cache hit, fell back) go to the
+    console like the warnings, once each."""
+    if not any(getattr(h, "comfy_accel_console", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.comfy_accel_console = True
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _console_listener(event: str, data: dict) -> None:
@@ -101,37 +84,153 @@ def _console_listener(event: str, data: dict) -> None:
         print(f"[comfy-accel] {data.get('accelerator') or ''} {data.get('task')}: done {data.get('message') or ''}")
 
 
-events.add_listener(_console_listener)
+if IN_WEBUI:   # imported elsewhere (tests), the pack's logging stays as it was
+    _console_handler()
+    events.add_listener(_console_listener)
 
 
-@contextlib.contextmanager
-def _eager_unet():
-    """Lets the SdUnet call the WebUI's own UNet forward without re-entering itself."""
-    current = sd_unet.current_unet
-    sd_unet.current_unet = None
-    try:
-        yield
-    finally:
-        sd_unet.current_unet = current
+# ---- per-job pieces -----------------------------------------------------------------------------------------
+def _override(p, key: str, value) -> None:
+    restorable_override(shared.opts.data, p.override_settings, key, value, shared.opts.get_default(key))
 
 
-def _runner_for(plan: AccelPlan, unet):
-    """The callable that runs the UNet for this plan: the backend's (and DeepCache's) host-agnostic runner."""
-    run = None
-    for step in plan.steps:
-        if step.kind not in ("backend", "model") or step.accelerator == "cfg_cutoff":
-            continue
-        module = sys.modules.get(registry.get(step.accelerator).apply.__module__) \
-            if step.accelerator in registry.all_specs() else None
-        factory = getattr(module, "webui_unet_runner", None)
-        if factory is None:
-            message = f"{step.accelerator} has no WebUI runner in this version; running eager"
+def taesd_files(is_img2img: bool) -> tuple[Path, list[str], list[str]]:
+    """(folder, file names this job needs, the missing ones): the WebUI's own TAESD files, by model family."""
+    from modules import paths_internal
+
+    model = shared.sd_model
+    prefix = "taesd3" if getattr(model, "is_sd3", False) else "taesdxl" if getattr(model, "is_sdxl", False) \
+        else "taesd"
+    folder = Path(paths_internal.models_path) / "VAE-taesd"
+    needed = [f"{prefix}_decoder.pth"] + ([f"{prefix}_encoder.pth"] if is_img2img else [])
+    return folder, needed, [name for name in needed if not (folder / name).is_file()]
+
+
+def _apply_taesd(p, state: JobState) -> None:
+    is_img2img = hasattr(p, "init_images")
+    folder, needed, missing = taesd_files(is_img2img)
+    decoder, encoder = needed[0], needed[1:]
+    if decoder in missing:
+        state.note(f"TAESD not used: {decoder} is not in {folder} (put madebyollin/taesd's {', '.join(needed)} "
+                   f"there); decoded with the full VAE")
+        return
+    _override(p, "sd_vae_decode_method", "TAESD")
+    state.taesd = True
+    if encoder and encoder[0] in missing:
+        state.note(f"TAESD encode not used: {encoder[0]} is not in {folder}; encoded with the full VAE")
+    elif encoder:
+        _override(p, "sd_vae_encode_method", "TAESD")
+
+
+def _runner_for(state: JobState, unet):
+    """The runner of this job's plan for `unet` (kept across jobs: compiled code is reused)."""
+    from modules import sd_hijack
+
+    from accelerators.webui_unet import WebUIUNetRunner, ldm_model_config, make_session
+
+    plan = state.plan
+    deep = plan.step("deepcache")
+    backend = plan.step(plan.backend) if plan.backend != "eager" else None
+    deepcache = (deep.options["cache_interval"], deep.options["cache_branch"]) if deep else None
+    backend_options = {k: backend.options[k] for k in ("dynamic", "fallback")} if backend else {}
+    key = (plan.backend, deepcache, tuple(sorted(backend_options.items())))
+    runner = _runners.get(key)
+    if runner is not None and runner.unet is unet:
+        return runner
+    session, fallback_note = None, ""
+    if backend is not None:
+        model = shared.sd_model
+        family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
+        try:
+            session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
+                                   get_store=webui_settings.store)
+        except BackendUnavailable as exc:
             if plan.fallback == "error":
-                raise BackendUnavailable(message)
-            events.notice(step.accelerator, message, once_key=f"webui:{step.accelerator}:no-runner")
-            continue
-        run = factory(unet, dict(step.options, store=webui_store()), inner=run)
-    return run
+                raise
+            fallback_note = f"{exc}; running eager"
+    host = sys.modules[type(unet).__module__]
+    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
+        else sd_hijack.ldm_original_forward
+    cat = host.th.cat if hasattr(host, "th") else __import__("torch").cat
+    try:
+        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache, session=session)
+    except ValueError as exc:   # a UNet whose blocks the runner cannot walk
+        if plan.fallback == "error":
+            raise BackendUnavailable(str(exc)) from None
+        fallback_note = f"{exc}: running the WebUI's own UNet, eager"
+        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat)
+    if fallback_note:
+        runner.notes.append(fallback_note)
+        events.notice("webui", fallback_note, once_key=f"webui:{fallback_note}")
+    _runners.clear()   # one model at a time: a checkpoint switch frees the old UNet's compiled code
+    _runners[key] = runner
+    return runner
+
+
+def _prepare_job_unet():
+    """Raises the job's error (where A1111 does not swallow it), else gives the job its runner."""
+    global _last_report
+    state = _job
+    if state.error:
+        _last_report = state.report()
+        raise RuntimeError(f"comfy-accel: {state.error}")
+    unet = shared.sd_model.model.diffusion_model
+    if state.runner is None or state.runner.unet is not unet:
+        try:
+            state.runner = _runner_for(state, unet)
+        except (BackendUnavailable, AcceleratorInputError) as exc:
+            state.error = str(exc)
+            _last_report = state.report()
+            raise RuntimeError(f"comfy-accel: {exc}") from None
+        state.runner.reset_counts()
+        session = state.runner.session
+        state.compiles_before = len(session.compiler.compile_events) if session else 0
+        if session is not None:
+            _apply_lora_weights(unet)
+    return state.runner
+
+
+def _apply_lora_weights(unet) -> None:
+    """A1111's LoRA patches each layer's weights in place from inside that layer's forward
+    (`networks.network_apply_weights`, lazily, once per change). Traced by the compiler, that in-place copy fails
+    the compile; so it is done here, before the compiled UNet runs, with the host's own function: inside, the
+    layers then find their weights current and only their check is traced."""
+    networks = sys.modules.get("networks")   # the built-in Lora extension's module (absent when disabled)
+    apply = getattr(networks, "network_apply_weights", None)
+    if apply is None or getattr(shared.opts, "lora_functional", False):
+        return
+    import torch
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+    with torch.no_grad():
+        for module in unet.modules():
+            if isinstance(module, kinds):
+                apply(module)
+
+
+def _bounds(option_range) -> dict:
+    """A slider's bounds: the option's one range (accelerators/options.py)."""
+    return {"minimum": option_range.low, "maximum": option_range.high}
+
+
+def _uses_unet(plan: AccelPlan) -> bool:
+    return plan.backend != "eager" or plan.step("deepcache") is not None
+
+
+def _cutoff_step(p, percent: float):
+    """(s_min_uncond, first skipped step) for this pass, from the schedule the pass really samples."""
+    from modules import sd_samplers_common
+
+    hires = getattr(p, "is_hr_pass", False)
+    if hires or hasattr(p, "init_images"):   # img2img and the hires pass start part-way down the schedule
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires
+                                                              else None)
+        sigmas = img2img_sigmas(p.sampler.get_sigmas(p, steps), steps, t_enc)
+    else:
+        sigmas = [float(s) for s in p.sampler.get_sigmas(p, p.steps)]
+    threshold = cfg_cutoff_sigma(sigmas, percent)
+    first = next((i for i, s in enumerate(sigmas[:-1]) if s < threshold), None)
+    return threshold, len(sigmas) - 1 if first is None else first
 
 
 if IN_WEBUI:
@@ -139,26 +238,25 @@ if IN_WEBUI:
         def __init__(self, option):
             super().__init__()
             self.option = option
-            self.plan = None
-            self.run = None
 
         def activate(self):
-            model = shared.sd_model.model.diffusion_model
-            model.to(shared.device)  # apply_unet parked it on the CPU: our runners use its weights
-            self.plan = _current_plan
-            self.run = _runner_for(self.plan, model)
+            # apply_unet parked the UNet on the CPU; the job's runner is made (or its error raised) on the first
+            # call, where A1111 does not swallow exceptions
+            shared.sd_model.model.diffusion_model.to(shared.device)
 
         def forward(self, x, timesteps, context, *args, **kwargs):
-            unet = shared.sd_model.model.diffusion_model
-            if self.plan is not _current_plan:  # a later job with other panel values, same SdUnet option
-                self.activate()
-            with _eager_unet():
-                if self.run is None:
-                    return unet(x, timesteps, context, *args, **kwargs)
-                return self.run(x, timesteps, context, *args, **kwargs)
+            if not (_job.plan.enabled and _uses_unet(_job.plan)) and not _job.error:
+                # selected in the settings for a job that asks for nothing: the WebUI's own forward
+                from modules import sd_hijack
 
-        def deactivate(self):
-            self.run = None
+                unet = shared.sd_model.model.diffusion_model
+                forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
+                    else sd_hijack.ldm_original_forward
+                return forward(unet, x, timesteps, context, *args, **kwargs)
+            runner = _prepare_job_unet()
+            if runner.call_index != _job.call_index:
+                runner.begin_call(_job.call_index)
+            return runner(x, timesteps, context, *args, **kwargs)
 
     class AccelUnetOption(sd_unet.SdUnetOption):
         model_name = None
@@ -183,86 +281,120 @@ if IN_WEBUI:
                     backend = gr.Dropdown(label="Backend", choices=list(PANEL_BACKENDS), value=defaults.backend)
                 with gr.Row():
                     deepcache = gr.Checkbox(label="DeepCache", value=defaults.deepcache)
-                    interval = gr.Slider(label="DeepCache interval", minimum=1, maximum=20, step=1,
-                                         value=defaults.deepcache_interval)
+                    interval = gr.Slider(label="DeepCache interval", step=1, value=defaults.deepcache_interval,
+                                         **_bounds(options.DEEPCACHE_INTERVAL))
                 with gr.Row():
                     cutoff = gr.Checkbox(label="CFG cutoff", value=defaults.cfg_cutoff)
-                    cutoff_percent = gr.Slider(label="Skip the negative prompt from % of steps", minimum=0,
-                                               maximum=100, step=1, value=defaults.cfg_cutoff_percent)
+                    cutoff_percent = gr.Slider(label="Skip the negative prompt from % of steps", step=1,
+                                               value=defaults.cfg_cutoff_percent,
+                                               **_bounds(options.CFG_CUTOFF_PERCENT))
                     taesd = gr.Checkbox(label="TAESD decode (fast, lossy)", value=defaults.taesd)
             components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd]
-
-            def from_infotext(name):
-                return lambda params: infotext_to_panel(params).get(name, gr.update())
-
-            self.infotext_fields = [(c, from_infotext(n)) for c, n in zip(components, PANEL_ORDER)]
+            self.infotext_fields = [(c, pasted_field(n)) for c, n in zip(components, PANEL_ORDER)]
             self.paste_field_names = []
             return components
 
         def before_process(self, p, *args):
+            global _job
             try:
-                plan = plan_for(args, store=None)
+                plan = plan_for(args)
             except (AcceleratorInputError, BackendUnavailable) as exc:
-                raise RuntimeError(f"comfy-accel: {exc}") from None  # the WebUI shows it and stops the job
-            global _current_plan
-            p.comfy_accel_plan = _current_plan = plan
+                # A1111 catches what before_process raises and runs the job anyway: the SdUnet raises it
+                _job = p.comfy_accel_job = JobState(error=str(exc))
+                print(f"[comfy-accel] {exc}: failing the job")
+                return
+            _job = p.comfy_accel_job = JobState(plan)
             if not plan.enabled:
                 return
             for note in plan.notes:
-                events.notice("webui", note, level="info", once_key=f"webui:{note}")
-            p.extra_generation_params.update(plan.infotext())
+                _job.note(note)
             if plan.step("taesd"):
-                p.override_settings["sd_vae_decode_method"] = "TAESD"
-                p.override_settings["sd_vae_encode_method"] = "TAESD"
-            if any(s.kind == "backend" or s.accelerator == "deepcache" for s in plan.steps):
-                p.override_settings["sd_unet"] = UNET_LABEL
+                _apply_taesd(p, _job)
             if plan.step("cfg_cutoff"):
-                p.override_settings["s_min_uncond_all"] = True
+                _override(p, "s_min_uncond_all", True)
 
         def process_before_every_sampling(self, p, *args, **kwargs):
-            plan = getattr(p, "comfy_accel_plan", None)
-            step = plan.step("cfg_cutoff") if plan else None
-            if step is None or not hasattr(p.sampler, "get_sigmas"):
+            state = getattr(p, "comfy_accel_job", None)
+            if state is None or not (state.plan.enabled or state.error):
                 return
-            hires = getattr(p, "is_hr_pass", False)
-            steps = (getattr(p, "hr_second_pass_steps", 0) or p.steps) if hires else p.steps
-            sigmas = [float(s) for s in p.sampler.get_sigmas(p, steps)]
-            if hires or hasattr(p, "init_images"):  # img2img and hires start part-way down the schedule
-                t_enc = int(min(p.denoising_strength, 0.999) * steps)
-                sigmas = sigmas[steps - t_enc - 1:]
-            p.s_min_uncond = cfg_cutoff_sigma(sigmas, step.options["cutoff_percent"])
+            if state.error or _uses_unet(state.plan):
+                sd_unet.apply_unet(UNET_LABEL)   # this pass only: the next job's apply_unet() switches back
+            if state.runner is not None:
+                state.runner.begin_pass()
+            step = state.plan.step("cfg_cutoff")
+            if step is None:
+                return
+            if not hasattr(p.sampler, "get_sigmas"):
+                state.cutoff_passes.append(None)
+                state.note(f"CFG cutoff not applied: sampler {p.sampler_name} has no sigma schedule")
+                return
+            p.s_min_uncond, first = _cutoff_step(p, step.options["cutoff_percent"])
+            state.cutoff_passes.append(first)
+
+        def post_sample(self, p, ps, *args):
+            global _last_report
+            state = getattr(p, "comfy_accel_job", None)
+            if state is None or not state.plan.enabled:
+                return
+            p.extra_generation_params.update(state.plan.infotext(state.ran()))
+            _last_report = state.report()
+
+    def pasted_field(name: str):
+        """One component's value from pasted infotext; the whole paste is parsed once and its problems reported
+        once, and a bad field leaves only its own component unchanged."""
+        def read(params):
+            if _paste.get("params") is not params:
+                errors: list[str] = []
+                _paste.update(params=params, values=infotext_to_panel(params, errors))
+                for message in errors:
+                    print(f"[comfy-accel] {message}; that field was not pasted")
+            return _paste["values"].get(name, gr.update())
+        return read
+
+    _paste: dict = {}
+
+    def on_cfg_denoiser(params):
+        # the denoiser's call count, reset per sampling pass (the runner may not exist yet on the first call)
+        _job.call_index = int(getattr(params.denoiser, "step", params.sampling_step) or 0)
+
+    def make_onchange(key: str):
+        def onchange():
+            try:
+                webui_settings.apply(key, getattr(shared.opts, key))
+            except AcceleratorInputError as exc:   # A1111 reports it and puts the old value back
+                raise RuntimeError(f"[comfy-accel] {key} not changed: {exc}") from None
+        return onchange
 
     def on_ui_settings():
-        section = SECTION
         current = settings.get_settings()
 
-        def onchange():
-            values = {key: getattr(shared.opts, key) for key in SETTING_KEYS}
-            try:
-                apply_webui_settings(values)
-            except AcceleratorInputError as exc:
-                print(f"[comfy-accel] setting not applied: {exc}")
-
-        options = {
-            "accel_cache_folder": shared.OptionInfo("", "Artifact cache folder (empty: models/accel_cache; "
-                                                    "point ComfyUI's COMFY_ACCEL_CACHE at the same folder to share)",
-                                                    section=section, onchange=onchange),
-            "accel_cache_budget_gb": shared.OptionInfo(current.cache_budget_gb, "Artifact cache budget (GB on disk)",
-                                                       gr.Number, section=section, onchange=onchange),
-            "accel_memory_budget_gb": shared.OptionInfo(current.memory_budget_gb, "Live compiled objects (GB)",
-                                                        gr.Number, section=section, onchange=onchange),
-            "accel_default_backend": shared.OptionInfo(current.default_backend, "Default backend ('auto' in the panel)",
-                                                       gr.Dropdown, {"choices": list(settings.BACKENDS)},
-                                                       section=section, onchange=onchange),
-            "accel_fallback_policy": shared.OptionInfo(current.fallback_policy, "When a backend cannot serve a run",
-                                                       gr.Radio, {"choices": list(settings.FALLBACK_POLICIES)},
-                                                       section=section, onchange=onchange),
-        }
-        for key, info in options.items():
+        def option(key, default, label, *component):
+            info = shared.OptionInfo(default, label, *component, section=SECTION, onchange=make_onchange(key))
             shared.opts.add_option(key, info)
 
-    def on_list_unets(unet_list):
-        unet_list.append(AccelUnetOption())
+        option("accel_cache_folder", "", "Artifact cache folder (empty: models/accel_cache; point ComfyUI's "
+               "COMFY_ACCEL_CACHE at the same folder to share)")
+        option("accel_cache_budget_gb", current.cache_budget_gb, "Artifact cache budget (GB on disk)", gr.Number)
+        option("accel_memory_budget_gb", current.memory_budget_gb, "Live compiled objects (GB)", gr.Number)
+        option("accel_default_backend", current.default_backend, "Default backend ('auto' in the panel)",
+               gr.Dropdown, {"choices": list(options.DEFAULT_BACKEND_CHOICES)})
+        option("accel_fallback_policy", current.fallback_policy, "When a backend cannot serve a run", gr.Radio,
+               {"choices": list(options.FALLBACKS)})
+        option("accel_precompile", current.precompile, "inductor+cudagraphs: store the UNet precompiled, so that a "
+               "new process loads it without compiling", gr.Checkbox)
+        option("accel_channels_last", current.channels_last, "On a GPU, keep convolution weights channels-last "
+               "(values unchanged, faster compiled convolutions)", gr.Checkbox)
 
+    def on_app_started(_demo, app):
+        @app.get("/comfy-accel/status")
+        def status():
+            return {"last_job": _last_report, "settings": settings.as_dict(),
+                    "cache_root": str(webui_settings.cache_root()),
+                    "notices": events.recent(20)}
+
+    for bad_key in webui_settings.apply_saved({k: v for k, v in shared.opts.data.items() if k in SETTING_KEYS}):
+        del shared.opts.data[bad_key]   # the default then shows; a bad saved value would stop the settings page
     script_callbacks.on_ui_settings(on_ui_settings)
-    script_callbacks.on_list_unets(on_list_unets)
+    script_callbacks.on_list_unets(lambda unets: unets.append(AccelUnetOption()))
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+    script_callbacks.on_app_started(on_app_started)

@@ -13,8 +13,8 @@ from accelerators import settings as core_settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, Availability, BackendUnavailable  # noqa: E402
 from accelerators.cfg_cutoff import CFGCutoffConfig  # noqa: E402
 from accelerators.options import AUTO_ORDER  # noqa: E402
-from accelerators.webui_mapping import (cfg_cutoff_sigma, infotext_to_panel, panel_to_plan,  # noqa: E402
-                                        webui_settings_to_core)
+from accelerators.webui_mapping import (cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel,  # noqa: E402
+                                        panel_to_plan, setup_img2img_steps, webui_settings_to_core)
 
 DEFAULT = core_settings.Settings()
 
@@ -113,6 +113,61 @@ def test_infotext_round_trips_to_the_panel():
     assert infotext_to_panel({"Steps": 20}) == {}
 
 
+def test_a_bad_pasted_field_is_reported_once_and_the_others_paste():
+    errors = []
+    values = infotext_to_panel({"Accel backend": "warp", "Accel CFG cutoff": "40%",
+                                "Accel DeepCache": "interval 500, branch 1", "Accel TAESD": "on"}, errors)
+    assert values == {"enabled": True, "cfg_cutoff": True, "cfg_cutoff_percent": 40.0, "deepcache": True,
+                      "deepcache_branch": 1, "taesd": True}
+    assert len(errors) == 2 and "unknown backend 'warp'" in errors[0]
+    assert "deepcache_interval must be between 1 and 100, got 500" in errors[1]
+
+
+def test_the_infotext_states_what_ran_not_what_was_asked():
+    plan = panel_to_plan({"enabled": True, "backend": "inductor", "deepcache": True, "cfg_cutoff": True,
+                          "cfg_cutoff_percent": 50, "taesd": True}, settings=DEFAULT, availability=EVERYTHING)
+    ran = {"backend": "eager", "deepcache": False, "cfg_cutoff": True, "taesd": False,
+           "notes": ["inductor: compiling failed; running eager", "TAESD not used: taesd_decoder.pth is missing"]}
+    assert plan.infotext(ran) == {"Accel backend": "eager", "Accel requested": "inductor", "Accel CFG cutoff": "50%",
+                                  "Accel note": "inductor: compiling failed; running eager; TAESD not used: "
+                                                "taesd_decoder.pth is missing"}
+    long_failure = {**ran, "notes": ["inductor: compiling failed (BackendCompilerFailed:\n" + "x" * 500 + ")"]}
+    note = plan.infotext(long_failure)["Accel note"]
+    assert "\n" not in note and len(note) < 250
+    everything = {"backend": "inductor", "deepcache": True, "cfg_cutoff": True, "taesd": True, "notes": []}
+    assert plan.infotext(everything) == plan.infotext()
+    pasted = infotext_to_panel(plan.infotext(ran))
+    assert pasted["backend"] == "inductor" and pasted["deepcache"] is False and pasted["taesd"] is False
+
+
+@pytest.mark.parametrize("kind, steps, strength, fix_steps, pass_steps, expected", [
+    ("img2img", 6, 0.5, False, None, (6, 3)),      # t_enc = int(0.5 * 6): 3 + 1 steps sampled
+    ("img2img-fixed", 6, 0.5, True, None, (12, 5)),  # img2img_fix_steps: exactly 6 steps sampled
+    ("hires", 6, 0.5, False, 4, (8, 3)),          # the hires pass always takes the fixed-steps branch
+    ("hires-0.7", 6, 0.7, False, 4, (5, 3)),
+])
+def test_img2img_and_hires_step_arithmetic(kind, steps, strength, fix_steps, pass_steps, expected):
+    """A1111's setup_img2img_steps (sd_samplers_common.py:22) and the slice its k-diffusion sampler takes."""
+    total, t_enc = setup_img2img_steps(steps, strength, fix_steps, pass_steps)
+    assert (total, t_enc) == expected
+    schedule = [float(total - i) for i in range(total)] + [0.0]   # descending, with the final 0
+    sampled = img2img_sigmas(schedule, total, t_enc)
+    assert len(sampled) - 1 == t_enc + 1   # steps this pass runs
+    if pass_steps:
+        assert len(sampled) - 1 == pass_steps
+
+
+def test_hires_cutoff_at_half_skips_the_last_half_of_the_hires_steps():
+    """The report's case: 4 hires steps at 50 % ran [2, 2, 2, 1]; the skip must start at the pass's step 2."""
+    total, t_enc = setup_img2img_steps(6, 0.5, False, 4)
+    ramp = torch.linspace(0, 1, total)
+    full = torch.cat([(14.6 ** (1 / 7) + ramp * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7, torch.zeros(1)])
+    sampled = img2img_sigmas(full.tolist(), total, t_enc)
+    threshold = cfg_cutoff_sigma(sampled, 50)
+    batches = [1 if s < threshold else 2 for s in sampled[:-1]]
+    assert batches == [2, 2, 1, 1]
+
+
 @pytest.mark.parametrize("percent", [0, 25, 50, 60, 99, 100])
 def test_webui_cutoff_sigma_skips_the_same_steps_as_comfyui(percent):
     """The WebUI skips the uncond when sigma < s_min_uncond; ComfyUI's cutoff decides per step: same steps."""
@@ -128,20 +183,31 @@ def test_webui_cutoff_sigma_skips_the_same_steps_as_comfyui(percent):
     assert sum(comfy_skips) == steps - round(steps * percent / 100)
 
 
-def test_webui_settings_are_validated_before_anything_is_applied():
+def test_each_webui_setting_is_validated_alone():
     mapped = webui_settings_to_core({"accel_cache_folder": " /data/accel ", "accel_cache_budget_gb": "12.5",
                                      "accel_default_backend": "tensorrt", "accel_fallback_policy": "error"})
-    assert mapped == {"cache_root": "/data/accel", "settings": {"cache_budget_gb": 12.5,
-                                                                "default_backend": "tensorrt",
-                                                                "fallback_policy": "error"}}
+    assert mapped == {"cache_root": "/data/accel", "errors": {},
+                      "settings": {"cache_budget_gb": 12.5, "default_backend": "tensorrt", "fallback_policy": "error"}}
     before = core_settings.as_dict()
-    for values, fragment in (({"accel_cache_budget_gb": 0}, "cache_budget_gb must be a number between 0.1"),
-                             ({"accel_cache_budget_gb": "lots"}, "cache_budget_gb must be a number"),
-                             ({"accel_default_backend": "warp"}, "default_backend must be one of"),
-                             ({"accel_turbo": 1}, "unknown WebUI accelerator setting(s): accel_turbo")):
-        with pytest.raises(AcceleratorInputError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-            webui_settings_to_core(values)
-    assert core_settings.as_dict() == before
+    mixed = webui_settings_to_core({"accel_cache_budget_gb": 0, "accel_memory_budget_gb": "lots",
+                                    "accel_default_backend": "warp", "accel_turbo": 1,
+                                    "accel_fallback_policy": "error", "accel_cache_folder": ""})
+    assert mixed["settings"] == {"fallback_policy": "error"} and mixed["cache_root"] is None
+    assert "cache_budget_gb must be a number between 0.1" in mixed["errors"]["accel_cache_budget_gb"]
+    assert "memory_budget_gb must be a number" in mixed["errors"]["accel_memory_budget_gb"]
+    assert "warp" in mixed["errors"]["accel_default_backend"]
+    assert "unknown WebUI accelerator setting accel_turbo" in mixed["errors"]["accel_turbo"]
+    assert core_settings.as_dict() == before   # validating applies nothing
+
+
+def test_the_compile_switches_are_webui_settings_too():
+    """The compile lane's switches (settings.py) are in the WebUI's settings section as in ComfyUI's; the
+    checkbox's bool or a saved on/off word both map, anything else is reported for that key alone."""
+    mapped = webui_settings_to_core({"accel_precompile": False, "accel_channels_last": "on"})
+    assert mapped["settings"] == {"precompile": False, "channels_last": True} and mapped["errors"] == {}
+    bad = webui_settings_to_core({"accel_precompile": "sometimes", "accel_channels_last": False})
+    assert bad["settings"] == {"channels_last": False}
+    assert "precompile must be on or off" in bad["errors"]["accel_precompile"]
 
 
 def test_shim_imports_outside_the_webui_and_maps_its_args():

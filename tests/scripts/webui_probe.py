@@ -1,0 +1,83 @@
+"""A test-only WebUI script (installed by tools/webui_host.py as its own extension, never shipped): records what
+the UNet did in each job, independently of comfy-accel's own report.
+
+- every denoiser call: the UNet batch (2 = cond + uncond, 1 = uncond skipped), from a forward pre-hook on the
+  WebUI's `DiffusionWrapper` (`shared.sd_model.model`), which runs whatever SdUnet is selected;
+- with `deep_hook` on (POST /accel-probe/config), whether the middle block ran during that call (a forward hook
+  on `diffusion_model.middle_block`): DeepCache's cached calls must not run it. Off by default, since a hook
+  inside a compiled UNet would change what is compiled.
+
+GET /accel-probe/jobs → [{"calls": [{"batch": 2, "deep": true|null}, ...]}, ...]; POST /accel-probe/reset.
+POST /accel-probe/paste {"infotext": ...}: what the WebUI's own paste gives comfy-accel's accordion (its
+`infotext_fields`, fed the WebUI's own parse of the text), as {component label: value}.
+"""
+from modules import script_callbacks, scripts
+
+JOBS: list[dict] = []
+CONFIG = {"deep_hook": False}
+_handles: list = []
+
+
+def _install(sd_model) -> None:
+    for handle in _handles:
+        handle.remove()
+    _handles.clear()
+    wrapper = sd_model.model
+
+    def before_unet(_module, args, kwargs=None):
+        x = args[0] if args else (kwargs or {}).get("x")
+        if JOBS:
+            JOBS[-1]["calls"].append({"batch": int(x.shape[0]), "deep": False if CONFIG["deep_hook"] else None})
+
+    def after_middle(_module, _args, _output):
+        if CONFIG["deep_hook"] and JOBS and JOBS[-1]["calls"]:
+            JOBS[-1]["calls"][-1]["deep"] = True
+
+    _handles.append(wrapper.register_forward_pre_hook(before_unet))
+    _handles.append(wrapper.diffusion_model.middle_block.register_forward_hook(after_middle))
+
+
+class AccelProbe(scripts.Script):
+    def title(self):
+        return "accel-probe"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        return []
+
+    def process(self, p, *args):
+        JOBS.append({"calls": []})
+
+
+def _routes(_demo, app):
+    @app.get("/accel-probe/jobs")
+    def jobs():
+        return JOBS
+
+    @app.post("/accel-probe/reset")
+    def reset():
+        JOBS.clear()
+        return {"ok": True}
+
+    @app.post("/accel-probe/paste")
+    def paste(body: dict):
+        from modules import infotext_utils
+
+        params = infotext_utils.parse_generation_parameters(body["infotext"])
+        script = next(s for s in scripts.scripts_txt2img.alwayson_scripts if s.title() == "comfy-accel")
+        values = {}
+        for component, read in script.infotext_fields:
+            value = read(params)
+            values[component.label] = value if not isinstance(value, dict) else None   # gr.update(): unchanged
+        return values
+
+    @app.post("/accel-probe/config")
+    def config(values: dict):
+        CONFIG.update({k: bool(v) for k, v in values.items() if k in CONFIG})
+        return CONFIG
+
+
+script_callbacks.on_model_loaded(_install)
+script_callbacks.on_app_started(_routes)
