@@ -13,9 +13,12 @@ NAME = "accelerate_model"
 
 
 def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynamic: str = "buckets",
-               fallback: str = options.DEFAULT, node_id=None, get_store=None, keep_weights_on_gpu: bool = False):
-    """(accelerated clone, settings in effect). The settings say which backend was chosen and why."""
+               fallback: str = options.DEFAULT, node_id=None, get_store=None, keep_weights_on_gpu: bool = False,
+               scope: str = options.SCOPES[0]):
+    """(accelerated clone, settings in effect). The settings say which backend was chosen and why; `scope` is
+    what one torch.compile covers (options.SCOPES; what ran is in `compiles`)."""
     mode, dynamic, fallback = options.parse_backend_options({"mode": mode, "dynamic": dynamic, "fallback": fallback})
+    scope = options.parse_scope(scope)
     if not isinstance(keep_weights_on_gpu, bool):
         raise AcceleratorInputError(f"keep_weights_on_gpu must be true or false; got {keep_weights_on_gpu!r}")
     choice = options.resolve_backend(backend)
@@ -23,7 +26,8 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
     node = None if node_id is None else str(node_id)
     if note:
         events.notice(NAME, note, level="info", node_id=node)
-    in_effect = {"backend": chosen, "requested": backend, "mode": mode, "dynamic": dynamic, "fallback": fallback}
+    in_effect = {"backend": chosen, "requested": backend, "mode": mode, "dynamic": dynamic, "fallback": fallback,
+                 "scope": scope}
     if note:
         in_effect["note"] = note
     if chosen == options.EAGER:
@@ -36,7 +40,7 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
         spec = registry.get(chosen)
         asked = f"backend '{backend}'" + (f" (picked {chosen})" if chosen != backend else "")
         backend_options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node,
-                           "get_store": get_store, "asked": asked}
+                           "get_store": get_store, "asked": asked, "scope": scope}
         ready = spec.available()
         if not ready:
             in_effect["unavailable"] = ready.reason

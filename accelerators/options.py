@@ -214,6 +214,7 @@ def describe() -> dict:
         "backend": {"choices": list(BACKEND_CHOICES), "default": AUTO, "auto_order": list(AUTO_ORDER)},
         "mode": {"choices": list(MODES), "default": MODES[0]},
         "dynamic": {"choices": list(DYNAMIC), "default": DYNAMIC[0]},
+        "scope": {"choices": list(SCOPES), "default": SCOPES[0]},
         "fallback": {"choices": list(FALLBACK_CHOICES), "default": DEFAULT},
         "deepcache": {"cache_interval": DEEPCACHE_INTERVAL.as_dict(), "cache_branch": DEEPCACHE_BRANCH.as_dict(),
                       "start_percent": PERCENT.as_dict(), "end_percent": {**PERCENT.as_dict(), "default": 100.0}},

@@ -37,6 +37,10 @@ class AccelerateModel:
                                     "--highvram for this model only: a LoRA change then costs no reload of the "
                                     "whole UNet, but ComfyUI can no longer free "
                                     "this model's VRAM for other models."}),
+            "scope": (list(options.SCOPES), {"default": options.SCOPES[0], "tooltip":
+                      "What one compile covers (torch.compile backends). auto: SD UNets whole, DiTs (Flux, Wan, "
+                      "...) block by block, each block class compiled once (seconds); whole: the whole diffusion "
+                      "model in one graph (minutes to compile for a DiT, can fuse more); blocks: block by block."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
@@ -44,9 +48,10 @@ class AccelerateModel:
     CATEGORY = CATEGORY
 
     def accelerate(self, model, backend="auto", mode="default", dynamic="buckets", fallback="default",
-                   keep_weights_on_gpu=False, unique_id=None):
+                   keep_weights_on_gpu=False, scope="auto", unique_id=None):
         out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
-                                    node_id=unique_id, get_store=comfy_store, keep_weights_on_gpu=keep_weights_on_gpu)
+                                    node_id=unique_id, get_store=comfy_store, keep_weights_on_gpu=keep_weights_on_gpu,
+                                    scope=scope)
         return backend_node_result(out, "accelerate_model", in_effect)
 
 

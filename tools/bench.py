@@ -6,7 +6,7 @@ the end-to-end sampling time (median of N after a warm-up), the speed-up over ea
 the first-run time (compile/build included) and the fidelity against eager (relative error and PSNR of
 the final latent). Results also go to JSON and a PNG bar chart.
 
-    python -m tools.bench                          # CPU: tiny SD1.5; CUDA: full SD1.5 512², 20 steps
+    python -m tools.bench                          # CPU: tiny SD1.5, then tiny Flux-dev; CUDA: SD1.5 512², 20 steps
     python -m tools.bench --model sdxl             # full SDXL 1024² (GPU)
     python -m tools.bench --model flux-dev         # FLUX.1-dev architecture (GPU): eager, core compile, ours
     python -m tools.bench --stacks eager,cfg-cutoff-50 --runs 5
@@ -480,6 +480,8 @@ def parse_args(argv):
     parser.add_argument("--vae-size", type=int, default=1024)
     parser.add_argument("--decode", action="store_true",
                         help="time sampling + VAE decode (full VAE; the Tiny VAE for stacks that swap it in)")
+    parser.add_argument("--dit", default=None, help="also bench this DiT (tools/bench_dit.py) after the UNet "
+                        "(default: tiny-flux-dev on a CPU when neither --model nor --stacks is given; none: skip)")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--list", action="store_true")
     return parser.parse_args(argv)
@@ -493,12 +495,15 @@ def main(argv=None) -> int:
         from tools import bench_dit
 
         forwarded = ["--model", args.model, "--steps", str(args.steps)]
-        for flag, value in (("--width", args.width), ("--height", args.height), ("--runs", args.runs)):
+        for flag, value in (("--width", args.width), ("--height", args.height), ("--runs", args.runs),
+                            ("--stacks", args.stacks)):
             forwarded += [flag, str(value)] if value is not None else []
         return bench_dit.main(forwarded)
     import_comfy()
     import_pack()
     cuda = torch.cuda.is_available()
+    if args.dit is None:   # the CPU demo shows a tiny DiT next to the tiny UNet
+        args.dit = "none" if cuda or args.model or args.stacks else "tiny-flux-dev"
     if args.model is None:
         args.model = "sd15" if cuda else "tiny-sd15"
     default_size = {"sdxl": 1024, "sd15": 512}.get(args.model, 512 if cuda else 128)
@@ -608,6 +613,12 @@ def main(argv=None) -> int:
     chart = write_chart(rows, out_dir / f"bench-{args.model}-{stamp}.png",
                         f"{env['device']} · {args.model} {args.width}² · {args.steps} steps · torch {env['torch']}")
     print(f"\n[bench] results: {json_path}" + (f", chart: {chart}" if chart else ""))
+    if args.dit != "none":
+        from tools import bench_dit
+
+        print(f"\n[bench] {args.dit} (a DiT, compiled block by block):", flush=True)
+        return bench_dit.main(["--model", args.dit, "--steps", str(args.steps),
+                               "--out", str(out_dir / f"bench-{args.dit}-{stamp}.json")])
     return 0
 
 

@@ -1,11 +1,15 @@
 """Side-by-side benchmark of a DiT (Flux, Wan, ... from `dit_factory`) on the real ComfyUI sampler, in one process:
 ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, inductor) and Accelerate Model
-(inductor, block by block). For each: the first sample (cold compile included), the median of the timed
-samples, peak GPU memory and the final latent's relative error against eager. `tools.bench --model flux-dev`
-comes here. The step-cache stacks (Step Cache on a forced schedule, alone and under Accelerate Model, and core's
-EasyCache alone and under core's TorchCompileModel) add what they skipped to their row.
+(inductor block by block; the same replayed as CUDA graphs; inductor on the whole model, `scope` whole). For
+each: the first sample (cold compile included), the median of the timed samples, peak GPU memory and the final
+latent's relative error against eager. `tools.bench --model flux-dev` comes here, and on a CPU the default
+`tools.bench` (./run_demo.sh) runs tiny Flux-dev here after the tiny UNet. The step-cache stacks (Step Cache on
+a forced schedule, alone and under Accelerate Model, and core's EasyCache alone and under core's
+TorchCompileModel) add what they skipped to their row.
 
     python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
+    python -m tools.bench_dit --model flux-schnell --steps 4    # FLUX.1-schnell, 4 steps (GPU)
+    python -m tools.bench_dit --model wan21-1.3b --width 832 --height 480 --frames 9   # Wan 2.1 1.3B, 33 frames
     python -m tools.bench_dit --model tiny-flux-dev --runs 1    # a CPU smoke run
 
 Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for cold compile times (otherwise inductor's on-disk caches of an
@@ -26,8 +30,11 @@ import torch
 
 from tools.comfy_host import import_comfy, import_pack
 
-STACKS = ("eager", "comfy-compile", "inductor", "step-cache-2", "inductor+step-cache-2", "comfy-easycache",
-          "comfy-compile+easycache")
+STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
+          "inductor+step-cache-2", "comfy-easycache", "comfy-compile+easycache")
+# on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
+DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
+GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU"}
 EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
 
@@ -39,12 +46,14 @@ def _comfy_torch_compile(model):
     return clone
 
 
-def _ours(model):
-    from comfy_accel.accelerators.accelerate import accelerate
+def _ours(backend: str, scope: str = "auto"):
+    def build(model):
+        from comfy_accel.accelerators.accelerate import accelerate
 
-    out, in_effect = accelerate(model, backend="inductor", fallback="error")
-    print(f"[bench_dit] Accelerate Model compiles {in_effect.get('compiles')}", flush=True)
-    return out
+        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope)
+        print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
+        return out
+    return build
 
 
 def _step_cache_2(model):
@@ -63,8 +72,9 @@ def _core_easycache(model):
                                  verbose=False).result[0]
 
 
-BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours,
-         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours(_step_cache_2(m)),
+BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours("inductor"),
+         "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole"),
+         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours("inductor")(_step_cache_2(m)),
          "comfy-easycache": _core_easycache,
          "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m))}
 
@@ -138,7 +148,8 @@ def main(argv=None) -> int:
     global EASYCACHE_THRESHOLD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux-dev")
-    parser.add_argument("--stacks", default=",".join(STACKS))
+    parser.add_argument("--stacks", default=None, help=f"of {', '.join(STACKS)} (default: "
+                        f"{','.join(DEFAULT_STACKS['cuda'])} on a GPU, {','.join(DEFAULT_STACKS['cpu'])} on a CPU)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--width", type=int, default=None, help="pixels (latent = /8); default 1024 on a GPU")
     parser.add_argument("--height", type=int, default=None)
@@ -150,11 +161,16 @@ def main(argv=None) -> int:
                         help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks)")
     args = parser.parse_args(argv)
     EASYCACHE_THRESHOLD = args.easycache_threshold
+    cuda = torch.cuda.is_available()
+    stacks = args.stacks.split(",") if args.stacks else DEFAULT_STACKS["cuda" if cuda else "cpu"]
+    unknown = set(stacks) - set(STACKS)
+    if unknown:
+        print(f"unknown stack(s): {', '.join(sorted(unknown))}; known: {', '.join(STACKS)}", file=sys.stderr)
+        return 2
     import_comfy()
     import_pack()
     from tools.dit_factory import build_dit
 
-    cuda = torch.cuda.is_available()
     size = 1024 if cuda else 64
     width, height = args.width or size, args.height or size
     runs = args.runs if args.runs is not None else (3 if cuda else 1)
@@ -170,7 +186,11 @@ def main(argv=None) -> int:
            "steps": args.steps, "dtype": str(dtype)}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
     rows, reference = [], None
-    for name in args.stacks.split(","):
+    for name in stacks:
+        if name in GPU_ONLY and not cuda:
+            rows.append({"stack": name, "skipped": GPU_ONLY[name]})
+            print(f"[bench_dit] {json.dumps(rows[-1])}", flush=True)
+            continue
         try:
             row, out = run_stack(name, base, kwargs, runs, cuda)
         except Exception as exc:   # one stack failing must not lose the others' numbers

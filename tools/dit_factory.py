@@ -11,7 +11,7 @@ every family: a finite, non-zero output that moves with its input.
 
 Sizes below are in latent units (a latent of height×width, `frames` latent frames for video models).
   tiny-*      two of each repeated block, widths 64..128: a second or less per call on a CPU
-  flux-dev, wan21-1.3b   full size, for the GPU (build them there: `device="cuda"`)
+  flux-dev, flux-schnell, wan21-1.3b   full size, for the GPU (build them there: `device="cuda"`)
 """
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ _HIDREAM = {"image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_c
             "text_emb_dim": 32, "num_routed_experts": 4, "num_activated_experts": 2, "axes_dims_rope": [16, 8, 8],
             "max_resolution": [128, 128], "llama_layers": [0, 1, 1, 1]}
 HIDREAM_LLAMA_LAYERS = 2   # hidden states of the (random) Llama text encoder: conditioning_llama3[:, layer]
+# FLUX.1 [dev] / [schnell] at full size (11.9 B parameters)
+_FLUX1_FULL = {"vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+               "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56]}
 
 DIT_SPECS = {
     "tiny-flux-dev": DitSpec("Flux", _FLUX, 16, 32, pooled_dim=32, cond={"guidance": 3.5}),
@@ -92,9 +95,9 @@ DIT_SPECS = {
                                   cond={"guidance": 6.0}),
     "tiny-ltxv": DitSpec("LTXV", _LTXV, 128, 32, video=True, cond={"frame_rate": 25}),
     # full size, for the GPU
-    "flux-dev": DitSpec("Flux", {**_FLUX, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
-                                 "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
-                                 "axes_dim": [16, 56, 56]}, 16, 4096, pooled_dim=768, cond={"guidance": 3.5}),
+    "flux-dev": DitSpec("Flux", {**_FLUX, **_FLUX1_FULL}, 16, 4096, pooled_dim=768, cond={"guidance": 3.5}),
+    "flux-schnell": DitSpec("FluxSchnell", {**_FLUX, **_FLUX1_FULL, "guidance_embed": False}, 16, 4096,
+                            pooled_dim=768),
     "wan21-1.3b": DitSpec("WAN21_T2V", {**_WAN21, "dim": 1536, "ffn_dim": 8960, "text_dim": 4096, "num_heads": 12,
                                         "num_layers": 30}, 16, 4096, video=True),
 }

@@ -10,10 +10,12 @@
 #   bash tools/gpu_runs.sh sd15       # bench SD1.5 side by side with eager and TorchCompileModel, LoRA switch
 #   bash tools/gpu_runs.sh sdxl       # bench SDXL side by side, fp8
 #   bash tools/gpu_runs.sh precompile # dynamo's AOT compile of the UNet: new-process load time (tools/probe_precompile)
+#   bash tools/gpu_runs.sh dit        # issue 16: DiT graph test, FLUX.1-dev side by side (DIT_MODEL, DIT_STACKS)
+#   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
 set -u
-runs="tests | package | kernels | warm | sd15 | sdxl | precompile"
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm"
 what=${1:?"$runs"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile) ;;
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm) ;;
   *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
@@ -26,6 +28,21 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
 
 case "$what" in
+  dit)
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
+      --tb=short -rfEs -k "gpu" tests/accelerators/test_compile_dit.py > "$out/dit-tests.log" 2>&1
+    grep "^E \|passed\|failed\|SKIPPED\|FAILED" "$out/dit-tests.log" | tail -20
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 timeout 400 python3 -m tools.bench_dit --model "${DIT_MODEL:-flux-dev}" \
+      --steps "${DIT_STEPS:-20}" --runs 2 --stacks "${DIT_STACKS:-eager,inductor,inductor+cudagraphs}" \
+      --out "$out/dit-bench.json" > "$out/dit-bench.log" 2>&1
+    grep "^\[bench_dit\]" "$out/dit-bench.log" | tail -12 ;;
+  dit-warm)
+    store=$(fresh store)
+    for run in cold warm; do
+      TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 python3 tests/accelerators/compile_worker.py "$store" \
+        "$out/dit-latent-$run.pt" inductor+cudagraphs "${DIT_MODEL:-flux-dev}" 128 > "$out/dit-warm-$run.log" 2>&1
+      echo "[$run] $(grep '^RESULT' "$out/dit-warm-$run.log" | cut -c1-700)"
+    done ;;
   tests|package)
     # a per-test limit, so that one slow test fails with its traceback instead of the call's limit killing
     # pytest before its summary (what happened to the first GPU run of this file)

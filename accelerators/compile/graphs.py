@@ -5,19 +5,130 @@ that the weights a graph reads have not moved; convolution weights kept channels
 We capture ourselves instead of using torch.compile's `mode="reduce-overhead"` (cudagraph trees): the static
 inputs are ours, so a LoRA that moves the weights costs a re-capture (milliseconds) rather than a re-record
 through dynamo, and freeing the graphs is one call.
+
+What one graph carries (`carry_call`), the same for SD UNets and DiTs: every tensor input of the diffusion model's
+call (the latent, timesteps, text context, `y`, and whatever else the family takes: Flux's `guidance`, LTXV's
+`attention_mask`, Flux Kontext's list of `ref_latents`) becomes a static input the replay copies into; what the
+graph bakes in (their shapes and dtypes, the call's non-tensor inputs such as Lumina's `num_tokens`, and the
+non-tensor `transformer_options` such as `rope_options`) is part of its key, so a change is a new graph, never a
+stale one. An input it can neither carry nor key keeps the call off the graph, with the reason.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
+
+# transformer_options entries that change every run (the schedule, the batch's rows): never kept by a graph
+PER_RUN_KEYS = ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")
+# transformer_options entries the stand-in checks itself (patch_signature, foreign wrappers, the attention
+# override): not part of the graph's option signature
+CHECKED_KEYS = ("patches", "patches_replace", "wrappers", "callbacks", "optimized_attention_override")
+# the call's inputs that come first, in this order: a plain UNet call's tensors are (x, timesteps, context[, y]),
+# the signature a precompiled UNet package takes
+LEADING = ("context", "y")
+
+
+def graph_options(transformer_options: dict) -> dict:
+    """The options a graph or a trace is made with: no per-run tensors (sigmas) kept alive by it."""
+    return {k: v for k, v in transformer_options.items() if k not in PER_RUN_KEYS}
+
+
+def _plain(value) -> bool:
+    """A value that keys a graph by its text: numbers, strings, None and containers of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def _tensor_signature(tensor) -> tuple:
+    return tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device)
+
+
+@dataclass(frozen=True)
+class CarriedCall:
+    """One diffusion-model call as a graph sees it: `tensors` (x, timesteps, then the tensor inputs, flat) are
+    copied into the graph's static inputs at every replay; `layout` rebuilds the keyword inputs from them (with
+    the non-tensor `constants`); `signature` is what the graph bakes in (part of its key)."""
+    tensors: tuple
+    layout: tuple       # ((name, count or -1 for a single tensor), ...) of the keyword tensor inputs, in order
+    constants: tuple    # ((name, value), ...) of the non-tensor inputs
+    signature: tuple
+
+    @property
+    def names(self) -> tuple:
+        return tuple(name for name, _ in self.layout) + tuple(name for name, _ in self.constants)
+
+    @property
+    def plain_unet_call(self) -> bool:
+        """(x, timesteps, context[, y]) and nothing else: what a precompiled UNet package takes."""
+        return self.names in (("context",), ("context", "y"))
+
+    def rebuild(self, tensors: tuple) -> tuple:
+        """(x, timesteps, keyword inputs) with `tensors` in place of the call's own (the static inputs)."""
+        kwargs, at = dict(self.constants), 2
+        for name, count in self.layout:
+            if count < 0:
+                kwargs[name], at = tensors[at], at + 1
+            else:
+                kwargs[name], at = list(tensors[at:at + count]), at + count
+        return tensors[0], tensors[1], kwargs
+
+
+def carry_call(x, timesteps, inputs: dict, transformer_options: dict) -> CarriedCall | str:
+    """The call `diffusion_model(x, timesteps, **inputs, transformer_options=...)` (without `control`) as a graph
+    carries it, or why it cannot: an input that is neither a tensor, a list of tensors nor a plain value, or a
+    transformer option that is not plain."""
+    import torch
+
+    order = [k for k in LEADING if inputs.get(k) is not None] + sorted(
+        k for k, v in inputs.items() if k not in LEADING and v is not None)
+    tensors, layout, constants, signature = [x, timesteps], [], [], [("x", _tensor_signature(x)),
+                                                                   ("timesteps", _tensor_signature(timesteps))]
+    if timesteps.device != x.device:
+        return f"input timesteps is not on the latent's device ({x.device})"
+    for name in order:
+        value = inputs[name]
+        parts = [value] if torch.is_tensor(value) else value if isinstance(value, (list, tuple)) else []
+        if any(torch.is_tensor(t) and t.device != x.device for t in parts):
+            return f"input {name} is not on the latent's device ({x.device})"   # the graph's kernels run there
+        if torch.is_tensor(value):
+            tensors.append(value)
+            layout.append((name, -1))
+            signature.append((name, _tensor_signature(value)))
+        elif isinstance(value, (list, tuple)) and value and all(torch.is_tensor(v) for v in value):
+            tensors.extend(value)
+            layout.append((name, len(value)))
+            signature.append((name, tuple(_tensor_signature(v) for v in value)))
+        elif _plain(value):
+            constants.append((name, value))
+            signature.append((name, repr(value)))
+        else:
+            return f"input {name} ({type(value).__name__}) is neither a tensor nor a plain value"
+    options = []
+    for key in sorted(k for k in transformer_options if k not in PER_RUN_KEYS and k not in CHECKED_KEYS):
+        value = transformer_options[key]
+        if not _plain(value):
+            return f"transformer option {key} ({type(value).__name__}) is not a plain value a graph can key"
+        options.append((key, repr(value)))
+    if options:
+        signature.append(("transformer_options", tuple(options)))
+    return CarriedCall(tuple(tensors), tuple(layout), tuple(constants), tuple(signature))
 
 
 class CapturedCall:
     """One CUDA graph of `fn(*static_inputs)`: replay copies the inputs into place and returns the static outputs."""
 
     def __init__(self, fn: Callable, inputs: tuple, pool, warmup: int = 2):
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.record(fn, pool, warmup)
+
+    def record(self, fn: Callable, pool, warmup: int) -> None:
         import torch
 
-        self.inputs = tuple(t.clone() for t in inputs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -33,11 +144,14 @@ class CapturedCall:
             t.numel() * t.element_size() for t in self.inputs)
 
     def __call__(self, *inputs):
-        for static, value in zip(self.inputs, inputs):
+        for static, value in zip(self.inputs, inputs, strict=True):
             if static.data_ptr() != value.data_ptr():
                 static.copy_(value)
-        self.graph.replay()
+        self.replay()
         return self.outputs
+
+    def replay(self) -> None:
+        self.graph.replay()
 
     def release(self) -> None:
         self.graph = None
@@ -48,11 +162,14 @@ class CapturedCall:
 class GraphSet:
     """The captured graphs of one session, in the process-wide live-object cache (freed with the model)."""
 
+    call_class = CapturedCall   # what `capture` makes
+
     def __init__(self, session):  # a session.CompileSession: its token names its graphs, its notices speak
         self.session = session
         self.pool = None
         self.keys: set = set()
         self.weights_seen: tuple | None = None   # weights_signature when the graphs were captured
+        self.failed = ""   # why a DiT's capture failed: its calls run compiled without graphs (graph_path.py)
         self.last_run_marker = None
 
     def _cache(self):
@@ -66,9 +183,9 @@ class GraphSet:
     def capture(self, key, fn: Callable, inputs: tuple) -> CapturedCall:
         import torch
 
-        if self.pool is None:
+        if self.pool is None and torch.cuda.is_available():
             self.pool = torch.cuda.graph_pool_handle()
-        captured = CapturedCall(fn, inputs, self.pool)
+        captured = self.call_class(fn, inputs, self.pool)
         self.keys.add(key)
         self._cache().put((self.session.token, key), captured, captured.nbytes,
                           on_evict=lambda k, obj: self._evicted(k, obj))

@@ -92,6 +92,7 @@ def _has_module(name: str) -> bool:
 class InductorCompiler(Compiler):
     name = INDUCTOR
     artifact_accelerator = INDUCTOR
+    carries_extra_inputs = True   # torch.compile takes the call as it is: its graphs carry Flux's guidance and the rest
     warm_compile_threads: int | None = 1   # inductor's compile threads while loading cached kernels (None: its own)
 
     def __init__(self, options):

@@ -8,7 +8,7 @@
 - the fallback: eager with one notice saying why, or an error under the `error` policy.
 
 The stand-in that calls it per UNet call is in `stand_in.py`, the warm-start artifacts in `artifacts.py`, CUDA
-graphs and the weights' layout in `graphs.py`.
+graphs and the weights' layout in `graphs.py`, what a whole-call graph carries and captures in `graph_path.py`.
 
 LoRA: the clone updates weights in place (`ModelPatcher.weight_inplace_update`, the host's own switch), so a
 LoRA loaded before or after the node changes the very tensors the compiled code and the captured graphs read:
@@ -29,8 +29,8 @@ from .. import events
 from ..base import AcceleratorInputError, BackendUnavailable, model_family
 from ..options import parse_backend_options, parse_scope
 from .artifacts import Artifacts
-from .dit import BLOCKS, Served, run_blocks, served_model
-from .graphs import ChannelsLastLayout, GraphSet, weights_signature
+from .dit import BLOCKS, Served, served_model
+from .graphs import ChannelsLastLayout, GraphSet
 
 log = logging.getLogger("comfy_accel")
 MAX_BUCKETS = 8   # static graphs of one kind per session under the "buckets" policy
@@ -66,6 +66,7 @@ class Compiler:
     name = "compiler"
     artifact_accelerator: str | None = None   # the cache key's accelerator name for warm-restart artifacts
     freezes_python = False   # a tracer (TorchScript) bakes the forward's Python: graph-unsafe calls run eager
+    carries_extra_inputs = False   # its graphs take every input of a call (guidance, ...), not only (x, t, context, y)
     channels_last = False    # the UNet's convolution weights are kept channels-last (graphs.channels_last_weights)
     # a backend that precompiles the whole UNet (nothing to trace in a new process) names its cache accelerator
     # here and implements `build_package` / `load_package` / `package_files`
@@ -234,33 +235,11 @@ class CompileSession:
             return found
 
     def graph_callable(self, unet, bucket: tuple, inputs: tuple, options: dict) -> Callable:
-        """What the whole-UNet CUDA graph captures: the precompiled UNet where there is one, else the module
-        compiled by torch.compile."""
-        package = self.artifacts.package_or_none(unet, bucket, inputs, options)
-        if package is not None:
-            return package
-        if self.by_blocks:
-            def blocks(x_, t_, c_, y_=None):
-                return run_blocks(self, unet, lambda: unet(x_, t_, context=c_, y=y_, transformer_options=dict(options)))
-            return blocks
-        compiled = self.compiled_module(unet)
-        if len(inputs) == 3:
-            return lambda x_, t_, c_: compiled(x_, t_, context=c_, transformer_options=dict(options))
-        return lambda x_, t_, c_, y_: compiled(x_, t_, context=c_, y=y_, transformer_options=dict(options))
+        """What the whole-UNet CUDA graph of a plain call (x, timesteps, context[, y]) captures (graph_path.py)."""
+        from .graph_path import graph_callable, graph_inputs
 
-    def capture_unet(self, unet, key: tuple, inputs: tuple, options: dict):
-        """The whole UNet's graph for `key` (bucket, patches), captured now; a package that fails its capture
-        is dropped for torch.compile."""
-        bucket = key[0]
-        call = self.graph_callable(unet, bucket, inputs, options)
-        try:
-            captured = self.graphs.capture(key, call, inputs)
-        except Exception as exc:
-            if not self.artifacts.drop_package(bucket, call, exc):
-                raise
-            captured = self.graphs.capture(key, self.graph_callable(unet, bucket, inputs, options), inputs)
-        self.graphs.weights_seen = weights_signature(unet)
-        return captured
+        carried = graph_inputs(*inputs[:3], inputs[3] if len(inputs) > 3 else None, {}, options)
+        return graph_callable(self, unet, bucket, carried, options, packaged=self.artifacts.uses_package(options))
 
     # -- running a bucket ------------------------------------------------------------------------------------
     def run_bucket(self, bucket: tuple, run: Callable, run_eager: Callable, packaged: bool = False,
@@ -321,7 +300,7 @@ class CompileSession:
         where = f"({self.name}) for {describe_bucket(bucket)}"
         if packaged and self.artifacts.package_stored(bucket):
             return f"loading the compiled UNet {where} from the cache"
-        return f"compiling the UNet {where}"
+        return f"compiling {f'the {self.served.family} blocks' if self.by_blocks else 'the UNet'} {where}"
 
     # -- weights ---------------------------------------------------------------------------------------------
     def prepare_layout(self, unet, transformer_options: dict) -> None:

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..segments import COMPILER_KEY
+from . import graph_path
 from .dit import run_blocks
+from .graphs import graph_options   # stable_fast imports it from here too
 
 WRAPPER_KEY = "comfy_accel.compile"
 DEEPCACHE_WRAPPER_KEY = "comfy_accel.deepcache"
-# transformer_options entries that change every run (the schedule, the batch's rows): never kept by a graph
-PER_RUN_KEYS = ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")
 _CHUNKED_ATTENTION = ("attention_sub_quad", "attention_split")
 
 
@@ -86,11 +86,6 @@ def unservable_reason(limits: FastPathLimits, control, transformer_options: dict
     if extra:
         return f"the call has extra inputs ({', '.join(extra)})"
     return ""
-
-
-def graph_options(transformer_options: dict) -> dict:
-    """The options a graph or a trace is made with: no per-run tensors (sigmas) kept alive by it."""
-    return {k: v for k, v in transformer_options.items() if k not in PER_RUN_KEYS}
 
 
 # ---- attention that compiles into one graph -------------------------------------------------------------------
@@ -257,26 +252,46 @@ def _define_compiled_unet():
                 return session.fallback(reason, eager)
             session.prepare_layout(unet, transformer_options)
             use_compile_friendly_attention(transformer_options)
-            graph_reason = unservable_reason(GRAPH_LIMITS, None if segments else control, transformer_options,
-                                             kwargs) if session.graphs is not None else "no graphs"
             if segments:
+                graph_reason = unservable_reason(GRAPH_LIMITS, None, transformer_options, kwargs) \
+                    if session.graphs is not None else "no graphs"
                 return self.forward_segments(eager, bucket, transformer_options, graph_reason)
+            graph_reason, carried = self.graph_admission(x, timesteps, context, y, control, transformer_options,
+                                                         kwargs)
+
+            def compiled_call():   # a DiT: its own forward, every repeated block through compiled code
+                if session.by_blocks:
+                    return run_blocks(session, unet, eager)
+                return session.compiled_module(unet)(x, timesteps, context=context, y=y, control=control,
+                                                     transformer_options=transformer_options, **kwargs)
+
             if not graph_reason:
-                return session.run_bucket(bucket, lambda: self.replay(bucket, x, timesteps, context, y,
-                                                                      transformer_options), eager,
-                                          packaged=session.artifacts.uses_package(transformer_options),
-                                          transformer_options=transformer_options)
+                patches = patch_signature(transformer_options)
+                packaged = session.artifacts.uses_package(transformer_options) and carried.plain_unet_call
+                return session.run_bucket(bucket, lambda: graph_path.replay(
+                    session, unet, bucket, carried, transformer_options, patches, packaged, compiled_call), eager,
+                    packaged=packaged, transformer_options=transformer_options)
             if session.graphs is not None and session.compiler.freezes_python:
                 return session.fallback(graph_reason, eager)
             self.say_graphs_off(graph_reason)
-            if session.by_blocks:   # a DiT: its own forward, every repeated block through compiled code
-                session.calls["compiled"] += 1
-                return session.run_bucket(bucket, lambda: run_blocks(session, unet, eager), eager)
-            compiled = session.compiled_module(unet)
+            if not session.by_blocks:
+                session.compiled_module(unet)   # compiled before the bucket's first run is timed
             session.calls["compiled"] += 1
-            return session.run_bucket(bucket, lambda: compiled(
-                x, timesteps, context=context, y=y, control=control, transformer_options=transformer_options,
-                **kwargs), eager, transformer_options=transformer_options)
+            return session.run_bucket(bucket, compiled_call, eager,
+                                      transformer_options=None if session.by_blocks else transformer_options)
+
+        def graph_admission(self, x, timesteps, context, y, control, transformer_options, kwargs) -> tuple:
+            """(why this call cannot replay a CUDA graph or '', what the graph carries): every tensor input is
+            carried (Flux's guidance, Wan's and LTXV's extra tensors), shapes and non-tensor values key it."""
+            graphs, compiler = self.session.graphs, self.session.compiler
+            if graphs is None:
+                return "no graphs", None
+            extra = {} if compiler.carries_extra_inputs else kwargs   # a tracer's UNet takes (x, t, context, y)
+            reason = unservable_reason(GRAPH_LIMITS, control, transformer_options, extra) or graphs.failed
+            if reason:
+                return reason, None
+            carried = graph_path.graph_inputs(x, timesteps, context, y, kwargs, graph_options(transformer_options))
+            return ("", carried) if not isinstance(carried, str) else (carried, None)
 
         def refusal(self, bucket, control, transformer_options, segments: bool) -> str:
             """Why this call runs eager ('' when it runs compiled). Under DeepCache each segment is admitted by
@@ -292,18 +307,6 @@ def _define_compiled_unet():
             if self.session.graphs is not None and graph_reason:
                 self.session.notice(f"CUDA graphs off for these calls: {graph_reason}; running compiled",
                                     level="info", once=graph_reason)
-
-        def replay(self, bucket, x, timesteps, context, y, transformer_options):
-            session, unet = self.session, self.unet
-            session.graphs.check_weights(unet, transformer_options)
-            key = (bucket, patch_signature(transformer_options))
-            captured = session.graphs.get(key)
-            if captured is None:
-                inputs = (x, timesteps, context) if y is None else (x, timesteps, context, y)
-                captured = session.capture_unet(unet, key, inputs, graph_options(transformer_options))
-            session.calls["graph"] += 1
-            out = captured(x, timesteps, context) if y is None else captured(x, timesteps, context, y)
-            return out.clone()  # the next replay overwrites the static output
 
         def forward_segments(self, eager, bucket, transformer_options, graph_reason: str):
             session = self.session

@@ -1,9 +1,11 @@
 """One ComfyUI process that samples the tiny model through the inductor backend with a given artifact store,
 and prints what it compiled: the warm-restart test runs it twice, each time with a fresh inductor cache.
 
-    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND]
+    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND] [MODEL] [LATENT_SIZE]
 
-BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA float16).
+BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA: float16 UNets, bfloat16 DiTs);
+MODEL is `tiny-sd15` (default) or a DiT of `tools.dit_factory` (`tiny-flux-dev`, `flux-dev`: compiled block by
+block), sampled at LATENT_SIZE² latent pixels (DiTs; default 8).
 """
 import json
 import sys
@@ -13,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
+def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name: str = "tiny-sd15",
+         latent_size: str = "8") -> None:
     import torch
 
     from tools.comfy_host import import_comfy, import_pack
@@ -24,12 +27,18 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
     from comfy_accel.accelerators.cache import ArtifactStore
     from comfy_accel.accelerators.compile.inductor import apply, apply_cudagraphs
     from comfy_accel.accelerators.compile.stand_in import session_of
+    from tools.dit_factory import DIT_SPECS, build_dit, sample_dit
     from tools.model_factory import build_model, sample
 
-    if backend == "inductor":
-        model = build_model("tiny-sd15", seed=21)
+    dit = model_name in DIT_SPECS
+    gpu = {} if backend == "inductor" else {"dtype": torch.bfloat16 if dit else torch.float16, "device": "cuda"}
+    if dit:
+        model = build_dit(model_name, seed=21, **gpu)
+
+        def sample(patcher, steps):
+            return sample_dit(patcher, steps=steps, height=int(latent_size), width=int(latent_size))
     else:
-        model = build_model("tiny-sd15", seed=21, dtype=torch.float16, device="cuda")
+        model = build_model(model_name, seed=21, **gpu)
     accelerate = apply if backend == "inductor" else apply_cudagraphs
     accelerated = accelerate(model, {"fallback": "error", "store": ArtifactStore(store_dir), "node_id": "w"})
     started = time.monotonic()
@@ -50,4 +59,4 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:6])
