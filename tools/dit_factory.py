@@ -274,29 +274,11 @@ def dit_inputs(patcher, batch: int = 1, height: int = 8, width: int = 8, frames:
 
 
 def assert_dit_alive(patcher, rel_low: float = 0.01, rel_high: float = 50.0) -> dict:
-    """The DiT must answer: a finite, non-zero output that moves when its latent input moves 1%."""
-    dm = patcher.model.diffusion_model
-    device = patcher.load_device
-    was = next(dm.parameters()).device
-    dm.to(device)
-    try:
-        with torch.no_grad():
-            x, t, kwargs = dit_inputs(patcher, device=device)
-            out = dm(x, t, **kwargs).float()
-            out_moved = dm(x * 1.01, t, **kwargs).float()
-    finally:
-        dm.to(was)
-    mean_abs = out.abs().mean().item()
-    finite = bool(torch.isfinite(out).all())
-    relative = ((out_moved - out).norm() / out.norm()).item() / 0.01 if mean_abs > 0 and finite else 0.0
-    name = getattr(patcher.model, "accel_factory_name", type(dm).__name__)
-    if not finite or mean_abs < 1e-4:
-        raise AssertionError(f"{name} is dead: output mean |x| = {mean_abs:.3g} (finite={finite})")
-    if not rel_low <= relative <= rel_high:
-        raise AssertionError(f"{name} does not respond to its input: 1% input change moved the output {relative:.3g}%")
-    if tuple(out.shape) != tuple(x.shape):
-        raise AssertionError(f"{name} returned shape {tuple(out.shape)} for a latent of {tuple(x.shape)}")
-    return {"mean_abs": mean_abs, "response": relative}
+    """The DiT must answer (`model_factory.check_alive`), with its family's inputs."""
+    from tools.model_factory import check_alive
+
+    name = getattr(patcher.model, "accel_factory_name", type(patcher.model.diffusion_model).__name__)
+    return check_alive(patcher, lambda p, device: dit_inputs(p, device=device), name, rel_low, rel_high)
 
 
 def sample_dit(patcher, steps: int = 2, cfg: float = 1.0, sampler: str = "euler", scheduler: str = "simple",

@@ -147,26 +147,38 @@ def context_dim(patcher) -> int:
     return _context_dim(patcher.model.diffusion_model)
 
 
-def assert_alive(patcher, rel_low: float = 0.05, rel_high: float = 20.0) -> dict:
-    """The UNet must answer: a finite, non-zero output that moves ~proportionally when the input moves 1%."""
+def check_alive(patcher, inputs, name: str, rel_low: float, rel_high: float) -> dict:
+    """The diffusion model must answer: a finite, non-zero output of the latent's shape that moves when its latent
+    input moves 1%. `inputs(patcher, device)` gives (x, timesteps, keyword inputs) for one call."""
     dm = patcher.model.diffusion_model
     device = patcher.load_device
     was = next(dm.parameters()).device
     dm.to(device)
     try:
         with torch.no_grad():
-            x, t, context, y = unet_inputs(patcher, device=device)
-            out = dm(x, t, context=context, y=y).float()
-            out_moved = dm(x * 1.01, t, context=context, y=y).float()
+            x, t, kwargs = inputs(patcher, device)
+            out = dm(x, t, **kwargs).float()
+            out_moved = dm(x * 1.01, t, **kwargs).float()
     finally:
         dm.to(was)
     mean_abs = out.abs().mean().item()
-    relative = ((out_moved - out).norm() / out.norm()).item() / 0.01 if mean_abs > 0 else 0.0
-    if not torch.isfinite(out).all() or mean_abs < 1e-4:
-        raise AssertionError(f"UNet is dead: output mean |x| = {mean_abs:.3g} (finite={bool(torch.isfinite(out).all())})")
+    finite = bool(torch.isfinite(out).all())
+    relative = ((out_moved - out).norm() / out.norm()).item() / 0.01 if mean_abs > 0 and finite else 0.0
+    if not finite or mean_abs < 1e-4:
+        raise AssertionError(f"{name} is dead: output mean |x| = {mean_abs:.3g} (finite={finite})")
     if not rel_low <= relative <= rel_high:
-        raise AssertionError(f"UNet does not respond to its input: 1% input change moved the output {relative:.3g}%")
+        raise AssertionError(f"{name} does not respond to its input: 1% input change moved the output {relative:.3g}%")
+    if tuple(out.shape) != tuple(x.shape):
+        raise AssertionError(f"{name} returned shape {tuple(out.shape)} for a latent of {tuple(x.shape)}")
     return {"mean_abs": mean_abs, "response": relative}
+
+
+def assert_alive(patcher, rel_low: float = 0.05, rel_high: float = 20.0) -> dict:
+    """The UNet must answer (`check_alive`)."""
+    def inputs(patcher, device):
+        x, t, context, y = unet_inputs(patcher, device=device)
+        return x, t, {"context": context, "y": y}
+    return check_alive(patcher, inputs, "UNet", rel_low, rel_high)
 
 
 def make_conditioning(patcher, batch: int = 1, tokens: int = 77, seed: int = 1, width: int = 64, height: int = 64):
