@@ -130,3 +130,13 @@ def check_range(name: str, value: float, low: float, high: float) -> float:
     if not low <= value <= high:
         raise AcceleratorInputError(f"{name} must be between {low:g} and {high:g}, got {value:g}")
     return value
+
+
+def wrapper_attribute(model, wrapper_kind: str, key: str, attribute: str):
+    """The `attribute` of the first wrapper a ModelPatcher carries under (wrapper kind, key) that has it, or None:
+    how a node's state (its last run's counts) is found from the model it returned."""
+    for wrapper in (getattr(model, "wrappers", {}) or {}).get(wrapper_kind, {}).get(key, []):
+        value = getattr(wrapper, attribute, None)
+        if value is not None:
+            return value
+    return None

@@ -30,7 +30,7 @@ import logging
 from dataclasses import dataclass
 
 from . import events, options
-from .base import AcceleratorInputError, AcceleratorSpec, Availability, require_sd_unet
+from .base import AcceleratorInputError, AcceleratorSpec, Availability, require_sd_unet, wrapper_attribute
 from .sampling_progress import install_step_tracking, step_of, tracked_step
 from .segments import run_segment, segment_compiler
 
@@ -419,11 +419,7 @@ def has_deepcache(model) -> bool:
 
 def deepcache_state(model) -> DeepCacheState | None:
     """The state of the DeepCache a ModelPatcher carries (counts of the last run), or None."""
-    for wrapper in (getattr(model, "wrappers", {}) or {}).get("diffusion_model", {}).get(WRAPPER_KEY, []):
-        state = getattr(wrapper, "deepcache_state", None)
-        if state is not None:
-            return state
-    return None
+    return wrapper_attribute(model, "diffusion_model", WRAPPER_KEY, "deepcache_state")
 
 
 def _deepcache_available() -> Availability:

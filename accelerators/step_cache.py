@@ -40,7 +40,7 @@ import logging
 from dataclasses import dataclass
 
 from . import events, options
-from .base import AcceleratorInputError, AcceleratorSpec, Availability
+from .base import AcceleratorInputError, AcceleratorSpec, Availability, wrapper_attribute
 from .sampling_progress import install_step_tracking, step_of, tracked_step
 
 log = logging.getLogger("comfy_accel")
@@ -253,11 +253,7 @@ def apply(model, config: StepCacheConfig):
 
 def step_cache_state(model) -> StepCacheState | None:
     """The state of the step cache a ModelPatcher carries (the last run's counts), or None."""
-    for wrapper in (getattr(model, "wrappers", {}) or {}).get("apply_model", {}).get(WRAPPER_KEY, []):
-        state = getattr(wrapper, "step_cache_state", None)
-        if state is not None:
-            return state
-    return None
+    return wrapper_attribute(model, "apply_model", WRAPPER_KEY, "step_cache_state")
 
 
 def _available() -> Availability:
