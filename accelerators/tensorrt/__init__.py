@@ -13,11 +13,15 @@ store, or built on first use for the request's shape, then reused and refitted w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..base import (AcceleratorInputError, AcceleratorSpec, Availability, BackendUnavailable, cuda_available,
                     module_available, require_sd_unet)
 from ..compile.session import store_getter
 from ..options import parse_backend_options
+
+if TYPE_CHECKING:   # the loader imports torch: only for the annotation
+    from .loader import TensorRTOptions
 
 NAME = "tensorrt"
 
