@@ -119,6 +119,21 @@ def carry_call(x, timesteps, inputs: dict, transformer_options: dict) -> Carried
     return CarriedCall(tuple(tensors), tuple(layout), tuple(constants), tuple(signature))
 
 
+class OncePerRun:
+    """True for the first call of each sampling run: ComfyUI gives every run a new `sample_sigmas` tensor, so
+    its identity marks the run (a call without it, outside a sampler, always counts as first)."""
+
+    def __init__(self):
+        self.marker = None
+
+    def first(self, transformer_options: dict) -> bool:
+        marker = transformer_options.get("sample_sigmas")
+        if marker is not None and marker is self.marker:
+            return False
+        self.marker = marker
+        return True
+
+
 class CapturedCall:
     """One CUDA graph of `fn(*static_inputs)`: replay copies the inputs into place and returns the static outputs."""
 
@@ -170,7 +185,7 @@ class GraphSet:
         self.keys: set = set()
         self.weights_seen: tuple | None = None   # weights_signature when the graphs were captured
         self.failed = ""   # why a DiT's capture failed: its calls run compiled without graphs (graph_path.py)
-        self.last_run_marker = None
+        self.per_run = OncePerRun()
 
     def _cache(self):
         from ..cache.api import live_objects
@@ -209,10 +224,8 @@ class GraphSet:
 
     def check_weights(self, unet, transformer_options: dict) -> None:
         """Once per sampling run: graphs captured over tensors that moved since are dropped (re-captured)."""
-        marker = transformer_options.get("sample_sigmas")
-        if marker is not None and marker is self.last_run_marker:
+        if not self.per_run.first(transformer_options):
             return
-        self.last_run_marker = marker
         current = weights_signature(unet)
         if self.weights_seen is not None and current != self.weights_seen and self.keys:
             dropped = self.release()
@@ -241,13 +254,11 @@ class ChannelsLastLayout:
 
     def __init__(self, notice: Callable):
         self.notice = notice
-        self.last_run_marker = None
+        self.per_run = OncePerRun()
 
     def prepare(self, unet, transformer_options: dict) -> None:
-        marker = transformer_options.get("sample_sigmas")
-        if marker is not None and marker is self.last_run_marker:
+        if not self.per_run.first(transformer_options):
             return
-        self.last_run_marker = marker
         changed = channels_last_weights(unet)
         if changed:
             self.notice(f"{changed} convolution weights stored channels-last (the layout the GPU's convolutions "
