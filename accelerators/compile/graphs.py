@@ -18,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-# transformer_options entries that change every run (the schedule, the batch's rows): never kept by a graph
-PER_RUN_KEYS = ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond")
+from ..sampling_progress import STEP_KEY
+
+# transformer_options entries that change every run (the schedule, the batch's rows, the pack's own step tracker,
+# read around the diffusion model, never inside it): never kept by a graph
+PER_RUN_KEYS = ("sigmas", "sample_sigmas", "uuids", "cond_or_uncond", STEP_KEY)
 # transformer_options entries the stand-in checks itself (patch_signature, foreign wrappers, the attention
 # override): not part of the graph's option signature
 CHECKED_KEYS = ("patches", "patches_replace", "wrappers", "callbacks", "optimized_attention_override")

@@ -351,3 +351,18 @@ def test_sd_unet_calls_take_the_same_graph_path(pack):
     assert session.calls["graph"] == 2 and session.calls["compiled"] == 0
     (key,) = session.graphs.keys
     assert [name for name, _ in key[2]] == ["x", "timesteps", "context"]
+
+
+def test_cfg_cutoff_calls_take_the_graph_path_at_batch_2_then_1(pack):
+    """CFG Cutoff's step tracker rides in transformer_options: it is per-run state read around the model, so
+    it neither keeps a call off the graph nor keys it (the GPU test that found this: batch 1 and 2 captured)."""
+    from comfy_accel.accelerators.cfg_cutoff import CFGCutoffConfig
+    from comfy_accel.accelerators.cfg_cutoff import apply as cutoff
+
+    model, twin = build_dit("tiny-flux-dev", seed=3), build_dit("tiny-flux-dev", seed=3)
+    captures.clear()
+    accelerated, session = graph_lane(cutoff(model, CFGCutoffConfig(cutoff_percent=50.0)), "cfg-cutoff-graphs")
+    out = sample_dit(accelerated, steps=4, cfg=3.0)
+    assert sorted(key[0][0] for key in session.graphs.keys) == [1, 2]
+    assert session.calls["compiled"] == session.calls["eager"] == 0 and len(captures) == 2
+    assert rel(out, sample_dit(cutoff(twin, CFGCutoffConfig(cutoff_percent=50.0)), steps=4, cfg=3.0)) < 1e-5
