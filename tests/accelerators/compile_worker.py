@@ -1,11 +1,11 @@
 """One ComfyUI process that samples the tiny model through the inductor backend with a given artifact store,
 and prints what it compiled: the warm-restart test runs it twice, each time with a fresh inductor cache.
 
-    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND] [MODEL] [LATENT_SIZE]
+    python tests/accelerators/compile_worker.py STORE_DIR LATENT_OUT [BACKEND] [MODEL] [LATENT_SIZE] [STEPS]
 
 BACKEND is `inductor` (default, CPU float32) or `inductor+cudagraphs` (CUDA: float16 UNets, bfloat16 DiTs);
 MODEL is `tiny-sd15` (default) or a DiT of `tools.dit_factory` (`tiny-flux-dev`, `flux-dev`: compiled block by
-block), sampled at LATENT_SIZE² latent pixels (DiTs; default 8).
+block), sampled at LATENT_SIZE² latent pixels (DiTs; default 8) for STEPS steps (default 3).
 """
 import json
 import sys
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name: str = "tiny-sd15",
-         latent_size: str = "8") -> None:
+         latent_size: str = "8", steps: str = "3") -> None:
     import torch
 
     from tools.comfy_host import import_comfy, import_pack
@@ -42,7 +42,7 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name:
     accelerate = apply if backend == "inductor" else apply_cudagraphs
     accelerated = accelerate(model, {"fallback": "error", "store": ArtifactStore(store_dir), "node_id": "w"})
     started = time.monotonic()
-    latent = sample(accelerated, steps=3)
+    latent = sample(accelerated, steps=int(steps))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.monotonic() - started
@@ -59,4 +59,4 @@ def main(store_dir: str, latent_out: str, backend: str = "inductor", model_name:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
