@@ -137,23 +137,35 @@ def _runner_for(state: JobState, unet):
     runner = _runners.get(key)
     if runner is not None and runner.unet is unet:
         return runner
-    session, fallback_note = None, ""
+    session, engines, fallback_note = None, None, ""
+    host = sys.modules[type(unet).__module__]
+    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
+        else sd_hijack.ldm_original_forward
     if backend is not None:
         model = shared.sd_model
         family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
         try:
-            session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
-                                   get_store=webui_settings.store)
+            if plan.backend == "tensorrt":
+                from accelerators.tensorrt.webui import a1111_tensorrt_session
+
+                engines = a1111_tensorrt_session(unet, backend_options, forward, family, deepcache,
+                                                 get_store=webui_settings.store)
+            else:
+                session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
+                                       get_store=webui_settings.store)
         except BackendUnavailable as exc:
             if plan.fallback == "error":
                 raise
             fallback_note = f"{exc}; running eager"
-    host = sys.modules[type(unet).__module__]
-    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
-        else sd_hijack.ldm_original_forward
     cat = host.th.cat if hasattr(host, "th") else __import__("torch").cat
     try:
-        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache, session=session)
+        if engines is not None:
+            from accelerators.tensorrt.webui import WebUITensorRTRunner
+
+            runner = WebUITensorRTRunner(unet, forward, engines)
+        else:
+            runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache,
+                                     session=session)
     except ValueError as exc:   # a UNet whose blocks the runner cannot walk
         if plan.fallback == "error":
             raise BackendUnavailable(str(exc)) from None
@@ -185,7 +197,7 @@ def _prepare_job_unet():
         state.runner.reset_counts()
         session = state.runner.session
         state.compiles_before = len(session.compiler.compile_events) if session else 0
-        if session is not None:
+        if session is not None or getattr(state.runner, "engines", None) is not None:
             _apply_lora_weights(unet)
     return state.runner
 

@@ -65,11 +65,16 @@ class WebUIHost:
         self.base = f"http://127.0.0.1:{port}"
 
     # -- setup -----------------------------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def checkpoint(self) -> Path:
+        """The random-weight checkpoint (with its .yaml beside it), built with the WebUI's Python if absent."""
         checkpoint = self.data_dir / "models" / "Stable-diffusion" / f"{CHECKPOINT}.safetensors"
         if not checkpoint.is_file() or not (self.hf_home / "hub").is_dir():
             subprocess.run([str(self.python), str(REPO_ROOT / "tools" / "webui_checkpoint.py"), str(checkpoint),
                             str(self.hf_home)], cwd=self.root, check=True, env=self._env())
+        return checkpoint
+
+    def prepare(self) -> None:
+        self.checkpoint()
         extensions = self.data_dir / "extensions"
         extensions.mkdir(parents=True, exist_ok=True)
         _link(extensions / "comfy_accel", REPO_ROOT)

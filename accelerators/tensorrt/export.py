@@ -42,6 +42,7 @@ class UNetSignature:
     adm_channels: int            # 0 when the UNet takes no `y` (SD1.x/SD2.x)
     model_channels: int
     family: str
+    heads: tuple = ()            # heads of each attention layer in module order: same weights, other function
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -55,7 +56,7 @@ class UNetSignature:
         way (ComfyUI's model config class, the WebUI's sd1/sd2/sdxl) for the same UNet."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "context_dim": self.context_dim, "adm_channels": self.adm_channels,
-                "model_channels": self.model_channels}
+                "model_channels": self.model_channels, "heads": list(self.heads)}
 
 
 def unet_signature(model) -> UNetSignature:
@@ -82,9 +83,10 @@ def signature_of_unet(unet, family: str = "unknown") -> UNetSignature:
                                         f"class-conditional ({unet.num_classes})")
         adm = unet.label_emb[0][0].in_features
     first_conv = unet.input_blocks[0][0]
+    heads = tuple(int(m.heads) for m in unet.modules() if type(m).__name__ == "CrossAttention")
     return UNetSignature(in_channels=int(first_conv.in_channels), out_channels=int(unet.out_channels),
                          context_dim=int(context_dim), adm_channels=int(adm),
-                         model_channels=int(unet.model_channels), family=family)
+                         model_channels=int(unet.model_channels), family=family, heads=heads)
 
 
 def exportable_attention_override():

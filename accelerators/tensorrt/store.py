@@ -58,6 +58,17 @@ def engine_key(signature, weights: str, profiles, settings, dtype: str, tensorrt
                              device=device, versions=engine_versions(tensorrt_version))
 
 
+def comfy_engine_key(patcher, profiles, settings, tensorrt_version: str | None = None, device=None, unet=None):
+    """The key of an engine for a ComfyUI ModelPatcher's UNet (its base weights, without LoRA patches)."""
+    from ..cache import weights_fingerprint
+    from .export import signature_of_unet
+
+    unet = unet if unet is not None else patcher.model.diffusion_model
+    dtype = "float16" if settings.fp16 else str(next(unet.parameters()).dtype).removeprefix("torch.")
+    return engine_key(signature_of_unet(unet, model_family(patcher)), weights_fingerprint(base_state(patcher)),
+                      profiles, settings, dtype, tensorrt_version=tensorrt_version, device=device)
+
+
 def record_from_entry(entry):
     from .loader import EngineRecord
     from .profiles import profile_from_dict
@@ -122,15 +133,13 @@ def build_record(store, key, export: Callable, signature, profiles, settings, no
 
 def build_into_store(session, patcher, unet, profiles, on_progress=None, node_id=None, settings=None):
     """ComfyUI: exports the ModelPatcher's UNet (base weights where a LoRA is patched in place) and builds."""
-    from ..cache import weights_fingerprint
     from .engine import BuildSettings
     from .export import export_onnx, signature_of_unet
 
     settings = settings or BuildSettings(optimization_level=session.options.optimization_level)
     signature = signature_of_unet(unet, model_family(patcher))
-    dtype = str(next(unet.parameters()).dtype).removeprefix("torch.")
     base = base_state(patcher)
-    key = engine_key(signature, weights_fingerprint(base), profiles, settings, "float16" if settings.fp16 else dtype)
+    key = comfy_engine_key(patcher, profiles, settings, unet=unet)
 
     def export(onnx_dir):
         in_place = set(getattr(patcher, "backup", {})) | set(getattr(patcher, "hook_backup", {}))
