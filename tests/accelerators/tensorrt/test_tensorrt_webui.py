@@ -101,3 +101,43 @@ def test_comfyui_computes_the_same_engine_key_and_function(webui_export):
         comfy_out = patcher.model.diffusion_model(torch.from_numpy(io["x"]), torch.from_numpy(io["timesteps"]),
                                                   context=torch.from_numpy(io["context"]))
     assert numpy.allclose(comfy_out.numpy(), io["out"], atol=1e-4, rtol=1e-3)   # one function on both hosts
+
+
+def test_the_webui_runner_serves_its_engine_and_falls_back_with_the_reason(webui_export):
+    """WebUITensorRTRunner with the engine runtime replaced by onnxruntime on the WebUI's export (the test double of
+    test_tensorrt_loader.py), on the same checkpoint's UNet as ComfyUI loads it: in-profile calls run the engine,
+    others the host's eager UNet with the reason in the job's notes, or fail under the `error` policy."""
+    import torch
+
+    from accelerators.base import Availability, BackendUnavailable
+    from accelerators.tensorrt.loader import EngineRecord, TensorRTOptions
+    from accelerators.tensorrt.profiles import profile_from_dict
+    from accelerators.tensorrt.refit import RefitMap
+    from accelerators.tensorrt.webui import WebUITensorRTRunner, WebUITensorRTSession
+    from tests.accelerators.tensorrt.test_tensorrt_loader import OnnxRuntimeEngine
+
+    checkpoint, out, result = webui_export
+    unet = _comfy_patcher(checkpoint).model.diffusion_model
+
+    def host_forward(module, x, timesteps, context, *args, **kwargs):
+        return module(x, timesteps, context=context)
+
+    plan, refit_map = (out / "unet.onnx").read_bytes(), RefitMap.from_json((out / "refit_map.json").read_text())
+    engines = WebUITensorRTSession(TensorRTOptions(build_on_demand=False), host_forward, "sd1",
+                                   engine_loader=OnnxRuntimeEngine,
+                                   check_available=lambda: Availability(True, "onnxruntime stand-in"))
+    engines.records.append(EngineRecord(source="webui-export", profiles=[profile_from_dict(result["profile"])],
+                                        refit_map=refit_map, load_plan=lambda: plan))
+    runner = WebUITensorRTRunner(unet, host_forward, engines)
+    io = {k: torch.from_numpy(v) for k, v in numpy.load(out / "io.npz").items()}
+    with torch.no_grad():
+        served = runner(io["x"], io["timesteps"], io["context"])
+        assert numpy.allclose(served.numpy(), io["out"].numpy(), atol=1e-4, rtol=1e-3)
+        assert runner.counts.compiled == 1 and runner.counts.eager == 0 and not runner.notes
+        large = torch.randn(1, 4, 32, 32)   # 256 px: outside the engine's 64..128
+        eager = runner(large, io["timesteps"], io["context"])
+        assert torch.equal(eager, host_forward(unet, large, io["timesteps"], io["context"]))
+    assert runner.counts.eager == 1 and "no engine profile covers batch 1, 256×256 px" in runner.notes[0]
+    engines.options.fallback = "error"
+    with pytest.raises(BackendUnavailable, match="no engine profile covers"), torch.no_grad():
+        runner(large, io["timesteps"], io["context"])
