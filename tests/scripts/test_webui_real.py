@@ -118,6 +118,23 @@ def test_a_bad_value_fails_the_job_with_its_message(webui, accel, message):
     assert len(job.calls) == 1   # the first UNet call raised: nothing was sampled
 
 
+def test_tensorrt_missing_runs_eager_and_the_infotext_says_so(webui):
+    """No tensorrt here: under fallback `eager` the job runs the WebUI's eager UNet and its infotext says that eager
+    ran, that tensorrt was asked for, and what installs it (under `error` the job fails: see the test above)."""
+    from accelerators.tensorrt import available
+
+    if available():
+        pytest.skip("TensorRT is available here: the fallback is not what runs")
+    baseline = webui.job()
+    job = webui.job(accel={"backend": "tensorrt"})
+    assert job.ok, job.error
+    fields = infotext_fields(job)
+    assert fields["Accel backend"] == "eager" and fields["Accel requested"] == "tensorrt"
+    assert "backend tensorrt is unavailable: tensorrt not installed" in fields["Accel note"]
+    assert "pip install tensorrt" in fields["Accel note"]
+    assert numpy.array_equal(job.image(), baseline.image()) and job.batches == [2] * 6
+
+
 def test_nothing_the_extension_overrides_survives_its_job(webui):
     before = webui.get("/sdapi/v1/options")
     baseline = webui.job()
