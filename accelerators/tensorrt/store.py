@@ -108,7 +108,9 @@ def build_record(store, key, export: Callable, signature, profiles, settings, no
         (folder / REFIT_FILE).write_text(exported.refit_map.to_json())
         (folder / PROFILES_FILE).write_text(json.dumps([p.as_dict() for p in profiles]))
         _save_timing_cache(store, new_cache)
-        return {"profiles": [p.describe() for p in profiles], "refit_weights": len(exported.refit_map)}
+        # the family label as the building host names it: for lists, not part of the (shared) key
+        return {"profiles": [p.describe() for p in profiles], "refit_weights": len(exported.refit_map),
+                "family": signature.family}
 
     try:
         if store is None:
