@@ -316,10 +316,10 @@ if IN_WEBUI:
                 print(f"[comfy-accel] {exc}: failing the job")
                 return
             _job = p.comfy_accel_job = JobState(plan)
+            for note in plan.notes:   # also for a plan left empty (a backend missing here, run eager): say so
+                _job.note(note)
             if not plan.enabled:
                 return
-            for note in plan.notes:
-                _job.note(note)
             if plan.step("taesd"):
                 _apply_taesd(p, _job)
             if plan.step("cfg_cutoff"):
@@ -346,7 +346,7 @@ if IN_WEBUI:
         def post_sample(self, p, ps, *args):
             global _last_report
             state = getattr(p, "comfy_accel_job", None)
-            if state is None or not state.plan.enabled:
+            if state is None or not (state.plan.enabled or state.plan.notes):
                 return
             p.extra_generation_params.update(state.plan.infotext(state.ran()))
             _last_report = state.report()
