@@ -32,7 +32,7 @@ from .profiles import request_of
 from .refit import PREFIX, apply_transform
 
 
-def _export_wrapper_class():
+def export_wrapper_class():
     import torch
 
     class LdmExportWrapper(torch.nn.Module):
@@ -148,7 +148,7 @@ class WebUITensorRTSession(TensorRTSession):
         key = webui_engine_key(unet, profiles, settings, self.family)
 
         def export(onnx_dir):
-            wrapper = _export_wrapper_class()(unet, self.host_forward, bool(signature.adm_channels))
+            wrapper = export_wrapper_class()(unet, self.host_forward, bool(signature.adm_channels))
             with self.export_context():
                 return export_onnx(unet, onnx_dir, profiles[0], family=self.family,
                                    base_weights=weights.in_place_base(), wrapper=wrapper)
@@ -267,11 +267,11 @@ def a1111_tensorrt_session(unet, options: dict, host_forward: Callable, family: 
         raise BackendUnavailable("tensorrt: a TensorRT engine runs the whole UNet, so DeepCache's partial UNet calls "
                                  "cannot use it (choose DeepCache with inductor, or TensorRT alone)")
     return tensorrt_session(unet, options, host_forward, family, get_store=get_store,
-                            export_context=_a1111_exportable_attention, on_progress=_a1111_build_progress)
+                            export_context=a1111_exportable_attention, on_progress=a1111_build_progress)
 
 
 @contextlib.contextmanager
-def _a1111_exportable_attention():
+def a1111_exportable_attention():
     """For the time of the export, A1111's plain scaled-dot-product attention (its official optimization switch;
     the chunked optimizations trace their chunk sizes as constants), then the user's choice again."""
     from modules import sd_hijack, sd_hijack_optimizations
@@ -283,7 +283,7 @@ def _a1111_exportable_attention():
         sd_hijack.model_hijack.apply_optimizations()
 
 
-def _a1111_build_progress(share: float, phase: str) -> None:
+def a1111_build_progress(share: float, phase: str) -> None:
     """An engine build's progress as the WebUI's job progress text (and its console line from events.progress)."""
     from modules import shared
 

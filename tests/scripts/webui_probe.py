@@ -8,6 +8,7 @@ the UNet did in each job, independently of comfy-accel's own report.
   inside a compiled UNet would change what is compiled.
 
 GET /accel-probe/jobs → [{"calls": [{"batch": 2, "deep": true|null}, ...]}, ...]; POST /accel-probe/reset.
+POST /accel-probe/tensorrt-export: the pack's TensorRT export of the loaded UNet in this process (see the route).
 POST /accel-probe/paste {"infotext": ...}: what the WebUI's own paste gives comfy-accel's accordion (its
 `infotext_fields`, fed the WebUI's own parse of the text), as {component label: value}.
 """
@@ -72,6 +73,39 @@ def _routes(_demo, app):
             value = read(params)
             values[component.label] = value if not isinstance(value, dict) else None   # gr.update(): unchanged
         return values
+
+    @app.post("/accel-probe/tensorrt-export")
+    def tensorrt_export(body: dict):
+        """The pack's TensorRT export of the loaded UNet inside the running WebUI (its hijacks, its attention switch,
+        A1111's LoRA state as the last job left it), up to the engine build: writes `unet.onnx` and `io.npz` (inputs
+        and the live UNet's output) to body["out"]; returns the engine key and the LoRA state seen."""
+        from pathlib import Path
+
+        import numpy
+        import torch
+        from modules import sd_hijack, shared
+
+        from accelerators.tensorrt.engine import BuildSettings
+        from accelerators.tensorrt.export import export_onnx, sample_inputs, signature_of_unet
+        from accelerators.tensorrt.profiles import profile_from_dict
+        from accelerators.tensorrt.webui import (WebUIWeights, a1111_exportable_attention, export_wrapper_class,
+                                                 webui_engine_key)
+
+        unet, forward = shared.sd_model.model.diffusion_model, sd_hijack.ldm_original_forward
+        profile, out = profile_from_dict(body["profile"]), Path(body["out"])
+        weights, attention_before = WebUIWeights(unet), sd_hijack.model_hijack.optimization_method
+        with torch.no_grad():
+            with a1111_exportable_attention():
+                exported = export_onnx(unet, out, profile, family="sd1", base_weights=weights.in_place_base(),
+                                       wrapper=export_wrapper_class()(unet, forward, False))
+            x, t, context = sample_inputs(signature_of_unet(unet), 1, 96, 128, 154, "cpu", torch.float32, seed=3)
+            live = forward(unet, x, t, context)
+        numpy.savez(out / "io.npz", x=x.numpy(), timesteps=t.numpy(), context=context.numpy(), out=live.numpy())
+        key = webui_engine_key(unet, [profile], BuildSettings(), "sd1", tensorrt_version=body["tensorrt_version"],
+                               device="cpu")
+        return {"key_id": key.id, "in_place": sorted(weights.in_place_base()),
+                "lora_weights": len(weights.desired_state(exported.refit_map)),
+                "attention": [attention_before, sd_hijack.model_hijack.optimization_method]}
 
     @app.post("/accel-probe/config")
     def config(values: dict):

@@ -26,7 +26,7 @@ def main(checkpoint: Path, out: Path) -> None:
     from accelerators.tensorrt.engine import BuildSettings
     from accelerators.tensorrt.export import export_onnx, sample_inputs, signature_of_unet
     from accelerators.tensorrt.profiles import make_profile
-    from accelerators.tensorrt.webui import _export_wrapper_class, webui_engine_key
+    from accelerators.tensorrt.webui import export_wrapper_class, webui_engine_key
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from ldm.util import instantiate_from_config
 
@@ -37,7 +37,7 @@ def main(checkpoint: Path, out: Path) -> None:
     unet.load_state_dict(state, strict=True)
     profile = make_profile((1, 2, 2), (64, 64, 128), (64, 64, 128), (77, 77, 154))
     out.mkdir(parents=True, exist_ok=True)
-    wrapper = _export_wrapper_class()(unet, UNetModel.forward, takes_y=False)
+    wrapper = export_wrapper_class()(unet, UNetModel.forward, takes_y=False)
     exported = export_onnx(unet, out, profile, family="sd1", wrapper=wrapper)
     (out / "refit_map.json").write_text(exported.refit_map.to_json())
     signature = signature_of_unet(unet)
