@@ -270,8 +270,9 @@ def test_a_lora_reaches_the_compiled_unet(webui):
 def test_tensorrt_export_in_the_running_webui_with_its_lora(webui, tmp_path):
     """Up to the engine build inside A1111 (tensorrt needs a GPU): the export of its hijacked UNet under its own
     attention switch, with and without a LoRA applied in place. The engine key names the base weights (the same
-    with the LoRA, and the one ComfyUI computes for the checkpoint); the ONNX holds the base weights (a refit
-    brings the LoRA), and onnxruntime runs it at a shape other than the traced one."""
+    with the LoRA, and the one ComfyUI computes for the checkpoint); the ONNX holds the base weights, and the
+    session's refit (into the ONNX: what TensorRT's refitter would get) brings exactly the LoRA's layers to their
+    live values; onnxruntime runs both at a shape other than the traced one."""
     ort = pytest.importorskip("onnxruntime", reason="running the ONNX needs onnxruntime")
     pytest.importorskip("onnx", reason="the export needs onnx in the WebUI's venv too (docs/webui.md)")
     from accelerators.tensorrt.engine import BuildSettings
@@ -303,3 +304,8 @@ def test_tensorrt_export_in_the_running_webui_with_its_lora(webui, tmp_path):
     got = session.run(None, {n: io["lora"][n] for n in ("x", "timesteps", "context")})[0]
     assert numpy.allclose(got, io["base"]["out"], atol=1e-4, rtol=1e-3)   # the base weights, not the LoRA's
     assert not numpy.allclose(io["lora"]["out"], io["base"]["out"], atol=1e-3)   # the LoRA was applied live
+    # the refit of exactly the layers A1111's LoRA patched brings the engine to the live UNet
+    assert base["refitted"] == 0 and lora["refitted"] == lora["lora_weights"]
+    refitted = ort.InferenceSession(str(tmp_path / "lora" / "refitted.onnx"), providers=["CPUExecutionProvider"])
+    got = refitted.run(None, {n: io["lora"][n] for n in ("x", "timesteps", "context")})[0]
+    assert numpy.allclose(got, io["lora"]["out"], atol=1e-4, rtol=1e-3)

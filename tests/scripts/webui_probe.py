@@ -103,7 +103,8 @@ def _routes(_demo, app):
         numpy.savez(out / "io.npz", x=x.numpy(), timesteps=t.numpy(), context=context.numpy(), out=live.numpy())
         key = webui_engine_key(unet, [profile], BuildSettings(), "sd1", tensorrt_version=body["tensorrt_version"],
                                device="cpu")
-        return {"key_id": key.id, "in_place": sorted(weights.in_place_base()),
+        refitted = _refit_into_onnx(exported, profile, weights, forward, out / "refitted.onnx")
+        return {"key_id": key.id, "in_place": sorted(weights.in_place_base()), "refitted": refitted,
                 "lora_weights": len(weights.desired_state(exported.refit_map)),
                 "attention": [attention_before, sd_hijack.model_hijack.optimization_method]}
 
@@ -111,6 +112,37 @@ def _routes(_demo, app):
     def config(values: dict):
         CONFIG.update({k: bool(v) for k, v in values.items() if k in CONFIG})
         return CONFIG
+
+
+def _refit_into_onnx(exported, profile, weights, forward, path) -> int:
+    """WebUITensorRTSession.sync_weights on an engine stand-in whose refit writes the named weights into the ONNX
+    (what the TensorRT refitter receives; export.write_engine_weights), saved to `path`: the weights refitted."""
+    import onnx
+    import torch
+
+    from accelerators.tensorrt.export import write_engine_weights
+    from accelerators.tensorrt.loader import EngineRecord, TensorRTOptions
+    from accelerators.tensorrt.webui import WebUITensorRTSession
+
+    class OnnxRefitEngine:
+        refittable, device = True, torch.device("cpu")
+
+        def __init__(self):
+            self.model, self.refitted = onnx.load(str(exported.path)), 0
+
+        def input_dtype(self, _name):
+            return torch.float32
+
+        def refit(self, values, _complete):
+            self.refitted += len(write_engine_weights(self.model, values))
+
+    record = EngineRecord(source="probe", profiles=[profile], refit_map=exported.refit_map, load_plan=bytes)
+    record.engine = OnnxRefitEngine()
+    reason = WebUITensorRTSession(TensorRTOptions(), forward, "sd1").sync_weights(record, weights)
+    if reason:
+        raise RuntimeError(reason)
+    onnx.save(record.engine.model, str(path))
+    return record.engine.refitted
 
 
 script_callbacks.on_model_loaded(_install)
