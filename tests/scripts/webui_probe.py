@@ -16,11 +16,11 @@ from modules import script_callbacks, scripts
 
 JOBS: list[dict] = []
 CONFIG = {"deep_hook": False}
-_handles: list = []
+_handles: dict = {}
 
 
 def _install(sd_model) -> None:
-    for handle in _handles:
+    for handle in _handles.values():
         handle.remove()
     _handles.clear()
     wrapper = sd_model.model
@@ -30,12 +30,23 @@ def _install(sd_model) -> None:
         if JOBS:
             JOBS[-1]["calls"].append({"batch": int(x.shape[0]), "deep": False if CONFIG["deep_hook"] else None})
 
+    _handles["unet"] = wrapper.register_forward_pre_hook(before_unet)
+    _middle_hook(sd_model)
+
+
+def _middle_hook(sd_model) -> None:
+    """The middle block's hook, only while `deep_hook` is on: inside the UNet it would be compiled with it, and
+    torch ≥ 2.5's dynamo imports a hook's module by name, which A1111's scripts never are ('No module named
+    accel_probe': the compile fails and the UNet runs eager)."""
     def after_middle(_module, _args, _output):
-        if CONFIG["deep_hook"] and JOBS and JOBS[-1]["calls"]:
+        if JOBS and JOBS[-1]["calls"]:
             JOBS[-1]["calls"][-1]["deep"] = True
 
-    _handles.append(wrapper.register_forward_pre_hook(before_unet))
-    _handles.append(wrapper.diffusion_model.middle_block.register_forward_hook(after_middle))
+    handle = _handles.pop("middle", None)
+    if handle is not None:
+        handle.remove()
+    if CONFIG["deep_hook"]:
+        _handles["middle"] = sd_model.model.diffusion_model.middle_block.register_forward_hook(after_middle)
 
 
 class AccelProbe(scripts.Script):
@@ -110,7 +121,10 @@ def _routes(_demo, app):
 
     @app.post("/accel-probe/config")
     def config(values: dict):
+        from modules import shared
+
         CONFIG.update({k: bool(v) for k, v in values.items() if k in CONFIG})
+        _middle_hook(shared.sd_model)
         return CONFIG
 
 
