@@ -82,6 +82,8 @@ def _console_handler() -> None:
 def _console_listener(event: str, data: dict) -> None:
     if event == "accel.progress" and data.get("done"):
         print(f"[comfy-accel] {data.get('accelerator') or ''} {data.get('task')}: done {data.get('message') or ''}")
+    elif event == "accel.progress" and data.get("accelerator") == "tensorrt":   # an engine build's phases
+        print(f"[comfy-accel] tensorrt {data.get('task')}: {data.get('message')} {data['value']}/{data['total']}")
 
 
 if IN_WEBUI:   # imported elsewhere (tests), the pack's logging stays as it was
