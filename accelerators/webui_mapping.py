@@ -176,7 +176,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
                                                         "node_id": None, "store": store}))
     if use_taesd:
         plan.steps.append(PlanStep("taesd", "vae", {}))
-    if not plan.steps:
+    if not plan.steps and not plan.notes:   # (a backend missing here has its own note)
         plan.notes.append("enabled, but nothing to apply (no backend and no accelerator chosen)")
     return plan
 

@@ -49,7 +49,7 @@ def _cached_engines() -> dict[str, str]:
         if entry.accelerator == "tensorrt":
             fields = entry.key_fields
             gpu = (fields.get("device") or {}).get("name", "?")
-            family = (fields.get("model_config") or {}).get("family", "?")
+            family = (entry.meta or {}).get("family", "?")   # the key has no family: engines serve both hosts
             profiles = "; ".join((entry.meta or {}).get("profiles", []))[:80]
             out[f"cache:{entry.id[:12]} {family} {gpu} {profiles}"] = entry.id
     return out

@@ -82,6 +82,8 @@ def _console_handler() -> None:
 def _console_listener(event: str, data: dict) -> None:
     if event == "accel.progress" and data.get("done"):
         print(f"[comfy-accel] {data.get('accelerator') or ''} {data.get('task')}: done {data.get('message') or ''}")
+    elif event == "accel.progress" and data.get("accelerator") == "tensorrt":   # an engine build's phases
+        print(f"[comfy-accel] tensorrt {data.get('task')}: {data.get('message')} {data['value']}/{data['total']}")
 
 
 if IN_WEBUI:   # imported elsewhere (tests), the pack's logging stays as it was
@@ -137,23 +139,35 @@ def _runner_for(state: JobState, unet):
     runner = _runners.get(key)
     if runner is not None and runner.unet is unet:
         return runner
-    session, fallback_note = None, ""
+    session, engines, fallback_note = None, None, ""
+    host = sys.modules[type(unet).__module__]
+    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
+        else sd_hijack.ldm_original_forward
     if backend is not None:
         model = shared.sd_model
         family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
         try:
-            session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
-                                   get_store=webui_settings.store)
+            if plan.backend == "tensorrt":
+                from accelerators.tensorrt.webui import a1111_tensorrt_session
+
+                engines = a1111_tensorrt_session(unet, backend_options, forward, family, deepcache,
+                                                 get_store=webui_settings.store)
+            else:
+                session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
+                                       get_store=webui_settings.store)
         except BackendUnavailable as exc:
             if plan.fallback == "error":
                 raise
             fallback_note = f"{exc}; running eager"
-    host = sys.modules[type(unet).__module__]
-    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
-        else sd_hijack.ldm_original_forward
     cat = host.th.cat if hasattr(host, "th") else __import__("torch").cat
     try:
-        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache, session=session)
+        if engines is not None:
+            from accelerators.tensorrt.webui import WebUITensorRTRunner
+
+            runner = WebUITensorRTRunner(unet, forward, engines)
+        else:
+            runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache,
+                                     session=session)
     except ValueError as exc:   # a UNet whose blocks the runner cannot walk
         if plan.fallback == "error":
             raise BackendUnavailable(str(exc)) from None
@@ -185,7 +199,7 @@ def _prepare_job_unet():
         state.runner.reset_counts()
         session = state.runner.session
         state.compiles_before = len(session.compiler.compile_events) if session else 0
-        if session is not None:
+        if session is not None or getattr(state.runner, "engines", None) is not None:
             _apply_lora_weights(unet)
     return state.runner
 
@@ -304,10 +318,10 @@ if IN_WEBUI:
                 print(f"[comfy-accel] {exc}: failing the job")
                 return
             _job = p.comfy_accel_job = JobState(plan)
+            for note in plan.notes:   # also for a plan left empty (a backend missing here, run eager): say so
+                _job.note(note)
             if not plan.enabled:
                 return
-            for note in plan.notes:
-                _job.note(note)
             if plan.step("taesd"):
                 _apply_taesd(p, _job)
             if plan.step("cfg_cutoff"):
@@ -334,7 +348,7 @@ if IN_WEBUI:
         def post_sample(self, p, ps, *args):
             global _last_report
             state = getattr(p, "comfy_accel_job", None)
-            if state is None or not state.plan.enabled:
+            if state is None or not (state.plan.enabled or state.plan.notes):
                 return
             p.extra_generation_params.update(state.plan.infotext(state.ran()))
             _last_report = state.report()

@@ -15,6 +15,7 @@ models are never touched and every start is a fresh install unless a config.json
 5. stops it by the PID it started (its process group), never by name.
 
     WEBUI_PATH=/path/to/stable-diffusion-webui python -m tools.webui_host [--bench]   # start, job(s), stop
+    (WEBUI_PYTHON=<a python with the WebUI's requirements> runs it on another stack than its venv/)
 """
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ def webui_python(root: Path) -> Path:
 
 
 class WebUIHost:
-    def __init__(self, root: Path, data_dir: Path, port: int = 7861, env: dict | None = None):
+    def __init__(self, root: Path, data_dir: Path, port: int = 7861, env: dict | None = None,
+                 python: Path | None = None):
         self.root, self.data_dir, self.port = Path(root), Path(data_dir), port
         if not (self.root / "launch.py").is_file() or not (self.root / "modules" / "scripts.py").is_file():
             raise WebUIError(f"{self.root} is not an AUTOMATIC1111 WebUI checkout (no launch.py / modules/scripts.py)")
-        self.python = webui_python(self.root)
+        self.python = Path(python) if python else webui_python(self.root)   # another Python: a stack check
         self.hf_home = self.data_dir / "hf"
         self.log_path = self.data_dir / "webui.log"
         self.extra_env = dict(env or {})
@@ -65,11 +67,16 @@ class WebUIHost:
         self.base = f"http://127.0.0.1:{port}"
 
     # -- setup -----------------------------------------------------------------------------------------------------
-    def prepare(self) -> None:
+    def checkpoint(self) -> Path:
+        """The random-weight checkpoint (with its .yaml beside it), built with the WebUI's Python if absent."""
         checkpoint = self.data_dir / "models" / "Stable-diffusion" / f"{CHECKPOINT}.safetensors"
         if not checkpoint.is_file() or not (self.hf_home / "hub").is_dir():
             subprocess.run([str(self.python), str(REPO_ROOT / "tools" / "webui_checkpoint.py"), str(checkpoint),
                             str(self.hf_home)], cwd=self.root, check=True, env=self._env())
+        return checkpoint
+
+    def prepare(self) -> None:
+        self.checkpoint()
         extensions = self.data_dir / "extensions"
         extensions.mkdir(parents=True, exist_ok=True)
         _link(extensions / "comfy_accel", REPO_ROOT)
@@ -281,7 +288,7 @@ if __name__ == "__main__":
     if root is None:
         sys.exit("set WEBUI_PATH to an AUTOMATIC1111 checkout with its venv")
     data = Path(os.environ.get("WEBUI_DATA", "/tmp/comfy_accel_webui"))
-    with WebUIHost(root, data) as host:
+    with WebUIHost(root, data, python=os.environ.get("WEBUI_PYTHON")) as host:   # WEBUI_PYTHON: another stack
         print(f"started: 'Startup time:' after {host.startup_seconds:.0f} s")
         if "--bench" in sys.argv:
             bench(host)

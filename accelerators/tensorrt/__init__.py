@@ -4,7 +4,9 @@
     profiles.py  presets, min/opt/max validation, tightest-covering profile selection with reasons
     refit.py     engine weight ↔ ModelPatcher key map; which weights a LoRA changes; merged values
     engine.py    TensorRT 10 build / load / run / refit (imported only when used)
-    loader.py    the APPLY_MODEL wrapper, fallback reasons, engines in the artifact store, memory reporting
+    loader.py    the APPLY_MODEL wrapper, fallback reasons, memory reporting
+    store.py     engines in the artifact store: one key for both hosts, build, engines already stored
+    webui.py     the same engines on the AUTOMATIC1111 WebUI's ldm/sgm UNet (export, refit from its LoRA)
 
 `available()` only looks for the library and a GPU (no import of tensorrt). `apply(model, options)` takes
 the Accelerate Model node's options (see `parse_options`) and returns a clone; engines are found in the

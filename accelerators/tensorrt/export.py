@@ -42,15 +42,21 @@ class UNetSignature:
     adm_channels: int            # 0 when the UNet takes no `y` (SD1.x/SD2.x)
     model_channels: int
     family: str
+    heads: tuple = ()            # heads of each attention layer in module order: same weights, other function
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return INPUT_NAMES if self.adm_channels else INPUT_NAMES[:3]
 
     def as_dict(self) -> dict:
+        return {**self.key_fields(), "family": self.family}
+
+    def key_fields(self) -> dict:
+        """The architecture as the engine key names it: without the family label, which each host spells its own
+        way (ComfyUI's model config class, the WebUI's sd1/sd2/sdxl) for the same UNet."""
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "context_dim": self.context_dim, "adm_channels": self.adm_channels,
-                "model_channels": self.model_channels, "family": self.family}
+                "model_channels": self.model_channels, "heads": list(self.heads)}
 
 
 def unet_signature(model) -> UNetSignature:
@@ -77,9 +83,10 @@ def signature_of_unet(unet, family: str = "unknown") -> UNetSignature:
                                         f"class-conditional ({unet.num_classes})")
         adm = unet.label_emb[0][0].in_features
     first_conv = unet.input_blocks[0][0]
+    heads = tuple(int(m.heads) for m in unet.modules() if type(m).__name__ == "CrossAttention")
     return UNetSignature(in_channels=int(first_conv.in_channels), out_channels=int(unet.out_channels),
                          context_dim=int(context_dim), adm_channels=int(adm),
-                         model_channels=int(unet.model_channels), family=family)
+                         model_channels=int(unet.model_channels), family=family, heads=heads)
 
 
 def exportable_attention_override():
@@ -139,8 +146,11 @@ class ExportResult:
 
 
 def export_onnx(unet, folder: str | os.PathLike, profile: EngineProfile, family: str = "unknown",
-                base_weights: Mapping | None = None, opset: int = OPSET) -> ExportResult:
+                base_weights: Mapping | None = None, opset: int = OPSET, wrapper=None) -> ExportResult:
     """Exports `unet` (ComfyUI UNetModel) to `folder`/unet.onnx, traced at the profile's opt shape.
+
+    `wrapper`: the module traced instead of ComfyUI's (another host's UNet behind the same forward(x, timesteps,
+    context[, y]) and a `diffusion_model` attribute, so the inputs and initializer names are the same).
 
     The UNet is exported in its own dtype on its own device (fp16 on GPU for ComfyUI's usual loading;
     fp32 on CPU). `base_weights` ({ModelPatcher key: tensor}) replaces the values of those parameters in the
@@ -155,7 +165,7 @@ def export_onnx(unet, folder: str | os.PathLike, profile: EngineProfile, family:
     raw_path = folder / "raw.onnx"
     path = folder / "unet.onnx"
     param = next(unet.parameters())
-    wrapper = _wrapper_class()(unet, takes_y=bool(signature.adm_channels)).eval()
+    wrapper = (wrapper or _wrapper_class()(unet, takes_y=bool(signature.adm_channels))).eval()
     names = signature.input_names
     args = sample_inputs(signature, profile.batch.opt, profile.height.opt, profile.width.opt, profile.tokens.opt,
                          param.device, param.dtype)
@@ -165,8 +175,8 @@ def export_onnx(unet, folder: str | os.PathLike, profile: EngineProfile, family:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: ComfyUI's asserts
         torch.onnx.export(wrapper, args, str(raw_path), input_names=list(names), output_names=[OUTPUT_NAME],
-                          dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
-                          do_constant_folding=False, keep_initializers_as_inputs=True)
+                          dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=False,
+                          keep_initializers_as_inputs=True, **_torchscript_exporter())
     model = onnx.load(str(raw_path), load_external_data=True)
     for leftover in folder.iterdir():
         if leftover != path:
@@ -177,6 +187,16 @@ def export_onnx(unet, folder: str | os.PathLike, profile: EngineProfile, family:
     save_onnx(model, path)
     return ExportResult(path=path, refit_map=refit_map, signature=signature, input_names=names,
                         dtype=str(param.dtype).removeprefix("torch."))
+
+
+def _torchscript_exporter() -> dict:
+    """`dynamo=False` where torch.onnx.export has the switch (torch < 2.5, e.g. the WebUI's 2.1, has only the
+    TorchScript exporter and no such argument)."""
+    import inspect
+
+    import torch
+
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
 def save_onnx(model, path: Path) -> None:

@@ -24,11 +24,10 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from .. import events
-from ..base import AcceleratorInputError, BackendUnavailable, model_family
+from ..base import BackendUnavailable
 from ..compile.stand_in import FastPathLimits, attach_stand_in, unservable_reason
 from . import refit as refit_mod
 from .profiles import (EngineProfile, describe_request, envelope, profile_for_request, request_of, select_profile,
@@ -38,9 +37,6 @@ log = logging.getLogger("comfy_accel")
 ACCELERATOR = "tensorrt"
 WRAPPER_KEY = "comfy_accel.tensorrt"
 RESIDENCY_KEY = "comfy_accel.tensorrt"
-ENGINE_FILE = "unet.plan"
-REFIT_FILE = "refit_map.json"
-PROFILES_FILE = "profiles.json"
 # what a baked engine cannot honour: the engine's inputs are x, timesteps, context and (SDXL) y
 ENGINE_LIMITS = FastPathLimits(control="its residuals are not engine inputs",
                                patch="cannot run inside a baked engine", served_kwargs=frozenset({"y"}),
@@ -347,143 +343,10 @@ def attach(model, session: TensorRTSession):
     return patched
 
 
-# ---- engines in the artifact store ---------------------------------------------------------------------------
-def base_state(patcher) -> dict:
-    """{key: base tensor} of the UNet without patches (the cache key's weights)."""
-    return {k: v[0][0] for k, v in patcher.get_key_patches(refit_mod.PREFIX).items()}
+# the engines in the artifact store live in store.py (shared with the WebUI); the names stay importable here
+from .store import (ENGINE_FILE, PROFILES_FILE, REFIT_FILE, base_state, build_into_store,  # noqa: E402
+                    cached_records, engine_key, record_from_entry, record_from_file)
 
-
-def engine_key(signature, weights: str, profiles, settings, dtype: str):
-    """The artifact key of an engine: TensorRT version, GPU (name + compute capability via the store's
-    device fields), profiles, build settings, UNet signature and base-weights fingerprint."""
-    from ..cache import ArtifactKey
-    from .engine import trt_version
-
-    profile = dict(envelope(profiles))
-    for i, p in enumerate(profiles):   # exact profiles (and opts) in the id; coverage uses the envelope
-        for dim, (low, opt, high) in p.as_dict().items():
-            profile[f"p{i}_{dim}"] = [low, high]
-            profile[f"p{i}_{dim}_opt"] = [opt, opt]
-    return ArtifactKey.build(accelerator=ACCELERATOR, options={"build": settings.as_key()},
-                             model_config=signature.as_dict(), weights=weights, profile=profile, dtype=dtype,
-                             extra_versions={"tensorrt": trt_version()})
-
-
-def record_from_entry(entry) -> EngineRecord:
-    from .profiles import profile_from_dict
-
-    profiles = [profile_from_dict(p) for p in json.loads(entry.read_bytes(PROFILES_FILE))]
-    refit_map = refit_mod.RefitMap.from_json(entry.read_bytes(REFIT_FILE)) if REFIT_FILE in entry.files else None
-    return EngineRecord(source=entry.id[:12], profiles=profiles, refit_map=refit_map,
-                        load_plan=lambda: entry.read_bytes(ENGINE_FILE))
-
-
-def record_from_file(path: str | Path) -> EngineRecord:
-    """An engine built elsewhere (a .engine/.plan/.trt file). A `<file>.refit_map.json` beside it enables refit."""
-    path = Path(path)
-    if not path.is_file():
-        raise AcceleratorInputError(f"TensorRT engine file {path} does not exist")
-    side = path.with_name(path.name + ".refit_map.json")
-    refit_map = refit_mod.RefitMap.from_json(side.read_text()) if side.is_file() else None
-    return EngineRecord(source=path.name, profiles=[], refit_map=refit_map, load_plan=path.read_bytes)
-
-
-def build_into_store(session: TensorRTSession, patcher, unet, profiles, on_progress=None, node_id=None,
-                     settings=None) -> EngineRecord:
-    """Exports the UNet, builds a refittable engine and stores it (engine + refit map + profiles, no ONNX).
-
-    Reuses an engine already in the store for the same key. Raises BackendUnavailable with the reason.
-    """
-    import tempfile
-
-    from ..cache import weights_fingerprint
-    from .engine import BuildSettings, build_engine
-    from .export import export_onnx, signature_of_unet
-
-    settings = settings or BuildSettings(optimization_level=session.options.optimization_level)
-    signature = signature_of_unet(unet, model_family(patcher))
-    dtype = str(next(unet.parameters()).dtype).removeprefix("torch.")
-    base = base_state(patcher)
-    key = engine_key(signature, weights_fingerprint(base), profiles, settings, "float16" if settings.fp16 else dtype)
-    store = session.get_store() if session.get_store else None
-
-    def build(folder: Path) -> dict:
-        with tempfile.TemporaryDirectory(prefix="comfy-accel-onnx-") as onnx_dir:
-            in_place = set(getattr(patcher, "backup", {})) | set(getattr(patcher, "hook_backup", {}))
-            exported = export_onnx(unet, onnx_dir, profiles[0], family=signature.family,
-                                   base_weights={k: base[k] for k in in_place if k in base})
-            cache = _timing_cache(store)
-            plan, new_cache = build_engine(
-                exported.path, exported.input_names, profiles,
-                lambda p: p.tensor_shapes(signature.context_dim, signature.adm_channels, signature.in_channels),
-                settings, timing_cache=cache, node_id=node_id, on_progress=on_progress)
-        (folder / ENGINE_FILE).write_bytes(plan)
-        (folder / REFIT_FILE).write_text(exported.refit_map.to_json())
-        (folder / PROFILES_FILE).write_text(json.dumps([p.as_dict() for p in profiles]))
-        _save_timing_cache(store, new_cache)
-        return {"profiles": [p.describe() for p in profiles], "refit_weights": len(exported.refit_map)}
-
-    try:
-        if store is None:
-            with tempfile.TemporaryDirectory(prefix="comfy-accel-trt-") as scratch:
-                build(Path(scratch))
-                plan = (Path(scratch) / ENGINE_FILE).read_bytes()
-                refit_map = refit_mod.RefitMap.from_json((Path(scratch) / REFIT_FILE).read_text())
-            events.notice(ACCELERATOR, "no artifact store given: the engine lives in memory only", level="info",
-                          node_id=node_id)
-            return EngineRecord(source="memory", profiles=list(profiles), refit_map=refit_map, load_plan=lambda: plan)
-        result = store.get_or_build(key, build)
-    except BackendUnavailable:
-        raise
-    except Exception as exc:  # export/build errors become a reason to run eager
-        raise BackendUnavailable(f"TensorRT engine build failed: {type(exc).__name__}: {exc}") from exc
-    if result.entry is None:
-        raise BackendUnavailable(result.reason)
-    return record_from_entry(result.entry)
-
-
-def _timing_cache_key():
-    from ..cache import ArtifactKey
-    from .engine import trt_version
-
-    return ArtifactKey.build(accelerator="tensorrt-timing-cache", extra_versions={"tensorrt": trt_version()})
-
-
-def _timing_cache(store) -> bytes | None:
-    if store is None:
-        return None
-    entry = store.get(_timing_cache_key())
-    return entry.read_bytes("timing.cache") if entry is not None else None
-
-
-def _save_timing_cache(store, data: bytes) -> None:
-    if store is not None and data:
-        try:
-            store.put(_timing_cache_key(), {"timing.cache": data})
-        except Exception as exc:  # the cache is an optimisation: never fail a build over it
-            log.warning("[comfy-accel] tensorrt: could not save the timing cache: %s", exc)
-
-
-def cached_records(store, patcher) -> list[EngineRecord]:
-    """Engines already in the store for this model's base weights, this TensorRT version and this GPU."""
-    if store is None:
-        return []
-    from ..cache import environment_fields, weights_fingerprint
-    from .engine import trt_version
-    from .export import unet_signature
-
-    signature = unet_signature(patcher)
-    fingerprint = weights_fingerprint(base_state(patcher))
-    device, version = environment_fields()["device"], trt_version()
-    records = []
-    for entry in store.entries():
-        fields = entry.key_fields
-        if (fields.get("accelerator") != ACCELERATOR or fields.get("weights") != fingerprint
-                or fields.get("model_config") != signature.as_dict() or fields.get("device") != device
-                or (fields.get("versions") or {}).get("tensorrt") != version):
-            continue
-        try:
-            records.append(record_from_entry(entry))
-        except Exception as exc:
-            log.warning("[comfy-accel] tensorrt: skipping unreadable engine %s: %s", entry.id[:12], exc)
-    return records
+__all__ = ["EngineRecord", "TensorRTOptions", "TensorRTSession", "attach", "unsupported_call_reason",
+           "ENGINE_FILE", "PROFILES_FILE", "REFIT_FILE", "base_state", "build_into_store", "cached_records",
+           "engine_key", "record_from_entry", "record_from_file"]

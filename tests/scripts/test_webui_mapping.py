@@ -210,7 +210,7 @@ def test_the_compile_switches_are_webui_settings_too():
     assert "precompile must be on or off" in bad["errors"]["accel_precompile"]
 
 
-def test_shim_imports_outside_the_webui_and_maps_its_args():
+def test_shim_imports_outside_the_webui_and_maps_its_args(capsys):
     """The WebUI loads scripts/*.py by path; without the WebUI the shim still imports and maps its panel."""
     path = REPO_ROOT / "scripts" / "comfy_accel_webui.py"
     spec = importlib.util.spec_from_file_location("comfy_accel_webui_shim", path)
@@ -224,3 +224,9 @@ def test_shim_imports_outside_the_webui_and_maps_its_args():
     assert [s.accelerator for s in plan.steps] == ["cfg_cutoff", "deepcache", "taesd"]
     with pytest.raises(AcceleratorInputError, match="unknown backend"):
         shim.plan_for((True, "warp", False, 3, False, 50.0, False))
+    # the console gets a TensorRT build's phases as they come (TensorRT's progress monitor → events.progress)
+    shim._console_listener("accel.progress", {"task": "TensorRT build", "value": 2, "total": 5,
+                                              "accelerator": "tensorrt", "done": False, "message": "Building engine"})
+    shim._console_listener("accel.progress", {"task": "compile", "value": 1, "total": 5, "accelerator": "inductor",
+                                              "done": False, "message": ""})
+    assert capsys.readouterr().out == "[comfy-accel] tensorrt TensorRT build: Building engine 2/5\n"

@@ -118,6 +118,23 @@ def test_a_bad_value_fails_the_job_with_its_message(webui, accel, message):
     assert len(job.calls) == 1   # the first UNet call raised: nothing was sampled
 
 
+def test_tensorrt_missing_runs_eager_and_the_infotext_says_so(webui):
+    """No tensorrt here: under fallback `eager` the job runs the WebUI's eager UNet and its infotext says that eager
+    ran, that tensorrt was asked for, and what installs it (under `error` the job fails: see the test above)."""
+    from accelerators.tensorrt import available
+
+    if available():
+        pytest.skip("TensorRT is available here: the fallback is not what runs")
+    baseline = webui.job()
+    job = webui.job(accel={"backend": "tensorrt"})
+    assert job.ok, job.error
+    fields = infotext_fields(job)
+    assert fields["Accel backend"] == "eager" and fields["Accel requested"] == "tensorrt"
+    assert "backend tensorrt is unavailable: tensorrt not installed" in fields["Accel note"]
+    assert "pip install tensorrt" in fields["Accel note"]
+    assert numpy.array_equal(job.image(), baseline.image()) and job.batches == [2] * 6
+
+
 def test_nothing_the_extension_overrides_survives_its_job(webui):
     before = webui.get("/sdapi/v1/options")
     baseline = webui.job()
@@ -248,3 +265,47 @@ def test_a_lora_reaches_the_compiled_unet(webui):
     assert numpy.abs(compiled_lora.image() - compiled.image()).max() > 2.0   # the LoRA changed the image
     assert again.accel["compile_events"] == 0 and numpy.array_equal(again.image(), compiled_lora.image())
     print(json.dumps({"lora_first_compile_events": compiled_lora.accel["compile_events"]}))
+
+
+def test_tensorrt_export_in_the_running_webui_with_its_lora(webui, tmp_path):
+    """Up to the engine build inside A1111 (tensorrt needs a GPU): the export of its hijacked UNet under its own
+    attention switch, with and without a LoRA applied in place. The engine key names the base weights (the same
+    with the LoRA, and the one ComfyUI computes for the checkpoint); the ONNX holds the base weights, and the
+    session's refit (into the ONNX: what TensorRT's refitter would get) brings exactly the LoRA's layers to their
+    live values; onnxruntime runs both at a shape other than the traced one."""
+    ort = pytest.importorskip("onnxruntime", reason="running the ONNX needs onnxruntime")
+    pytest.importorskip("onnx", reason="the export needs onnx in the WebUI's venv too (docs/webui.md)")
+    from accelerators.tensorrt.engine import BuildSettings
+    from accelerators.tensorrt.profiles import make_profile, profile_from_dict
+    from accelerators.tensorrt.store import comfy_engine_key
+    from tests.accelerators.tensorrt.test_tensorrt_webui import _comfy_patcher
+
+    models = DATA / "models"
+    checkpoint = models / "Stable-diffusion" / "accel_random_sd15.safetensors"
+    write_random_lora(checkpoint, models / "Lora" / "accel_lora.safetensors")
+    webui.post("/sdapi/v1/refresh-loras", {})
+    profile = make_profile((1, 2, 2), (64, 64, 128), (64, 64, 128), (77, 77, 154)).as_dict()
+    exports = {}
+    for name, prompt in (("base", "a red cube"), ("lora", "a red cube <lora:accel_lora:1>")):
+        assert webui.job(prompt=prompt, steps=2).ok   # leaves A1111's LoRA state as the prompt asks
+        status, exports[name] = webui.post("/accel-probe/tensorrt-export", {
+            "profile": profile, "out": str(tmp_path / name), "tensorrt_version": "10.0-key-test"})
+        assert status == 200, exports[name]
+    base, lora = exports["base"], exports["lora"]
+    assert not base["in_place"] and base["lora_weights"] == 0
+    assert lora["in_place"] and lora["lora_weights"] >= len(lora["in_place"])   # q/k/v weights under refit
+    assert lora["key_id"] == base["key_id"]
+    assert base["attention"][0] == base["attention"][1]   # the user's attention optimization is back
+    key = comfy_engine_key(_comfy_patcher(checkpoint), [profile_from_dict(profile)], BuildSettings(),
+                           tensorrt_version="10.0-key-test", device="cpu")
+    assert key.id == base["key_id"]
+    io = {name: numpy.load(tmp_path / name / "io.npz") for name in exports}
+    session = ort.InferenceSession(str(tmp_path / "lora" / "unet.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: io["lora"][n] for n in ("x", "timesteps", "context")})[0]
+    assert numpy.allclose(got, io["base"]["out"], atol=1e-4, rtol=1e-3)   # the base weights, not the LoRA's
+    assert not numpy.allclose(io["lora"]["out"], io["base"]["out"], atol=1e-3)   # the LoRA was applied live
+    # the refit of exactly the layers A1111's LoRA patched brings the engine to the live UNet
+    assert base["refitted"] == 0 and lora["refitted"] == lora["lora_weights"]
+    refitted = ort.InferenceSession(str(tmp_path / "lora" / "refitted.onnx"), providers=["CPUExecutionProvider"])
+    got = refitted.run(None, {n: io["lora"][n] for n in ("x", "timesteps", "context")})[0]
+    assert numpy.allclose(got, io["lora"]["out"], atol=1e-4, rtol=1e-3)
