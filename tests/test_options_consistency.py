@@ -3,10 +3,11 @@ inputs, the settings' validation, GET /accel/status, web/accel.js (which must re
 the WebUI panel mapping. A value added, dropped or re-ranged in one face only fails here."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[1]   # not from tests.conftest: ComfyUI has a `tests` package too
 
 JS = (REPO_ROOT / "web" / "accel.js").read_text()
 

@@ -1,11 +1,12 @@
 """The WebUI panel → accelerator plan mapping (host-agnostic core), and the shim importing outside the WebUI."""
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]   # not from tests.conftest: ComfyUI has a `tests` package too
 
 sys.path.insert(0, str(REPO_ROOT))  # as the WebUI shim does: the core is the top-level package `accelerators`
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from tests.conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[2]   # not from tests.conftest: ComfyUI has a `tests` package too
 from tools.webui_host import WebUIHost, webui_path
 
 pytestmark = [pytest.mark.slow,

@@ -9,11 +9,12 @@ computes is the one ComfyUI computes: a shared COMFY_ACCEL_CACHE gives an engine
 """
 import json
 import subprocess
+from pathlib import Path
 
 import numpy
 import pytest
 
-from tests.conftest import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parents[3]   # not from tests.conftest: ComfyUI has a `tests` package too
 from tools.webui_host import WebUIHost, webui_path
 
 pytestmark = [pytest.mark.slow,
