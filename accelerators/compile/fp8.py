@@ -44,6 +44,7 @@ from .graphs import OncePerRun
 FP8_MAX = 448.0          # the largest finite float8 e4m3fn value
 MIN_SCALE = 1e-12        # an all-zero row gets this scale (its fp8 values are all zero anyway)
 ALIGN = 16               # _scaled_mm needs the GEMM's K and N to be multiples of 16
+FAST_ACCUM = True        # CUDA: the fp8 tensor cores' fast accumulation (torchao's inference default)
 
 # Layers kept in the model's dtype, by name (a regular expression searched in the layer's name inside the
 # diffusion model), one list per family. In every family: the first and last layers (patch/latent embedding,
@@ -92,16 +93,18 @@ def to_e4m3(t):
 
 
 def fp8_linear(x, weight_fp8, weight_scale, bias):
-    """x @ Wᵀ + b with x quantized per token row and W per output channel (weight_scale: [1, out])."""
+    """x @ Wᵀ + b with x quantized per token row and W per output channel (weight_scale: [1, out]). The bias is
+    added in the GEMM's epilogue (no separate pass over the output), and the tensor cores accumulate with
+    `use_fast_accum` on CUDA, as torchao's float8 inference does by default."""
     import torch
 
     rows = x.reshape(-1, x.shape[-1])
     x8, x_scale = quantize_rows(rows)
     # row-wise scaling on CUDA writes bf16 only; the model's own float type elsewhere (the CPU kernel takes it)
     out_dtype = torch.bfloat16 if x.is_cuda else x.dtype
-    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
-    if bias is not None:
-        out = out + bias.to(out_dtype)
+    out = torch._scaled_mm(x8, weight_fp8.t(), scale_a=x_scale, scale_b=weight_scale,
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                           use_fast_accum=FAST_ACCUM and x.is_cuda)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight_fp8.shape[0])
 
 
@@ -130,11 +133,10 @@ def available(device=None) -> Availability:
     if (major, minor) < (8, 9):
         return Availability(False, f"{name} (compute capability {major}.{minor}) has no fp8 tensor cores; fp8 "
                                    f"needs 8.9+ (Ada, Hopper, Blackwell): use precision auto")
-    try:   # row-wise scales need a recent torch on this GPU: ask the kernel itself
-        a = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
-        b = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=device),
-                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.bfloat16)
+    try:   # row-wise scales (with a bias, fast accumulation) need a recent torch on this GPU: ask the kernel
+        w8, w_scale = quantize_rows(torch.ones(16, 32, device=device))
+        fp8_linear(torch.ones(3, 32, device=device, dtype=torch.bfloat16), w8, w_scale.reshape(1, -1),
+                   torch.zeros(16, device=device, dtype=torch.bfloat16))
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return Availability(False, f"torch {torch.__version__}'s _scaled_mm has no row-wise scaling on {name} "
