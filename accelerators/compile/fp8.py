@@ -249,7 +249,8 @@ def runs_plain(linear, device) -> bool:
     weight = linear.weight
     return (not getattr(linear, "comfy_cast_weights", False) and not getattr(linear, "weight_function", None)
             and not getattr(linear, "bias_function", None) and weight.is_floating_point()
-            and weight.element_size() >= 2 and weight.device == device)
+            and weight.element_size() >= 2 and weight.device.type == device.type
+            and (device.index is None or weight.device.index == device.index))
 
 
 class Fp8Weights:

@@ -229,3 +229,20 @@ def test_the_record_says_fp8_only_when_fp8_layers_ran(pack):
     unavailable = {"accelerate_model": {"backend": "inductor", "precision": "auto",
                                         "precision_unavailable": "no CUDA GPU"}}
     assert in_effect(unavailable, {}, [])["accelerate_model"]["precision"] == "model dtype (fp8: no CUDA GPU)"
+
+
+def test_the_webui_panel_carries_precision_and_its_infotext_says_fp8_only_when_it_ran(pack):
+    from comfy_accel.accelerators.base import AcceleratorInputError, Availability
+    from comfy_accel.accelerators.settings import Settings
+    from comfy_accel.accelerators.webui_mapping import PANEL_ORDER, infotext_to_panel, panel_to_plan
+
+    assert PANEL_ORDER[-1] == "precision"
+    plan = panel_to_plan({"enabled": True, "backend": "inductor", "precision": "fp8"}, settings=Settings(),
+                         availability=lambda name: Availability(True, "here"), gpu=Availability(True, "gpu"))
+    assert plan.step("inductor").options["precision"] == "fp8"
+    ran = {"backend": "inductor", "deepcache": False, "cfg_cutoff": False, "taesd": False, "notes": []}
+    assert "Accel precision" not in plan.infotext({**ran, "precision": "auto"})
+    text = plan.infotext({**ran, "precision": "fp8"})
+    assert text["Accel precision"] == "fp8" and infotext_to_panel(text)["precision"] == "fp8"
+    with pytest.raises(AcceleratorInputError, match="unknown precision"):
+        panel_to_plan({"enabled": True, "precision": "int4"}, settings=Settings())
