@@ -246,3 +246,20 @@ def test_the_webui_panel_carries_precision_and_its_infotext_says_fp8_only_when_i
     assert text["Accel precision"] == "fp8" and infotext_to_panel(text)["precision"] == "fp8"
     with pytest.raises(AcceleratorInputError, match="unknown precision"):
         panel_to_plan({"enabled": True, "precision": "int4"}, settings=Settings())
+
+
+def test_where_fp8_can_run_the_node_attaches_it_and_says_so(pack, fp8, monkeypatch):
+    from comfy_accel.accelerators.accelerate import accelerate
+    from comfy_accel.accelerators.base import Availability
+    from comfy_accel.accelerators.compile.stand_in import session_of
+    from comfy_accel.nodes.metadata import fp8_calls
+
+    monkeypatch.setattr(fp8, "available", lambda device=None: Availability(True, "fp8 here (test)"))
+    flux = build_dit("tiny-flux-dev", seed=2)
+    out, in_effect = accelerate(flux, backend="inductor", precision="fp8", node_id="fp8-attached")
+    session = session_of(out)
+    assert in_effect["precision"] == "fp8" and "precision_unavailable" not in in_effect
+    assert session.options.precision == "fp8" and session.fp8 is not None and fp8_calls(out) == 0
+    assert session.compiler.artifact_options()["precision"] == "fp8"   # fp8 code is cached apart from bf16
+    _, plain = accelerate(flux, backend="inductor", node_id="fp8-not-asked")
+    assert "precision" not in plain
