@@ -128,6 +128,16 @@ def available(device=None) -> Availability:
             return Availability(False, f"the model runs on {device}, not a CUDA GPU: fp8 needs one with fp8 "
                                        f"tensor cores (compute capability 8.9+)")
         device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _probed:
+        _probed[key] = _probe(torch, device)
+    return _probed[key]
+
+
+_probed: dict = {}   # CUDA device → its Availability (one probe per process)
+
+
+def _probe(torch, device) -> Availability:
     major, minor = torch.cuda.get_device_capability(device)
     name = torch.cuda.get_device_name(device)
     if (major, minor) < (8, 9):
@@ -145,9 +155,9 @@ def available(device=None) -> Availability:
 
 
 def precision_in_effect(parsed, device, torch_compile: bool):
-    """`parsed` (session.CompileOptions) if fp8 GEMMs run on `device` (`available`) under this backend (torch.compile's: the routing
-    happens per call, which a traced or ahead-of-time backend would bake), else the model's dtype with one
-    warning saying why, or BackendUnavailable under the `error` policy."""
+    """`parsed` (session.CompileOptions) if fp8 GEMMs run on `device` (`available`) under this backend
+    (torch.compile's: the routing happens per call, which a traced or ahead-of-time backend would bake), else the
+    model's dtype with one warning saying why, or BackendUnavailable under the `error` policy."""
     import dataclasses
 
     from .. import events
