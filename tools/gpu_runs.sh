@@ -34,7 +34,7 @@ case "$what" in
       --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
     grep "^E \|passed\|failed\|SKIPPED\|FAILED\|relative error" "$out/fp8-tests.log" | tail -20
     timeout 330 python3 -m tools.bench_dit --model "${DIT_MODEL:-flux-dev}" --steps "${DIT_STEPS:-20}" --runs 2 \
-      --stacks "${FP8_STACKS:-inductor+cudagraphs,fp8+inductor+cudagraphs}" --out "$out/fp8-bench.json" \
+      --stacks "${FP8_STACKS:-eager,inductor+cudagraphs,fp8+inductor+cudagraphs}" --out "$out/fp8-bench.json" \
       > "$out/fp8-bench.log" 2>&1
     grep "^\[bench_dit\]" "$out/fp8-bench.log" | tail -12 ;;
   dit)
