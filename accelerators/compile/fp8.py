@@ -24,7 +24,8 @@ session compares what the host says is patched into the weights (ComfyUI: the ba
 `current_weight_patches_uuid` and the running patcher's patch keys; the WebUI's LoRA: each layer's
 `network_current_names`) and where each weight lives; the layers that changed are quantized again *into the
 same buffers* (`copy_`), so compiled code and captured graphs keep reading the same addresses: no recompile, no
-re-capture. (A tensor's `_version` cannot serve: ComfyUI patches with `param.data.copy_`, which the version
+re-capture. ComfyUI's hook LoRAs (a LoRA per conditioning, patched between the calls of one step) are followed
+through the host's `ON_APPLY_HOOKS` callback: the layers they patch or restore are quantized again at once. (A tensor's `_version` cannot serve: ComfyUI patches with `param.data.copy_`, which the version
 counter of the Parameter does not see.)
 
 Which layers stay in the model's dtype: KEEP, one list per family (why each entry: docs/benchmarks.md, "fp8
@@ -278,6 +279,7 @@ class Fp8Weights:
         self.calls = 0                   # our calls that ran with fp8 layers (compiled, captured or replayed)
         self.requantized = 0             # layers quantized again after a weight change (LoRA), all runs
         self.why_not = ""                # why no layer runs in fp8 now ('' when some do)
+        self.hooked: set = set()         # layer names ComfyUI's hook patches held at the last ON_APPLY_HOOKS
 
     @property
     def active(self) -> bool:
@@ -325,6 +327,21 @@ class Fp8Weights:
                                 f"no recompile)", level="info")
         self.why_not = "" if self.routes else ("no linear layer of this model can run in fp8 this run (all kept, "
                                                "misaligned, or cast per call by ComfyUI: lowvram or fp8 storage)")
+
+    def hooks_applied(self, patcher) -> None:
+        """ComfyUI applied (or removed) hook patches between two calls (its ON_APPLY_HOOKS callback): the layers
+        they patched before or patch now are quantized again, in place, before the next call."""
+        import torch
+
+        prefix = "diffusion_model."
+        hooked = {k[len(prefix):].removesuffix(".weight") for k in (getattr(patcher, "hook_backup", None) or {})
+                  if k.startswith(prefix) and k.endswith(".weight")}
+        affected = [self.routes[n] for n in (hooked | self.hooked) if n in self.routes]
+        self.hooked = hooked
+        with torch.inference_mode(False), torch.no_grad():
+            for route in affected:
+                self._quantize_into(route)
+        self.requantized += len(affected)
 
     def _new_route(self, diffusion_model, name: str, linear) -> Routed:
         parent_name, _, attr = name.rpartition(".")

@@ -207,6 +207,11 @@ def attach(model, session):
 
     patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
     patched.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
+    if session.fp8 is not None and hasattr(CallbacksMP, "ON_APPLY_HOOKS"):
+        # hook LoRAs patch weights between the calls of a step: the fp8 copies follow (fp8.py)
+        patched.remove_callbacks_with_key(CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)
+        patched.add_callback_with_key(CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY,
+                                      lambda patcher, _hooks: session.fp8.hooks_applied(patcher))
     return patched
 
 

@@ -263,3 +263,29 @@ def test_where_fp8_can_run_the_node_attaches_it_and_says_so(pack, fp8, monkeypat
     assert session.compiler.artifact_options()["precision"] == "fp8"   # fp8 code is cached apart from bf16
     _, plain = accelerate(flux, backend="inductor", node_id="fp8-not-asked")
     assert "precision" not in plain
+
+
+def test_a_hook_lora_patched_between_the_calls_of_a_step_reaches_the_fp8_layers(pack):
+    """ComfyUI's hook LoRAs (a LoRA on one conditioning) patch the weights before each call that needs them and
+    restore them before the others: the fp8 copies follow through ON_APPLY_HOOKS, call by call."""
+    import comfy.hooks
+
+    from tools.dit_factory import make_dit_conditioning
+
+    model = build_dit("tiny-flux-dev", seed=6)
+    accelerated, session = fp8_lane(model, "fp8-hooks", graphs=True)
+    lora = random_dit_lora(model, scale=0.6)
+
+    def conditioning(patcher):
+        positive, negative = make_dit_conditioning(patcher)
+        return {"positive": comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora(
+            lora, strength_model=1.0, strength_clip=0.0)), "negative": negative}
+
+    plain = sample_dit(accelerated, steps=2, cfg=2.0)
+    hooked = sample_dit(accelerated, steps=2, cfg=2.0, **conditioning(accelerated))
+    routed = sorted(session.fp8.routes)
+    reference = fp8_by_hooks(build_dit("tiny-flux-dev", seed=6, check_alive=False), routed)
+    expected = sample_dit(reference, steps=2, cfg=2.0, **conditioning(reference))
+    assert rel(hooked, plain) > 1e-3 and rel(hooked, expected) < 1e-5
+    assert session.fp8.requantized > 0 and session.calls["eager"] == 0
+    assert rel(sample_dit(accelerated, steps=2, cfg=2.0), plain) < 1e-6   # hooks gone: the base weights' copies
