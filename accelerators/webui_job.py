@@ -22,6 +22,7 @@ class JobState:
         self.cutoff_passes = []      # per sampling pass: the step the uncond skip starts at, or None
         self.taesd = False
         self.compiles_before = 0
+        self.fp8_calls_before = 0    # the session's fp8 calls when this job started (webui_unet, precision fp8)
         self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
         self.started = time.time()
 
@@ -35,7 +36,12 @@ class JobState:
         return {"backend": self.plan.backend if compiled else "eager",
                 "deepcache": bool(counts and counts.shallow),
                 "cfg_cutoff": bool(self.cutoff_passes) and all(s is not None for s in self.cutoff_passes),
-                "taesd": self.taesd, "notes": [*self.notes, *self.warnings()]}
+                "taesd": self.taesd, "notes": [*self.notes, *self.warnings()],
+                "precision": "fp8" if compiled and self.fp8_calls() > self.fp8_calls_before else "auto"}
+
+    def fp8_calls(self) -> int:
+        fp8 = getattr(getattr(self.runner, "session", None), "fp8", None)
+        return fp8.calls if fp8 is not None else 0
 
     def warnings(self) -> list[str]:
         """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""

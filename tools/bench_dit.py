@@ -31,10 +31,13 @@ import torch
 from tools.comfy_host import import_comfy, import_pack
 
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
-          "inductor+step-cache-2", "comfy-easycache", "comfy-compile+easycache")
+          "inductor+step-cache-2", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
+          "fp8+inductor+cudagraphs")
+FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs"}   # → its bf16 twin
 # on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
 DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
-GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU"}
+GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU",
+            **{name: "fp8 GEMMs need a CUDA GPU with fp8 tensor cores" for name in FP8_STACKS}}
 EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
 
@@ -46,11 +49,11 @@ def _comfy_torch_compile(model):
     return clone
 
 
-def _ours(backend: str, scope: str = "auto"):
+def _ours(backend: str, scope: str = "auto", precision: str = "auto"):
     def build(model):
         from comfy_accel.accelerators.accelerate import accelerate
 
-        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope)
+        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope, precision=precision)
         print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
         return out
     return build
@@ -76,7 +79,8 @@ BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor"
          "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole"),
          "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours("inductor")(_step_cache_2(m)),
          "comfy-easycache": _core_easycache,
-         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m))}
+         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m)),
+         **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()}}
 
 
 class _EasyCacheLines(logging.Handler):
@@ -140,8 +144,28 @@ def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[di
     state = step_cache_state(model)
     if state is not None and state.last_run:
         row["step_cache"] = state.last_run["line"]
+    from tools.bench import fp8_run
+
+    row.update(fp8_run(model))
     print(f"[bench_dit] {json.dumps(row)}", flush=True)
     return row, out
+
+
+def fp8_fidelity(out, latents: dict, twin: str) -> dict:
+    """An fp8 stack's final latent against bf16 eager and the bf16 compiled twin (random DiT weights amplify
+    last-bit differences over the blocks: compiled bf16 is itself some way from eager), relative error and PSNR."""
+    from tools.bench import latent_fidelity
+
+    found = {}
+    for label, name in (("eager", "eager"), ("compiled", twin if twin in latents else
+                                               next((n for n in ("inductor+cudagraphs", "inductor") if n in latents),
+                                                    None))):
+        if name in latents:
+            fid = latent_fidelity(out, latents[name])
+            found[f"vs_bf16_{label}"] = {"stack": name, "rel_err": round(fid["rel_err"], 4),
+                                         "psnr_db": round(fid["psnr_db"], 1)}
+    print(f"[bench_dit] fp8 fidelity: {json.dumps(found)}", flush=True)
+    return found
 
 
 def main(argv=None) -> int:
@@ -185,7 +209,7 @@ def main(argv=None) -> int:
            "date": dt.date.today().isoformat(), "model": args.model, "size": f"{width}x{height}",
            "steps": args.steps, "dtype": str(dtype)}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
-    rows, reference = [], None
+    rows, reference, latents = [], None, {}
     for name in stacks:
         if name in GPU_ONLY and not cuda:
             rows.append({"stack": name, "skipped": GPU_ONLY[name]})
@@ -200,6 +224,10 @@ def main(argv=None) -> int:
             reference = out
         elif out is not None and reference is not None:
             row["rel_err_vs_eager"] = float(((out - reference).norm() / reference.norm()).item())
+        if out is not None:
+            latents[name] = out
+        if out is not None and name in FP8_STACKS:
+            row.update(fp8_fidelity(out, latents, FP8_STACKS[name]))
         rows.append(row)
     eager = next((r for r in rows if r["stack"] == "eager" and "median_s" in r), None)
     for row in rows:
