@@ -14,10 +14,12 @@ Which steps are skipped (`mode`):
   `k = mean|d1 - d0| / mean|x1 - x0|` says how much the prediction moves per unit of input change; each later
   call adds `k * mean|x_t - x_prev| / mean|d|` (the estimated relative change of the prediction) to an
   accumulator, skipping while it stays under `threshold`; a full call resets it. Threshold 0 never skips.
-  Without a device read per step: after a full call with derivative `d`, an Euler step moves the input by
-  `|sigma_prev - sigma_t| * d`, and a skipped call's `d` is the cached one, so the accumulated change since
-  the last full call at `sigma_f` is exactly `k * |sigma_f - sigma_t|`: host numbers (the schedule, copied to
-  the CPU once per run). For multistep and ancestral samplers it is an estimate of what EasyCache measures.
+  Without a device read per step: an Euler step moves the input by `(sigma_next - sigma) * d`, and after a
+  full call every `d` until the next one is the cached one, so `mean|x1 - x0| = |sigma1 - sigma0| * mean|d0|`
+  and the accumulated change since the last full call at `sigma_f` is exactly `k * |sigma_f - sigma_t|`: host
+  numbers (the schedule, copied to the CPU once per run). For multistep and ancestral samplers these are
+  estimates of what EasyCache measures. The rule needs no input, so the WebUI face (`webui_step_cache.py`,
+  the UNet's eps output as `d`) runs the same `CacheEntry`.
   `k` itself is measured on the device at each full call and read only after the NEXT full call was queued
   (`LaggedScalars`: a non-blocking copy into pinned memory and an event), so the read never waits for the
   newest model call; a decision therefore uses the rate of the pair of full calls before the newest one, and
@@ -124,7 +126,7 @@ def read_host(lagged: LaggedScalars) -> list[float]:
 
 
 class CacheEntry:
-    """One batch composition's cache in one run: the last two full calls (step, sigma, x, d) and the skip
+    """One batch composition's cache in one run: the last two full calls (step, sigma, d) and the skip
     bookkeeping. Host-agnostic: `d` is the derivative the sampler integrates (the ComfyUI face) or the UNet's
     eps output (the WebUI face), `sigma` a host float.
 
@@ -133,9 +135,10 @@ class CacheEntry:
     """
 
     def __init__(self):
-        self.full: list[tuple] = []   # (step, sigma, x, d) of the last two full calls, oldest first
+        self.full: list[tuple] = []   # (step, sigma, d) of the last two full calls, oldest first
         self.full_calls = 0           # full calls recorded
-        self.rates: list[tuple[int, LaggedScalars]] = []   # adaptive: (full call index, [mean|dd|, mean|dx|])
+        self.rates: list[tuple[int, float, LaggedScalars]] = []   # adaptive: (full call index, |d sigma|,
+        #                                                               [mean|d - d_prev|, mean|d_prev|])
         self.k: float | None = None   # adaptive: prediction change per unit of input change
         self.consecutive = 0
 
@@ -161,33 +164,35 @@ class CacheEntry:
     def _settle_rates(self) -> None:
         """Reads every rate queued before the newest full call (that call was queued behind it)."""
         while self.rates and self.rates[0][0] < self.full_calls - 1:
-            _, lagged = self.rates.pop(0)
-            change_d, change_x = lagged.read()
+            _, sigma_travelled, lagged = self.rates.pop(0)
+            change_d, previous_d = lagged.read()
+            change_x = sigma_travelled * previous_d   # mean|x1 - x0| of the Euler steps between the two
             self.k = change_d / change_x if change_x > 0 else None
 
-    def record(self, step: int, sigma: float | None, x, d, measure: bool = False) -> None:
-        """A full call's input and derivative (the newest replaces one of the same step: Heun's second call);
-        `measure` (adaptive) queues the rate k between it and the previous full call."""
+    def record(self, step: int, sigma: float | None, d, measure: bool = False) -> None:
+        """A full call's derivative at host float `sigma` (the newest replaces one of the same step: Heun's
+        second call); `measure` (adaptive) queues the rate k between it and the previous full call. `d` is kept:
+        the caller passes a tensor no later call overwrites."""
         import torch
 
         if self.full and self.full[-1][0] == step:
             self.full.pop()
             self.rates = [r for r in self.rates if r[0] != self.full_calls - 1]
             self.full_calls -= 1
-        if measure and self.full:
-            previous_x, previous_d = self.full[-1][2], self.full[-1][3]
-            if previous_x.shape == x.shape:
-                self.rates.append((self.full_calls, LaggedScalars(torch.stack(
-                    [_mean_abs(d - previous_d), _mean_abs(x - previous_x)]))))
-        self.full = [*self.full[-1:], (step, sigma, x, d)]
+        if measure and self.full and sigma is not None and self.full[-1][1] is not None:
+            previous_d = self.full[-1][2]
+            if previous_d.shape == d.shape:
+                self.rates.append((self.full_calls, abs(self.full[-1][1] - sigma), LaggedScalars(torch.stack(
+                    [_mean_abs(d - previous_d), _mean_abs(previous_d)]))))
+        self.full = [*self.full[-1:], (step, sigma, d)]
         self.full_calls += 1
 
     def predict(self, config: StepCacheConfig, step: int):
         """The derivative a skipped call at `step` uses: the last one, or (taylor) its first-order extrapolation."""
-        newest_step, _, _, newest = self.full[-1]
+        newest_step, _, newest = self.full[-1]
         if config.cache_mode != "taylor" or len(self.full) < 2:
             return newest
-        older_step, _, _, older = self.full[0]
+        older_step, _, older = self.full[0]
         return newest + (newest - older) * ((step - newest_step) / (newest_step - older_step))
 
 
@@ -258,7 +263,7 @@ class StepCacheState:
             step, sigma_host, sigma = where
             self.steps_run.add(step)
             safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-            entry.record(step, sigma_host, x, (x.float() - denoised.float()) / safe,
+            entry.record(step, sigma_host, (x.float() - denoised.float()) / safe,
                          measure=self.config.cache_mode == "adaptive")
         return denoised
 

@@ -31,7 +31,7 @@ def euler_run(pack, config, predictions, sigmas=None):
             d = entry.predict(config, step)
         else:
             d = predictions[step]
-            entry.record(step, sigmas[step], x, d, measure=config.cache_mode == "adaptive")
+            entry.record(step, sigmas[step], d, measure=config.cache_mode == "adaptive")
         x = x + (sigmas[step + 1] - sigmas[step]) * d
     return skipped
 
@@ -91,9 +91,10 @@ def test_adaptive_reads_each_rate_once_after_the_next_full_call_was_queued(pack,
     # the rate of the full pair before the newest
     skipped = euler_run(pack, config(threshold=0.3, max_consecutive=10), growing([1.0] + [4.0] * 10))
     assert skipped == [3, 4, 5]
-    ks = [round(change_d / change_x * 11 / 12, 2) for change_d, change_x in rates]   # growing()'s units
-    # pairs 0-1, 1-2, 2-6 (four steps of compound growth), 6-7, 7-8, 8-9; 9-10's and 10-11's no decision needs
-    assert ks == [1.0, 4.0, 6.76, 4.0, 4.0, 4.0]
+    changes = [round(change_d / previous_d * 11, 2) for change_d, previous_d in rates]   # growing()'s rates
+    # pairs 0-1, 1-2, 2-6 (four steps of compound growth: 11 * (1.364^4 - 1)), 6-7, 7-8, 8-9; the pairs 9-10
+    # and 10-11 no decision needs
+    assert changes == [1.0, 4.0, 27.04, 4.0, 4.0, 4.0]
     monkeypatch.setattr(step_cache, "read_host", lambda lagged: pytest.fail("a schedule read the device"))
     assert euler_run(pack, config(cache_mode="taylor", interval=3), growing([1.0] * 11)) == [1, 2, 4, 5, 7, 8, 10, 11]
 
@@ -113,10 +114,9 @@ def test_taylor_extrapolates_the_last_two_full_steps(pack):
 
     taylor, interval = config(cache_mode="taylor", interval=3), config(cache_mode="interval", interval=3)
     entry = CacheEntry()
-    x = torch.ones(3)
-    entry.record(0, None, x, torch.full((3,), 1.0))
+    entry.record(0, None, torch.full((3,), 1.0))
     assert torch.equal(entry.predict(taylor, 1), torch.full((3,), 1.0))   # one full step: reuse
-    entry.record(3, None, x, torch.full((3,), 4.0))                              # d grows by 1 per step
+    entry.record(3, None, torch.full((3,), 4.0))                              # d grows by 1 per step
     assert torch.allclose(entry.predict(taylor, 5), torch.full((3,), 6.0))
     assert torch.equal(entry.predict(interval, 5), torch.full((3,), 4.0))
 
