@@ -21,6 +21,7 @@ class JobState:
         self.notes: list[str] = []
         self.cutoff_passes = []      # per sampling pass: the step the uncond skip starts at, or None
         self.taesd = False
+        self.step_cache = None       # webui_step_cache.UNetStepCache when the plan has one
         self.compiles_before = 0
         self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
         self.started = time.time()
@@ -35,7 +36,13 @@ class JobState:
         return {"backend": self.plan.backend if compiled else "eager",
                 "deepcache": bool(counts and counts.shallow),
                 "cfg_cutoff": bool(self.cutoff_passes) and all(s is not None for s in self.cutoff_passes),
-                "taesd": self.taesd, "notes": [*self.notes, *self.warnings()]}
+                "taesd": self.taesd, "step_cache": self.step_cache_ran(),
+                "notes": [*self.notes, *self.warnings(), *(self.step_cache.notes if self.step_cache else [])]}
+
+    def step_cache_ran(self) -> str | None:
+        """"skipped N of M steps" where the step cache saw this job's UNet calls, else None."""
+        run = self.step_cache.summary() if self.step_cache is not None else None
+        return f"skipped {run['skipped_steps']} of {run['steps']} steps" if run and run["steps"] else None
 
     def warnings(self) -> list[str]:
         """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""
@@ -50,6 +57,8 @@ class JobState:
     def report(self) -> dict:
         out = {"plan": self.plan.as_metadata(), "error": self.error, "ran": self.ran(),
                "cutoff_steps": list(self.cutoff_passes)}
+        if self.step_cache is not None:
+            out["step_cache"] = self.step_cache.summary()
         if self.runner is not None:
             out["counts"] = self.runner.counts.as_dict()
             out["summary"] = self.runner.summary()
