@@ -4,6 +4,7 @@ full call replays its bucket's graph (never compiled-without-graph nor eager), o
 result is the same stack run eager; with CFG Cutoff the batch-2 and batch-1 calls keep caches and graphs apart.
 What Step Cache puts into the options (the step tracker) is per-run state: no graph is keyed on it."""
 import pytest
+import torch
 
 from tests.accelerators.test_compile_dit import captures, graph_lane, rel
 from tools.dit_factory import build_dit, sample_dit
@@ -97,3 +98,29 @@ def test_cfg_cutoff_step_cache_and_graphs_keep_batch_2_and_batch_1_apart(pack, o
     assert last_run(accelerated)["skipped_steps"] == 4
     eager = step_cache(cutoff(twin, CFGCutoffConfig(cutoff_percent=50.0)), **INTERVAL_3)
     assert rel(out, sample_dit(eager, steps=8, cfg=3.0)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (torch sees none here)")
+@pytest.mark.parametrize("settings", [INTERVAL_3, dict(threshold=0.2, start=0.0)], ids=["interval", "adaptive"])
+def test_on_a_gpu_full_calls_replay_cuda_graphs(pack, settings):
+    """The real thing (GPU only): Step Cache before inductor+cudagraphs on tiny Flux-dev in fp16, 8 steps: every
+    full call a graph replay, the result that of the compiled model without graphs under the same step cache,
+    and the adaptive rule's reads one per full call at most (none per step)."""
+    from comfy_accel.accelerators import step_cache as step_cache_module
+    from comfy_accel.accelerators.compile.inductor import apply, apply_cudagraphs
+    from comfy_accel.accelerators.compile.stand_in import session_of
+
+    model = build_dit("tiny-flux-dev", seed=4, dtype=torch.float16, device="cuda", smooth=True)
+    graphed = apply_cudagraphs(step_cache(model, **settings), {"fallback": "error", "node_id": "gpu-sc"})
+    plain = apply(step_cache(model, **settings), {"fallback": "error"})
+    sample_dit(graphed, steps=8)   # captures
+    reads, real = [], step_cache_module.read_host
+    step_cache_module.read_host = lambda lagged: reads.append(1) or real(lagged)
+    try:
+        out = sample_dit(graphed, steps=8)
+    finally:
+        step_cache_module.read_host = real
+    session, run = session_of(graphed), last_run(graphed)
+    assert session.calls["graph"] == 2 * run["ran"] and session.calls["compiled"] == 0, session.calls
+    assert len(reads) <= max(run["ran"] - 2, 0)
+    assert rel(out, sample_dit(plain, steps=8)) < 1e-2
