@@ -14,11 +14,14 @@ NAME = "accelerate_model"
 
 def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynamic: str = "buckets",
                fallback: str = options.DEFAULT, node_id=None, get_store=None, keep_weights_on_gpu: bool = False,
-               scope: str = options.SCOPES[0]):
+               scope: str = options.SCOPES[0], precision: str = options.PRECISIONS[0]):
     """(accelerated clone, settings in effect). The settings say which backend was chosen and why; `scope` is
-    what one torch.compile covers (options.SCOPES; what ran is in `compiles`)."""
+    what one torch.compile covers (options.SCOPES; what ran is in `compiles`); `precision` the linear layers'
+    arithmetic (options.PRECISIONS; "precision" in the settings is what the attached session runs, with
+    "precision_unavailable" saying why fp8 was not attached)."""
     mode, dynamic, fallback = options.parse_backend_options({"mode": mode, "dynamic": dynamic, "fallback": fallback})
     scope = options.parse_scope(scope)
+    precision = options.parse_precision(precision)
     if not isinstance(keep_weights_on_gpu, bool):
         raise AcceleratorInputError(f"keep_weights_on_gpu must be true or false; got {keep_weights_on_gpu!r}")
     choice = options.resolve_backend(backend)
@@ -40,7 +43,7 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
         spec = registry.get(chosen)
         asked = f"backend '{backend}'" + (f" (picked {chosen})" if chosen != backend else "")
         backend_options = {"mode": mode, "dynamic": dynamic, "fallback": fallback, "node_id": node,
-                           "get_store": get_store, "asked": asked, "scope": scope}
+                           "get_store": get_store, "asked": asked, "scope": scope, "precision": precision}
         ready = spec.available()
         if not ready:
             in_effect["unavailable"] = ready.reason
@@ -55,6 +58,10 @@ def accelerate(model, backend: str = options.AUTO, mode: str = "default", dynami
         compiled = what_is_compiled(out)
         if compiled:
             in_effect["compiles"] = compiled
+        if precision != options.PRECISIONS[0]:
+            in_effect.update(precision_attached(out, precision, raised, node))
+    if chosen == options.EAGER and precision != options.PRECISIONS[0]:
+        in_effect.update(precision="auto", precision_unavailable="no compile backend runs the model (eager)")
     if keep_weights_on_gpu:
         in_effect["keep_weights_on_gpu"] = keep_on_load_device(out)
         events.notice(NAME, in_effect["keep_weights_on_gpu"], level="info", node_id=node)
@@ -78,6 +85,20 @@ def refused_model(model, refusal: Exception, asked: str, fallback: str, node: st
         raise AcceleratorInputError(reason) from None
     events.notice(NAME, f"{reason}; running eager", node_id=node)
     return model.clone(), reason
+
+
+def precision_attached(model, requested: str, raised: list, node) -> dict:
+    """{"precision": what the attached compile session runs, "precision_unavailable": why not the requested}."""
+    from .compile.stand_in import session_of
+
+    session = session_of(model)
+    running = session.options.precision if session is not None else "auto"
+    out = {"precision": running}
+    if running != requested:
+        said = [n["message"] for n in raised if n["accelerator"] == requested and n["node"] == node]
+        out["precision_unavailable"] = said[-1].removesuffix("; running in the model's dtype") if said else \
+            f"the {'backend' if session is None else 'session'} runs no {requested} path"
+    return out
 
 
 def keep_on_load_device(model) -> str:

@@ -32,6 +32,9 @@ FALLBACK_TEXT = {"eager": "run eager and say why", "error": "fail the prompt"}
 DYNAMIC = ("buckets", "static", "dynamic")      # one graph per shape bucket / the first shape only / shape-generic
 MODES = ("default", "max-autotune")
 SCOPES = ("auto", "whole", "blocks")            # what one compile covers: auto = SD UNets whole, DiTs block by block
+# the linear layers' arithmetic in the compiled model: auto = the model's dtype; fp8 = e4m3 weights and
+# activations with row-wise scales (compile/fp8.py), on GPUs with fp8 tensor cores
+PRECISIONS = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ def parse_scope(value) -> str:
     return parse_choice("scope", value or SCOPES[0], SCOPES)
 
 
+def parse_precision(value) -> str:
+    return parse_choice("precision", value or PRECISIONS[0], PRECISIONS)
+
+
 def parse_step_cache_mode(value) -> str:
     return parse_choice("cache_mode", value or STEP_CACHE_MODES[0], STEP_CACHE_MODES)
 
@@ -215,6 +222,7 @@ def describe() -> dict:
         "mode": {"choices": list(MODES), "default": MODES[0]},
         "dynamic": {"choices": list(DYNAMIC), "default": DYNAMIC[0]},
         "scope": {"choices": list(SCOPES), "default": SCOPES[0]},
+        "precision": {"choices": list(PRECISIONS), "default": PRECISIONS[0]},
         "fallback": {"choices": list(FALLBACK_CHOICES), "default": DEFAULT},
         "deepcache": {"cache_interval": DEEPCACHE_INTERVAL.as_dict(), "cache_branch": DEEPCACHE_BRANCH.as_dict(),
                       "start_percent": PERCENT.as_dict(), "end_percent": {**PERCENT.as_dict(), "default": 100.0}},

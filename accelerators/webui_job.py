@@ -23,6 +23,7 @@ class JobState:
         self.taesd = False
         self.step_cache = None       # webui_step_cache.UNetStepCache when the plan has one
         self.compiles_before = 0
+        self.fp8_calls_before = 0    # the session's fp8 calls when this job started (webui_unet, precision fp8)
         self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
         self.started = time.time()
 
@@ -37,7 +38,12 @@ class JobState:
                 "deepcache": bool(counts and counts.shallow),
                 "cfg_cutoff": bool(self.cutoff_passes) and all(s is not None for s in self.cutoff_passes),
                 "taesd": self.taesd, "step_cache": self.step_cache_ran(),
-                "notes": [*self.notes, *self.warnings(), *(self.step_cache.notes if self.step_cache else [])]}
+                "notes": [*self.notes, *self.warnings(), *(self.step_cache.notes if self.step_cache else [])],
+                "precision": "fp8" if compiled and self.fp8_calls() > self.fp8_calls_before else "auto"}
+
+    def fp8_calls(self) -> int:
+        fp8 = getattr(getattr(self.runner, "session", None), "fp8", None)
+        return fp8.calls if fp8 is not None else 0
 
     def step_cache_ran(self) -> str | None:
         """"skipped N of M steps" where the step cache saw this job's UNet calls, else None."""

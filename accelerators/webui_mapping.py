@@ -20,14 +20,14 @@ from . import settings as settings_module
 from .base import AcceleratorInputError, Availability, BackendUnavailable
 # every value and range comes from options.py, like the ComfyUI nodes'
 from .options import (BACKEND_CHOICES, CFG_CUTOFF_PERCENT, DEEPCACHE_BRANCH, DEEPCACHE_INTERVAL, DEFAULT,
-                      DYNAMIC, STEP_CACHE_INTERVAL, STEP_CACHE_MODES, STEP_CACHE_THRESHOLD, parse_bool, parse_choice,
-                      parse_fallback, registry_availability, resolve_backend)
+                      DYNAMIC, PRECISIONS, STEP_CACHE_INTERVAL, STEP_CACHE_MODES, STEP_CACHE_THRESHOLD, parse_bool,
+                      parse_choice, parse_fallback, parse_precision, registry_availability, resolve_backend)
 
 PANEL_BACKENDS = BACKEND_CHOICES
 INFOTEXT_PREFIX = "Accel"
 # The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
 PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd",
-               "step_cache", "step_cache_mode", "step_cache_threshold", "step_cache_interval")
+               "step_cache", "step_cache_mode", "step_cache_threshold", "step_cache_interval", "precision")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class PanelValues:
     step_cache_threshold: float = STEP_CACHE_THRESHOLD.default
     step_cache_interval: int = STEP_CACHE_INTERVAL.default
     fallback: str = ""                    # "" = the fallback policy from the settings
+    precision: str = PRECISIONS[0]        # the compiled UNet's linear layers: the model's dtype or fp8
 
     @classmethod
     def from_dict(cls, values: dict) -> "PanelValues":
@@ -105,6 +106,8 @@ class AccelPlan:
                                                    f"branch {deepcache.options['cache_branch']}")
         if self.step("taesd") and ran.get("taesd"):
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
+        if ran.get("precision", PRECISIONS[0]) != PRECISIONS[0]:   # only what ran: fp8 layers in this job
+            out[f"{INFOTEXT_PREFIX} precision"] = ran["precision"]
         out.update(_step_cache_infotext(self.step("step_cache"), ran.get("step_cache")))
         # one line each, kept short: an exception's text can run to pages, and a newline would end the infotext
         notes = [_one_line(n) for n in ran.get("notes", []) if n and n.strip()]
@@ -149,6 +152,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     use_cutoff = parse_bool("cfg_cutoff", panel.cfg_cutoff)
     cutoff_percent = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", panel.cfg_cutoff_percent)
     use_taesd = parse_bool("taesd", panel.taesd)
+    precision = parse_precision(panel.precision)
     step_cache = _step_cache_options(panel)
 
     plan = AccelPlan(fallback=fallback, requested_backend=requested)
@@ -184,7 +188,9 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     plan.backend = backend
     if backend != "eager":
         plan.steps.append(PlanStep(backend, "backend", {"mode": "default", "dynamic": dynamic, "fallback": fallback,
-                                                        "node_id": None, "store": store}))
+                                                        "node_id": None, "store": store, "precision": precision}))
+    elif precision != PRECISIONS[0]:
+        plan.notes.append(f"precision {precision} runs in a compiled UNet; with no backend the model's dtype runs")
     if use_taesd:
         plan.steps.append(PlanStep("taesd", "vae", {}))
     if not plan.steps:
@@ -226,6 +232,9 @@ def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
         read("deepcache_branch", lambda: DEEPCACHE_BRANCH.parse("deepcache_branch",
                                                                 fields.get("branch", DEEPCACHE_BRANCH.default)))
     out["taesd"] = params.get(f"{INFOTEXT_PREFIX} TAESD") == "on"
+    precision = params.get(f"{INFOTEXT_PREFIX} precision")
+    if precision is not None:
+        read("precision", lambda: parse_precision(precision))
     _step_cache_from_infotext(params.get(f"{INFOTEXT_PREFIX} Step Cache"), out, read)
     if found and errors is None:
         raise AcceleratorInputError(found[0])

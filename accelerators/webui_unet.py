@@ -153,8 +153,12 @@ class WebUIUNetRunner:
         if self.deepcache:
             out = self._deepcache(x, timesteps, context, extra, compile_segments=True)
         else:
+            from .compile.fp8 import routing
+
+            session.prepare_precision(None, self.unet, {})   # fp8: LoRA changes re-quantized (WebUI's names)
             t_emb = self.walk.time_embedding(timesteps)
-            out = _segment_compiler(session)(WHOLE_UNET, self.walk.whole, x, t_emb, context, *extra)
+            with routing(session):
+                out = _segment_compiler(session)(WHOLE_UNET, self.walk.whole, x, t_emb, context, *extra)
         if session.calls["eager"] == before:
             self.counts.compiled += 1
         else:
@@ -231,6 +235,10 @@ def make_session(backend: str, options: dict, model_config: dict, get_store=None
     if not ready:
         raise BackendUnavailable(f"{backend}: {ready.reason}")
     parsed = parse_options(options, backend, cuda_graphs=graphs)
+    if parsed.precision != "auto":   # fp8 where the GPU runs it, else the model's dtype with the reason
+        from .compile.fp8 import precision_in_effect
+
+        parsed = precision_in_effect(parsed, None, torch_compile=True)
     compiler = _webui_compiler_class()(parsed)
     compiler.use_precompile(False)   # a precompiled UNet bakes ComfyUI's forward signature: not for this host
     return CompileSession(compiler, parsed, get_store=get_store, model_config=model_config)

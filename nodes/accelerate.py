@@ -41,6 +41,12 @@ class AccelerateModel:
                       "What one compile covers (torch.compile backends). auto: SD UNets whole, DiTs (Flux, Wan, "
                       "...) block by block, each block class compiled once (seconds); whole: the whole diffusion "
                       "model in one graph (minutes to compile for a DiT, can fuse more); blocks: block by block."}),
+            "precision": (list(options.PRECISIONS), {"default": options.PRECISIONS[0], "tooltip":
+                          "The linear layers' arithmetic (torch.compile backends). auto: the model's dtype; fp8: "
+                          "weights and activations in fp8 with row-wise scales, GEMMs on fp8 tensor cores (GPUs "
+                          "of compute capability 8.9+: Ada, Hopper, Blackwell), LoRA-safe; first/last, embedding "
+                          "and modulation layers stay in the model's dtype. Elsewhere it runs the model's dtype "
+                          "and says why."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
@@ -48,10 +54,10 @@ class AccelerateModel:
     CATEGORY = CATEGORY
 
     def accelerate(self, model, backend="auto", mode="default", dynamic="buckets", fallback="default",
-                   keep_weights_on_gpu=False, scope="auto", unique_id=None):
+                   keep_weights_on_gpu=False, scope="auto", precision="auto", unique_id=None):
         out, in_effect = accelerate(model, backend=backend, mode=mode, dynamic=dynamic, fallback=fallback,
                                     node_id=unique_id, get_store=comfy_store, keep_weights_on_gpu=keep_weights_on_gpu,
-                                    scope=scope)
+                                    scope=scope, precision=precision)
         return backend_node_result(out, "accelerate_model", in_effect)
 
 

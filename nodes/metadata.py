@@ -138,23 +138,48 @@ def _json_safe(value):
     return str(value)
 
 
-def in_effect(applied: dict, nodes: dict, notices: list[dict]) -> dict:
+PRECISION_NOTICES = "fp8"   # the accelerator name of the precision's own notices (compile/fp8.py)
+
+
+def in_effect(applied: dict, nodes: dict, notices: list[dict], fp8_ran: bool = False) -> dict:
     """Per recorded accelerator: what actually ran. Settings with "unavailable" (the node attached nothing
     that can run here: the model is the eager one) mark a fallback on every run; otherwise a warning from the
     same node (or, when the notice names no node, from an accelerator of the same name as the recorded
-    backend) raised during this prompt or its sampling does."""
+    backend) raised during this prompt or its sampling does. A node that attached fp8 says "fp8" only when
+    `fp8_ran` (its layers ran in fp8 during this sampling); a precision warning is not a backend fallback."""
     out = {}
     for key, settings in applied.items():
         settings = settings if isinstance(settings, dict) else {}
         node = nodes.get(key)
         backend = settings.get("backend")
         names = {key, backend} - {None}
-        reasons = [n["message"] for n in notices if n.get("level") in ("warning", "error") and (
+        said = [n for n in notices if n.get("level") in ("warning", "error") and (
             (node is not None and n.get("node") == node) or (n.get("node") is None and n.get("accelerator") in names))]
+        reasons = [n["message"] for n in said if n.get("accelerator") != PRECISION_NOTICES]
         reason = settings.get("unavailable") or (reasons[-1] if reasons else None)
         used = backend or key
         out[key] = {"node": node, "used": f"eager (fallback: {reason})" if reason else used, "fallback": reason}
+        if settings.get("precision") == "fp8" and not reason:
+            if fp8_ran:
+                out[key]["used"] = f"{used} + fp8"
+                out[key]["precision"] = "fp8"
+            else:
+                why = [n["message"] for n in said if n.get("accelerator") == PRECISION_NOTICES]
+                out[key]["precision"] = f"model dtype ({why[-1] if why else 'no fp8 layer ran'})"
+        elif settings.get("precision_unavailable"):
+            out[key]["precision"] = f"model dtype (fp8: {settings['precision_unavailable']})"
     return out
+
+
+def fp8_calls(patcher) -> int:
+    """How many calls of this model's compile session ran fp8 layers so far (0 without one)."""
+    try:
+        from ..accelerators.compile.stand_in import session_of
+
+        session = session_of(patcher)
+        return session.fp8.calls if session is not None and session.fp8 is not None else 0
+    except Exception:
+        return 0
 
 
 def metadata_sample_wrapper(executor, *args, **kwargs):
@@ -169,6 +194,8 @@ def metadata_sample_wrapper(executor, *args, **kwargs):
     if record is not None:
         with _lock:
             record["applied"] = {**record["applied"], **applied}
+    patcher = getattr(guider, "model_patcher", None)
+    fp8_before = fp8_calls(patcher)
     with events.collect() as raised:   # what the attached wrappers do during this sampling, logged or not
         try:
             return executor(*args, **kwargs)
@@ -177,7 +204,7 @@ def metadata_sample_wrapper(executor, *args, **kwargs):
                 with _lock:
                     for data in raised:
                         _add_notice(record, data, running_node)
-                    effect = in_effect(applied, nodes, list(record["notices"]))
+                    effect = in_effect(applied, nodes, list(record["notices"]), fp8_calls(patcher) > fp8_before)
                     record["in_effect"] = {**record["in_effect"], **effect}
                 _tell_browser(prompt_id, effect)
 

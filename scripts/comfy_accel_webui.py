@@ -136,7 +136,7 @@ def _runner_for(state: JobState, unet):
     deep = plan.step("deepcache")
     backend = plan.step(plan.backend) if plan.backend != "eager" else None
     deepcache = (deep.options["cache_interval"], deep.options["cache_branch"]) if deep else None
-    backend_options = {k: backend.options[k] for k in ("dynamic", "fallback")} if backend else {}
+    backend_options = {k: backend.options[k] for k in ("dynamic", "fallback", "precision")} if backend else {}
     key = (plan.backend, deepcache, tuple(sorted(backend_options.items())))
     runner = _runners.get(key)
     if runner is not None and runner.unet is unet:
@@ -189,6 +189,7 @@ def _prepare_job_unet():
         state.runner.reset_counts()
         session = state.runner.session
         state.compiles_before = len(session.compiler.compile_events) if session else 0
+        state.fp8_calls_before = state.fp8_calls()
         if session is not None:
             _apply_lora_weights(unet)
     return state.runner
@@ -305,8 +306,10 @@ if IN_WEBUI:
                                                value=defaults.cfg_cutoff_percent,
                                                **_bounds(options.CFG_CUTOFF_PERCENT))
                     taesd = gr.Checkbox(label="TAESD decode (fast, lossy)", value=defaults.taesd)
+                precision = gr.Dropdown(label="Precision (fp8: GPUs with fp8 tensor cores, lossy)",
+                                        choices=list(options.PRECISIONS), value=defaults.precision)
                 step_cache = _step_cache_row(defaults)
-            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, *step_cache]
+            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, *step_cache, precision]
             self.infotext_fields = [(c, pasted_field(n)) for c, n in zip(components, PANEL_ORDER)]
             self.paste_field_names = []
             return components

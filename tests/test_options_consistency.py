@@ -21,7 +21,8 @@ def options(pack):
 def combo_options(options) -> dict:
     """Node input name → the values options.py allows for it."""
     return {"backend": options.BACKEND_CHOICES, "mode": options.MODES, "dynamic": options.DYNAMIC,
-            "fallback": options.FALLBACK_CHOICES, "cache_mode": options.STEP_CACHE_MODES, "scope": options.SCOPES}
+            "fallback": options.FALLBACK_CHOICES, "cache_mode": options.STEP_CACHE_MODES, "scope": options.SCOPES,
+            "precision": options.PRECISIONS}
 
 
 def range_options(options) -> dict:
@@ -96,7 +97,7 @@ def test_the_core_configs_accept_exactly_the_ranges(pack, options):
 
 def every_value_anywhere(options) -> set:
     return {*options.BACKEND_CHOICES, *options.FALLBACK_CHOICES, *options.DYNAMIC, *options.MODES, *options.SCOPES,
-            "warp"}
+            *options.PRECISIONS, "warp"}
 
 
 def test_settings_accept_exactly_the_options_values(pack, options):

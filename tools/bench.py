@@ -130,9 +130,15 @@ STACKS = [
     Stack("inductor+cudagraphs+keep", "Accelerate Model: inductor+cudagraphs, keep_weights_on_gpu",
           _chain(_backend("inductor+cudagraphs"), _keep_weights_on_gpu), requires=("inductor+cudagraphs",),
           gpu_only=True),
-    Stack("fp8", "UNETLoader fp8_e4m3fn_fast weights, eager", _fp8_weights, lossless=False, cpu_default=False),
-    Stack("fp8+inductor+cudagraphs", "UNETLoader fp8_e4m3fn_fast + Accelerate Model: inductor+cudagraphs",
-          _chain(_fp8_weights, _backend("inductor+cudagraphs")), requires=("inductor+cudagraphs",), lossless=False,
+    # "fp8", "fp8+inductor+cudagraphs": ComfyUI's own loader fp8 (per-tensor scales); "fp8-rowwise+...": ours,
+    # Accelerate Model's precision fp8 (row-wise scales on weights and activations, accelerators/compile/fp8.py)
+    Stack("fp8", "ComfyUI loader fp8: UNETLoader fp8_e4m3fn_fast weights, eager", _fp8_weights, lossless=False,
+          cpu_default=False),
+    Stack("fp8+inductor+cudagraphs", "ComfyUI loader fp8 (UNETLoader fp8_e4m3fn_fast) + Accelerate Model: "
+          "inductor+cudagraphs", _chain(_fp8_weights, _backend("inductor+cudagraphs")),
+          requires=("inductor+cudagraphs",), lossless=False, gpu_only=True),
+    Stack("fp8-rowwise+inductor+cudagraphs", "Accelerate Model: inductor+cudagraphs, precision fp8 (row-wise)",
+          _backend("inductor+cudagraphs", precision="fp8"), requires=("inductor+cudagraphs",), lossless=False,
           gpu_only=True),
     Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
     Stack("stable-fast-max", "Accelerate Model: stable-fast, max-autotune (fp16-accumulating GEMMs)",
@@ -262,6 +268,7 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
         row["sampling_median_s"] = statistics.median(sampling_times[1:])
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     row.update(_step_cache_run(model))
+    row.update(fp8_run(model))
     if getattr(args, "lora_switch", False):
         row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
     if getattr(args, "steps_sweep", False):
@@ -382,6 +389,18 @@ def _step_cache_run(model) -> dict:
     return {"step_cache": state.last_run["line"]} if state is not None and state.last_run else {}
 
 
+def fp8_run(model) -> dict:
+    """How many linear layers ran in fp8 under Accelerate Model's precision fp8, and in how many calls ({}: none)."""
+    from comfy_accel.accelerators.compile.stand_in import session_of
+
+    session = session_of(model)
+    fp8 = getattr(session, "fp8", None)
+    return {"fp8_layers": len(fp8.routes), "fp8_calls": fp8.calls} if fp8 is not None else {}
+
+
+FP8_COMPILED_BASELINE = "inductor+cudagraphs"   # the bf16 compiled stack fp8 stacks are also compared with
+
+
 def stack_vae(row: dict) -> str:
     vae = next((s.vae for s in STACKS if s.name == row["stack"]), "full")
     return "Tiny VAE" if vae == "taesd" else "full VAE"
@@ -412,6 +431,11 @@ def format_table(rows: list[dict], baseline: dict | None) -> str:
             extra += f" ({row['step_cache']})"
         if "lora_switch_s" in row:
             extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
+        if "fidelity_vs_compiled" in row:
+            vs = row["fidelity_vs_compiled"]
+            extra += f" (vs bf16 {FP8_COMPILED_BASELINE}: rel {vs['rel_err']:.2e}, PSNR {vs['psnr_db']:.1f} dB)"
+        if "fp8_layers" in row:
+            extra += f" ({row['fp8_layers']} layers in fp8)"
         lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "
                      f"{mem} | {row['first_run_s']:.1f} | {rel} | {psnr}{extra} |")
     return "\n".join(lines)
@@ -581,6 +605,9 @@ def main(argv=None) -> int:
             row["fidelity"] = latent_fidelity(row["latent"], baseline["latent"])
             if "image" in row and "image" in baseline:
                 row["fidelity"].update(image_fidelity(row["image"], baseline["image"]))
+        compiled = next((r for r in rows if r.get("stack") == FP8_COMPILED_BASELINE and "latent" in r), None)
+        if "fp8" in stack.name and compiled is not None:   # every fp8 stack: also against the bf16 compiled one
+            row["fidelity_vs_compiled"] = latent_fidelity(row["latent"], compiled["latent"])
         rows.append(row)
         speed = f", {baseline['median_s'] / row['median_s']:.2f}x eager" if baseline else ""
         print(f"[bench] {stack.name}: median {row['median_s']:.3f} s{speed}, first run {row['first_run_s']:.1f} s",

@@ -36,10 +36,14 @@ from tools.comfy_host import import_comfy, import_pack
 
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
           "inductor+step-cache-2", "inductor+cudagraphs+step-cache-2", "step-cache-adaptive",
-          "inductor+cudagraphs+step-cache-adaptive", "comfy-easycache", "comfy-compile+easycache")
+          "inductor+cudagraphs+step-cache-adaptive", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
+          "fp8+inductor+cudagraphs", "fp8+inductor+cudagraphs+step-cache-2")
+FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs",
+              "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2"}   # → its bf16 twin
 # on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
 DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
-GPU_ONLY = {name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name}
+GPU_ONLY = {**{name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name},
+            **{name: "fp8 GEMMs need a CUDA GPU with fp8 tensor cores" for name in FP8_STACKS}}
 EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
 
@@ -51,11 +55,11 @@ def _comfy_torch_compile(model):
     return clone
 
 
-def _ours(backend: str, scope: str = "auto"):
+def _ours(backend: str, scope: str = "auto", precision: str = "auto"):
     def build(model):
         from comfy_accel.accelerators.accelerate import accelerate
 
-        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope)
+        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope, precision=precision)
         print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
         return out
     return build
@@ -91,7 +95,10 @@ BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor"
          "step-cache-adaptive": _step_cache_adaptive,
          "inductor+cudagraphs+step-cache-adaptive": lambda m: _ours("inductor+cudagraphs")(_step_cache_adaptive(m)),
          "comfy-easycache": _core_easycache,
-         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m))}
+         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m)),
+         **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()},
+         "fp8+inductor+cudagraphs+step-cache-2":
+             lambda m: _ours("inductor+cudagraphs", precision="fp8")(_step_cache_2(m))}
 
 
 class _EasyCacheLines(logging.Handler):
@@ -157,8 +164,28 @@ def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[di
     state = step_cache_state(model)
     if state is not None and state.last_run:
         row["step_cache"] = state.last_run["line"]
+    from tools.bench import fp8_run
+
+    row.update(fp8_run(model))
     print(f"[bench_dit] {json.dumps(row)}", flush=True)
     return row, out
+
+
+def fp8_fidelity(out, latents: dict, twin: str) -> dict:
+    """An fp8 stack's final latent against bf16 eager and the bf16 compiled twin (random DiT weights amplify
+    last-bit differences over the blocks: compiled bf16 is itself some way from eager), relative error and PSNR."""
+    from tools.bench import latent_fidelity
+
+    found = {}
+    for label, name in (("eager", "eager"), ("compiled", twin if twin in latents else
+                                               next((n for n in ("inductor+cudagraphs", "inductor") if n in latents),
+                                                    None))):
+        if name in latents:
+            fid = latent_fidelity(out, latents[name])
+            found[f"vs_bf16_{label}"] = {"stack": name, "rel_err": round(fid["rel_err"], 4),
+                                         "psnr_db": round(fid["psnr_db"], 1)}
+    print(f"[bench_dit] fp8 fidelity: {json.dumps(found)}", flush=True)
+    return found
 
 
 def main(argv=None) -> int:
@@ -208,7 +235,7 @@ def main(argv=None) -> int:
            "date": dt.date.today().isoformat(), "model": args.model, "size": f"{width}x{height}",
            "steps": args.steps, "dtype": str(dtype), "weights": args.checkpoint or "random"}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
-    rows, reference = [], None
+    rows, reference, latents = [], None, {}
     for name in stacks:
         if name in GPU_ONLY and not cuda:
             rows.append({"stack": name, "skipped": GPU_ONLY[name]})
@@ -227,6 +254,10 @@ def main(argv=None) -> int:
             fidelity = latent_fidelity(out, reference)
             row["rel_err_vs_eager"] = fidelity["rel_err"]
             row["latent_psnr_db"] = round(fidelity["psnr_db"], 1) if fidelity["psnr_db"] != float("inf") else "inf"
+        if out is not None:
+            latents[name] = out
+        if out is not None and name in FP8_STACKS:
+            row.update(fp8_fidelity(out, latents, FP8_STACKS[name]))
         rows.append(row)
     eager = next((r for r in rows if r["stack"] == "eager" and "median_s" in r), None)
     for row in rows:

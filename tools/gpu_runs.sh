@@ -12,13 +12,14 @@
 #   bash tools/gpu_runs.sh precompile # dynamo's AOT compile of the UNet: new-process load time (tools/probe_precompile)
 #   bash tools/gpu_runs.sh dit        # issue 16: DiT graph test, FLUX.1-dev side by side (DIT_MODEL, DIT_STACKS)
 #   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
+#   bash tools/gpu_runs.sh fp8        # issue 17: precision fp8 GPU test, FLUX.1-dev bf16 vs fp8 (DIT_MODEL, FP8_STACKS)
 #   bash tools/gpu_runs.sh stepcache  # issue 18: Step Cache GPU tests, FLUX.1-dev step-cache stacks (SC_STACKS,
 #                                     #   SC_EASYCACHE_THRESHOLD); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
 #                                     #   stepcache-sdxl: SDXL 1024² fastest stacks (DeepCache's and Step Cache's)
 set -u
-runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | stepcache | stepcache-wan | stepcache-sdxl"
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl"
 what=${1:?"$runs"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|stepcache|stepcache-wan|stepcache-sdxl) ;;
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl) ;;
   *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
@@ -31,6 +32,14 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
 
 case "$what" in
+  fp8)
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 200 python3 -m pytest -q -p no:cacheprovider -s --timeout 190 \
+      --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
+    grep "^E \|passed\|failed\|SKIPPED\|FAILED\|relative error" "$out/fp8-tests.log" | tail -20
+    timeout 330 python3 -m tools.bench_dit --model "${DIT_MODEL:-flux-dev}" --steps "${DIT_STEPS:-20}" --runs 2 \
+      --stacks "${FP8_STACKS:-inductor+cudagraphs,fp8+inductor+cudagraphs}" --out "$out/fp8-bench.json" \
+      > "$out/fp8-bench.log" 2>&1
+    grep "^\[bench_dit\]" "$out/fp8-bench.log" | tail -12 ;;
   dit)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
       --tb=short -rfEs -k "gpu" tests/accelerators/test_compile_dit.py > "$out/dit-tests.log" 2>&1
@@ -100,7 +109,7 @@ len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
       > "$out/precompile-load-empty.log" 2>&1
     grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
   stepcache|stepcache-wan)
-    sc_stacks=${SC_STACKS:-eager,step-cache-2,inductor+cudagraphs,inductor+cudagraphs+step-cache-2,comfy-easycache,comfy-compile+easycache}
+    sc_stacks=${SC_STACKS:-eager,step-cache-2,inductor+cudagraphs,inductor+cudagraphs+step-cache-2,fp8+inductor+cudagraphs+step-cache-2,comfy-easycache,comfy-compile+easycache}
     if [ "$what" = stepcache ]; then
       TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
         --tb=short -rfEs -k "gpu" tests/accelerators/test_step_cache_graphs.py > "$out/stepcache-tests.log" 2>&1

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .dit import run_blocks
+from .fp8 import routing
 from .graphs import CarriedCall, carry_call, graph_options, weights_signature
 
 
@@ -43,13 +44,15 @@ def graph_callable(session, unet, bucket: tuple, carried: CarriedCall, options: 
     if session.by_blocks:
         def blocks(*tensors):
             x_, t_, kwargs = rebuild(tensors)
-            return run_blocks(session, unet, lambda: unet(x_, t_, transformer_options=dict(options), **kwargs))
+            with routing(session):
+                return run_blocks(session, unet, lambda: unet(x_, t_, transformer_options=dict(options), **kwargs))
         return blocks
     compiled = session.compiled_module(unet)
 
     def whole(*tensors):
         x_, t_, kwargs = rebuild(tensors)
-        return compiled(x_, t_, transformer_options=dict(options), **kwargs)
+        with routing(session):
+            return compiled(x_, t_, transformer_options=dict(options), **kwargs)
     return whole
 
 
@@ -90,4 +93,6 @@ def replay(session, unet, bucket: tuple, carried: CarriedCall, transformer_optio
             session.calls["compiled"] += 1
             return run_compiled()
     session.calls["graph"] += 1
+    if session.fp8 is not None:
+        session.fp8.count_replay()
     return captured(*carried.tensors).clone()   # the next replay overwrites the static output

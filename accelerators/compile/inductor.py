@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..base import AcceleratorSpec, Availability, cuda_available
 from ..settings import get_settings
 from .precompile import FORMAT_VERSION as PRECOMPILE_FORMAT
-from .session import Compiler, apply_backend
+from .session import Compiler, apply_backend, precision_key
 
 INDUCTOR = "inductor"
 INDUCTOR_CUDAGRAPHS = "inductor+cudagraphs"
@@ -106,7 +106,8 @@ class InductorCompiler(Compiler):
         # keeps the host's layout
         self.channels_last = torch.cuda.is_available() and get_settings().channels_last
         if options.cuda_graphs and options.dynamic != "dynamic":
-            self.use_precompile(precompile_wanted())
+            # a precompiled UNet bakes the module it traced: the fp8 routing of one call would not reach it
+            self.use_precompile(precompile_wanted() and options.precision == "auto")
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -138,7 +139,7 @@ class InductorCompiler(Compiler):
 
     def artifact_options(self) -> dict:
         return {"mode": self.options.mode, "dynamic": self.options.dynamic,
-                "inductor_config": dict(sorted(self.config_patches.items()))}
+                "inductor_config": dict(sorted(self.config_patches.items())), **precision_key(self.options)}
 
     def save_artifacts(self) -> bytes | None:
         import torch

@@ -27,7 +27,7 @@ from typing import Callable
 
 from .. import events
 from ..base import AcceleratorInputError, BackendUnavailable, model_family
-from ..options import parse_backend_options, parse_scope
+from ..options import parse_backend_options, parse_precision, parse_scope
 from .artifacts import Artifacts
 from .dit import BLOCKS, Served, served_model
 from .graphs import ChannelsLastLayout, GraphSet
@@ -46,6 +46,7 @@ class CompileOptions:
     cuda_graphs: bool = False
     node_id: str | None = None
     scope: str = "auto"             # auto: SD UNets whole, DiTs block by block; whole; blocks (dit.py)
+    precision: str = "auto"         # auto: the model's dtype; fp8: row-wise fp8 GEMMs (fp8.py)
 
 
 def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False) -> CompileOptions:
@@ -56,7 +57,8 @@ def parse_options(options: dict | None, backend: str, cuda_graphs: bool = False)
     node_id = options.get("node_id")
     scope = parse_scope(options.get("scope"))
     return CompileOptions(backend=backend, mode=mode, dynamic=dynamic, fallback=fallback, cuda_graphs=cuda_graphs,
-                          node_id=None if node_id is None else str(node_id), scope=scope)
+                          node_id=None if node_id is None else str(node_id), scope=scope,
+                          precision=parse_precision(options.get("precision")))
 
 
 class Compiler:
@@ -85,7 +87,7 @@ class Compiler:
         raise NotImplementedError
 
     def artifact_options(self) -> dict:
-        return {"mode": self.options.mode, "dynamic": self.options.dynamic}
+        return {"mode": self.options.mode, "dynamic": self.options.dynamic, **precision_key(self.options)}
 
     def save_artifacts(self) -> bytes | None:
         return None
@@ -113,6 +115,11 @@ class Compiler:
     def package_files(self, folder) -> dict:
         """The built package's files as {name: bytes}, for the artifact store."""
         raise NotImplementedError
+
+
+def precision_key(options: CompileOptions) -> dict:
+    """fp8 code is other code: part of the artifacts' key (absent for the model's dtype, so bf16 keys stay)."""
+    return {"precision": options.precision} if options.precision != "auto" else {}
 
 
 # ---- shape buckets: (batch, latent height, latent width, tokens, y width, dtype, device, frames), or a
@@ -161,6 +168,7 @@ class CompileSession:
     get_store: Callable | None = None
     model_config: dict = field(default_factory=dict)
     served: Served | None = None    # what the lane compiles of this model (None: a UNet, whole)
+    device: object = None           # where the model runs (the fp8 copies live there)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self):
@@ -172,6 +180,11 @@ class CompileSession:
         self.artifacts = Artifacts(self)
         self.graphs = GraphSet(self) if self.options.cuda_graphs else None
         self.layout = ChannelsLastLayout(self.notice)
+        self.fp8 = None   # fp8.Fp8Weights when the linear layers run in fp8
+        if self.options.precision == "fp8":
+            from .fp8 import Fp8Weights
+
+            self.fp8 = Fp8Weights(self, self.device if self.device is not None else "cuda")
         # set by the stand-in for each DeepCache call, read by the segment compiler during it
         self.segment_call: tuple = ({}, None, "no graphs")   # (transformer_options, UNet bucket, graph reason)
 
@@ -307,10 +320,23 @@ class CompileSession:
         if self.compiler.channels_last:
             self.layout.prepare(unet, transformer_options)
 
+    def prepare_precision(self, base_model, unet, transformer_options: dict) -> None:
+        """fp8: once per sampling run, the routed layers' fp8 copies made or brought up to date (fp8.py); when
+        none can run in fp8 this run, one warning says why (the calls run in the model's dtype)."""
+        if self.fp8 is None:
+            return
+        self.fp8.refresh(base_model, unet, transformer_options)
+        if self.fp8.why_not:
+            events.notice("fp8", f"{self.fp8.why_not}; running in the model's dtype", node_id=self.options.node_id,
+                          once_key=f"fp8:{self.token}:{self.fp8.why_not}")
+
     def release(self) -> None:
-        """ComfyUI unloads the model: free the graphs (compiled code stays; it holds no device memory)."""
+        """ComfyUI unloads the model: free the graphs and fp8 copies (compiled code stays; it holds no device
+        memory)."""
         if self.graphs is not None:
             self.graphs.unload()
+        if self.fp8 is not None:
+            self.fp8.release()
 
 
 # ---- what every backend's apply does ------------------------------------------------------------------------
@@ -345,8 +371,13 @@ def apply_backend(model, options: dict | None, backend: str, available: Callable
             raise BackendUnavailable(f"{backend}: {ready.reason}")
         events.notice(backend, f"{ready.reason}; running eager", node_id=parsed.node_id)
         return model.clone()
+    device = getattr(model, "load_device", None)
+    if parsed.precision == "fp8":
+        from .fp8 import precision_in_effect
+
+        parsed = precision_in_effect(parsed, device, torch_compile=regional)
     session = CompileSession(make_compiler(parsed), parsed, get_store=store_getter(options),
-                             model_config=model_config_fields(model), served=served)
+                             model_config=model_config_fields(model), served=served, device=device)
     if served.model_class != "UNetModel":
         events.notice(backend, f"compiles {served.describe()}", level="info", node_id=parsed.node_id)
     return attach(model, session)

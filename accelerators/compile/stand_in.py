@@ -22,6 +22,7 @@ from typing import Callable
 from ..segments import COMPILER_KEY
 from . import graph_path
 from .dit import run_blocks
+from .fp8 import routing
 from .graphs import graph_options   # stable_fast imports it from here too
 
 WRAPPER_KEY = "comfy_accel.compile"
@@ -188,7 +189,7 @@ def attach(model, session):
             session.notice("ComfyUI's TorchCompileModel was applied after Accelerate Model: its compiled model "
                            "runs and Accelerate Model stands aside (one compiler per model)", once="core-compile")
             return None
-        return compiled_unet(unet, session)
+        return compiled_unet(unet, session, base_model)
 
     if model.get_wrappers(WrappersMP.APPLY_MODEL, CORE_COMPILE_KEY):
         # core's TorchCompileModel before this node: one compiler per model, the later choice wins
@@ -225,10 +226,11 @@ def _define_compiled_unet():
     class CompiledUNet(torch.nn.Module):
         """Stands in for `diffusion_model` during one apply_model call: compiled, graph-replayed or eager."""
 
-        def __init__(self, unet, session):
+        def __init__(self, unet, session, base_model=None):
             super().__init__()
             object.__setattr__(self, "unet", unet)   # not a submodule: the swap must not re-parent the UNet
             object.__setattr__(self, "session", session)
+            object.__setattr__(self, "base_model", base_model)   # what the host says is patched (fp8.py)
 
         @property
         def dtype(self):
@@ -251,6 +253,7 @@ def _define_compiled_unet():
             if reason:
                 return session.fallback(reason, eager)
             session.prepare_layout(unet, transformer_options)
+            session.prepare_precision(self.base_model, unet, transformer_options)
             use_compile_friendly_attention(transformer_options)
             if segments:
                 graph_reason = unservable_reason(GRAPH_LIMITS, None, transformer_options, kwargs) \
@@ -260,10 +263,11 @@ def _define_compiled_unet():
                                                          kwargs)
 
             def compiled_call():   # a DiT: its own forward, every repeated block through compiled code
-                if session.by_blocks:
-                    return run_blocks(session, unet, eager)
-                return session.compiled_module(unet)(x, timesteps, context=context, y=y, control=control,
-                                                     transformer_options=transformer_options, **kwargs)
+                with routing(session):
+                    if session.by_blocks:
+                        return run_blocks(session, unet, eager)
+                    return session.compiled_module(unet)(x, timesteps, context=context, y=y, control=control,
+                                                         transformer_options=transformer_options, **kwargs)
 
             if not graph_reason:
                 patches = patch_signature(transformer_options)
@@ -315,7 +319,8 @@ def _define_compiled_unet():
                 self.say_graphs_off(graph_reason)
             session.segment_call = (transformer_options, bucket, graph_reason)
             transformer_options[COMPILER_KEY] = segment_compiler(session)
-            out = eager()
+            with routing(session):
+                out = eager()
             # a graph's static output is overwritten by its next replay: hand the sampler its own copy
             return out.clone() if not graph_reason else out
 
