@@ -52,7 +52,7 @@ case "$what" in
     store=$(fresh store)
     for run in cold warm; do
       TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 280 python3 tests/accelerators/compile_worker.py "$store" \
-        "$out/dit-latent-$run.pt" inductor+cudagraphs "${DIT_MODEL:-flux-dev}" 128 > "$out/dit-warm-$run.log" 2>&1
+        "$out/dit-latent-$run.pt" inductor+cudagraphs "${DIT_MODEL:-flux-dev}" 128 "${DIT_STEPS:-20}" > "$out/dit-warm-$run.log" 2>&1
       echo "[$run] $(grep '^RESULT' "$out/dit-warm-$run.log" | cut -c1-700)"
     done ;;
   tests|package)
