@@ -48,7 +48,7 @@ class JobState:
     def step_cache_ran(self) -> str | None:
         """"skipped N of M steps" where the step cache saw this job's UNet calls, else None."""
         run = self.step_cache.summary() if self.step_cache is not None else None
-        return f"skipped {run['skipped_steps']} of {run['steps']} steps" if run and run["steps"] else None
+        return f"skipped {run['skipped_steps']} of {run['steps']} {run['unit']}" if run and run["steps"] else None
 
     def warnings(self) -> list[str]:
         """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""

@@ -10,7 +10,8 @@ x - sigma * eps`: for the eps-prediction SD models that output IS the derivative
 integrates, which is what ComfyUI's face caches. So a skipped call returns the cached output (interval, adaptive)
 or its first-order extrapolation (taylor), from `step_cache.CacheEntry`. A step here is one denoiser call (A1111's
 own count, `CFGDenoiser.step`); the window and the interval count those calls, which for one-evaluation samplers
-(Euler, DPM++ 2M, ...) are the steps. Entries are keyed by the call's batch shape: A1111 batches cond rows then
+(Euler, DPM++ 2M, ...) are the steps; where they are not (Heun: two calls a step), what ran is said in UNet calls.
+Entries are keyed by the call's batch shape: A1111 batches cond rows then
 uncond rows, and its uncond skip (NGMS, the pack's CFG cutoff) drops the uncond rows, a new composition with its
 own entry. The adaptive rule reads the sigma of a call from the pass's schedule (host floats, no device read); a
 sampler that calls the model more than once per step (calls ≠ schedule steps) or has no sigma schedule (DDIM,
@@ -36,6 +37,7 @@ class UNetStepCache:
         self.steps_seen: set[tuple[int, int]] = set()
         self.steps_run: set[tuple[int, int]] = set()
         self.notes: list[str] = []
+        self.calls_are_steps = True   # every pass called the UNet once per step of its schedule
 
     def begin_pass(self, schedule: list[float] | None) -> None:
         """A new sampling pass (txt2img, img2img, the hires pass): no cache crosses passes."""
@@ -46,6 +48,8 @@ class UNetStepCache:
 
     def at_call(self, index: int, total: int) -> None:
         self.call = (index, max(int(total), 1))
+        if self.schedule is None or len(self.schedule) - 1 != self.call[1]:
+            self.calls_are_steps = False
 
     def _sigma(self, index: int, total: int) -> float | None:
         if self.config.cache_mode != "adaptive":
@@ -84,6 +88,8 @@ class UNetStepCache:
         steps = len(self.steps_seen)
         skipped = len(self.steps_seen - self.steps_run)
         calls = self.counts["ran"] + self.counts["skipped"]
-        line = (f"skipped {skipped} of {steps} steps ({self.config.describe()}; "
+        unit = "steps" if self.calls_are_steps else "UNet calls"
+        line = (f"skipped {skipped} of {steps} {unit} ({self.config.describe()}; "
                 f"{self.counts['ran']} of {calls} UNet calls ran)")
-        return {"steps": steps, "skipped_steps": skipped, "calls": calls, **self.counts, "line": line}
+        return {"steps": steps, "skipped_steps": skipped, "calls": calls, **self.counts, "unit": unit,
+                "line": line}

@@ -235,9 +235,8 @@ def _pass_sigmas(p) -> list[float]:
 
 
 def _begin_step_cache_pass(p, state: JobState) -> None:
-    """A new pass for the job's step cache; the adaptive rule gets the pass's sigmas (none: it skips nothing)."""
-    adaptive = state.step_cache.config.cache_mode == "adaptive"
-    state.step_cache.begin_pass(_pass_sigmas(p) if adaptive and hasattr(p.sampler, "get_sigmas") else None)
+    """A new pass for the job's step cache, with the pass's sigmas (none: adaptive skips nothing)."""
+    state.step_cache.begin_pass(_pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None)
 
 
 def _cutoff_step(p, percent: float):

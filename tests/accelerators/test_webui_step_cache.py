@@ -24,9 +24,10 @@ def unet_inputs(call: int, batch: int = 2):
 
 
 def sample_pass(cache, runner, calls: int, batches=None, schedule=None):
-    """One sampling pass as A1111 drives it: begin the pass, then per denoiser call `at_call` and the UNet call."""
+    """One sampling pass as A1111 drives it: begin the pass (its sigmas: one per call unless given), then per
+    denoiser call `at_call` and the UNet call."""
     runner.reset_counts()
-    cache.begin_pass(schedule)
+    cache.begin_pass(schedule or [1.0 - n / calls for n in range(calls + 1)])
     outs = []
     with torch.no_grad():
         for call in range(calls):
@@ -87,6 +88,7 @@ def test_adaptive_reads_the_schedule_not_the_device_per_call(runner, monkeypatch
     unscheduled = UNetStepCache(StepCacheConfig(threshold=5.0, start=0.0, end=1.0))
     sample_pass(unscheduled, runner, 8, schedule=schedule[:5])
     assert unscheduled.summary()["skipped_steps"] == 0 and "skipped nothing" in unscheduled.notes[0]
+    assert unscheduled.summary()["line"].startswith("skipped 0 of 8 UNet calls")   # calls are not steps here
 
 
 def test_panel_plan_infotext_and_paste(pack):

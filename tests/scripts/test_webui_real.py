@@ -103,13 +103,15 @@ def test_deepcache_runs_the_deep_blocks_on_one_call_in_three(webui):
 def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_plain(webui):
     """Step Cache interval 3 over 6 steps (window from 15%: step 1 on): the UNet's middle block runs on calls 0,
     1 and 4 only, the infotext says so; the next job without the extension and one with CFG cutoff alone run
-    every call."""
+    every call. Heun calls the UNet 11 times for 6 steps: interval 2 counts calls, and the infotext says so."""
     webui.post("/accel-probe/config", {"deep_hook": True})
     try:
         job = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
                                "step_cache_interval": 3})
         plain = webui.job()
         cutoff = webui.job(accel=CUTOFF_50)
+        heun = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
+                                "step_cache_interval": 2}, sampler_name="Heun")
     finally:
         webui.post("/accel-probe/config", {"deep_hook": False})
     assert job.ok, job.error
@@ -119,6 +121,9 @@ def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_pla
     assert plain.ok and [c["deep"] for c in plain.calls] == [True] * 6 and not infotext_fields(plain)
     assert cutoff.ok and [c["deep"] for c in cutoff.calls] == [True] * 6
     assert "Accel Step Cache" not in infotext_fields(cutoff) and "step_cache" not in cutoff.accel
+    assert heun.ok and [c["deep"] for c in heun.calls] == [True, True, True, False, True, False, True, False, True,
+                                                           False, True]
+    assert infotext_fields(heun)["Accel Step Cache"] == "interval, interval 2, skipped 4 of 11 UNet calls"
 
 
 @pytest.mark.parametrize("accel, message", [
