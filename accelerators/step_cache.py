@@ -10,13 +10,24 @@ Which steps are skipped (`mode`):
 - `adaptive`: EasyCache's rule (arXiv 2507.02860, core's `nodes_easycache.py`), chosen because it is the only
   published rule that is calibration-free AND model-agnostic: it looks at the model's input, which exists
   before anything runs. First Block Cache needs block 0 of the model to run first, i.e. a model-specific split
-  of its forward; TeaCache and MagCache need fitted per-model (per-step-count) tables. After two full calls,
+  of its forward; TeaCache and MagCache need fitted per-model (per-step-count) tables. From two full calls,
   `k = mean|d1 - d0| / mean|x1 - x0|` says how much the prediction moves per unit of input change; each later
-  call adds `k * mean|x_t - x_prev| / mean|d1|` (the estimated relative change of the prediction) to an
-  accumulator, and the call is skipped while the accumulator stays under `threshold`. A full call resets it.
-  Threshold 0 never skips. The estimate reads one number from the device per call (a sync), and a full
-  call three.
+  call adds `k * mean|x_t - x_prev| / mean|d|` (the estimated relative change of the prediction) to an
+  accumulator, skipping while it stays under `threshold`; a full call resets it. Threshold 0 never skips.
+  Without a device read per step: an Euler step moves the input by `(sigma_next - sigma) * d`, and after a
+  full call every `d` until the next one is the cached one, so `mean|x1 - x0| = |sigma1 - sigma0| * mean|d0|`
+  and the accumulated change since the last full call at `sigma_f` is exactly `k * |sigma_f - sigma_t|`: host
+  numbers (the schedule, copied to the CPU once per run). For multistep and ancestral samplers these are
+  estimates of what EasyCache measures. The rule needs no input, so the WebUI face (`webui_step_cache.py`,
+  the UNet's eps output as `d`) runs the same `CacheEntry`.
+  `k` itself is measured on the device at each full call and read only after the NEXT full call was queued
+  (`LaggedScalars`: a non-blocking copy into pinned memory and an event), so the read never waits for the
+  newest model call; a decision therefore uses the rate of the pair of full calls before the newest one, and
+  the first skip can come only after three full calls. Where a sync remains: the schedule's copy to the CPU
+  (once per run) and, for samplers that evaluate the model more than once per step (Heun, dpm_2, the 2S
+  family), the sigma of each call (one read per call, to find its step: `sampling_progress`).
 - `interval`: a full call every `interval` steps from the window's start (DeepCache's schedule); 1 never skips.
+  A schedule: nothing is read from the device.
 - `taylor`: the `interval` schedule, but a skipped call extrapolates `d` to first order from the last two full
   steps (TaylorSeer, order 1) instead of reusing it; with one full step it reuses.
 All modes skip only inside [start, end) (shares of the steps) and at most `max_consecutive` calls in a row.
@@ -81,56 +92,100 @@ class StepCacheConfig:
         return f"{self.cache_mode}, {rule}, steps {self.start:g}-{self.end:g}, max {self.max_consecutive} in a row"
 
 
-def _mean_abs(tensor) -> float:
-    return float(tensor.float().abs().mean())
+def _mean_abs(tensor):
+    return tensor.float().abs().mean()   # stays on the device: read (lagged) through LaggedScalars
+
+
+class LaggedScalars:
+    """Device scalars queued now and read later: a non-blocking copy into pinned host memory and a CUDA event
+    (on a CPU the values are simply kept). Read once later work was queued behind them, the read does not
+    wait for the newest model call."""
+
+    def __init__(self, values):
+        import torch
+
+        values = values.detach().float()
+        self.event = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values.clone()
+
+    def read(self) -> list[float]:
+        return read_host(self)
+
+
+def read_host(lagged: LaggedScalars) -> list[float]:
+    """The one place the step cache reads numbers from the device (a test counts the calls)."""
+    if lagged.event is not None:
+        lagged.event.synchronize()
+    return lagged.host.tolist()
 
 
 class CacheEntry:
-    """One batch composition's cache in one run: the last two full calls (step, x, d) and the skip bookkeeping.
+    """One batch composition's cache in one run: the last two full calls (step, sigma, d) and the skip
+    bookkeeping. Host-agnostic: `d` is the derivative the sampler integrates (the ComfyUI face) or the UNet's
+    eps output (the WebUI face), `sigma` a host float.
 
     The decision (`skip`) and the prediction (`predict`) are pure functions of what was recorded, so a test can
-    drive them with feature sequences whose changes it sets.
+    drive them with sequences whose changes it sets.
     """
 
     def __init__(self):
-        self.full: list[tuple[int, object, object]] = []   # (step, x, d) of the last two full calls, oldest first
-        self.x_prev = None          # the input of the previous call (skipped or not)
-        self.k: float | None = None  # adaptive: prediction change per unit of input change
-        self.scale = 0.0            # mean |d| of the newest full call
-        self.accumulated = 0.0
+        self.full: list[tuple] = []   # (step, sigma, d) of the last two full calls, oldest first
+        self.full_calls = 0           # full calls recorded
+        self.rates: list[tuple[int, float, LaggedScalars]] = []   # adaptive: (full call index, |d sigma|,
+        #                                                               [mean|d - d_prev|, mean|d_prev|])
+        self.k: float | None = None   # adaptive: prediction change per unit of input change
         self.consecutive = 0
 
-    def skip(self, config: StepCacheConfig, step: int, total: int, x) -> bool:
-        """Whether the call at `step` (of `total`) with input `x` reuses the cache; updates the bookkeeping."""
-        decided = self._decide(config, step, total, x)
-        self.x_prev = x
+    def skip(self, config: StepCacheConfig, step: int, total: int, sigma: float | None = None) -> bool:
+        """Whether the call at `step` (of `total`, at host float `sigma`) reuses the cache."""
+        decided = self._decide(config, step, total, sigma)
         self.consecutive = self.consecutive + 1 if decided else 0
         return decided
 
-    def _decide(self, config, step, total, x) -> bool:
+    def _decide(self, config, step, total, sigma) -> bool:
         first, stop = config.window(total)
         if not self.full or not first <= step < stop or self.consecutive >= config.max_consecutive:
             return False
         if config.cache_mode != "adaptive":
             # the scheduled full step's other evaluations (Heun) run too
             return config.interval > 1 and (step - first) % config.interval != 0 and step != self.full[-1][0]
-        if self.k is None or self.x_prev is None or x.shape != self.x_prev.shape:
+        self._settle_rates()
+        full_sigma = self.full[-1][1]
+        if self.k is None or sigma is None or full_sigma is None:
             return False
-        if self.scale == 0.0:
-            return False
-        self.accumulated += self.k * _mean_abs(x - self.x_prev) / self.scale
-        return self.accumulated < config.threshold
+        return self.k * abs(full_sigma - sigma) < config.threshold
 
-    def record(self, step: int, x, d) -> None:
-        """A full call's input and derivative (the newest replaces one of the same step: Heun's second call)."""
+    def _settle_rates(self) -> None:
+        """Reads every rate queued before the newest full call (that call was queued behind it)."""
+        while self.rates and self.rates[0][0] < self.full_calls - 1:
+            _, sigma_travelled, lagged = self.rates.pop(0)
+            change_d, previous_d = lagged.read()
+            change_x = sigma_travelled * previous_d   # mean|x1 - x0| of the Euler steps between the two
+            self.k = change_d / change_x if change_x > 0 else None
+
+    def record(self, step: int, sigma: float | None, d, measure: bool = False) -> None:
+        """A full call's derivative at host float `sigma` (the newest replaces one of the same step: Heun's
+        second call); `measure` (adaptive) queues the rate k between it and the previous full call. `d` is kept:
+        the caller passes a tensor no later call overwrites."""
+        import torch
+
         if self.full and self.full[-1][0] == step:
             self.full.pop()
-        if self.full:
-            change = _mean_abs(x - self.full[-1][1])
-            self.k = _mean_abs(d - self.full[-1][2]) / change if change > 0 else None
-        self.full = [*self.full[-1:], (step, x, d)]
-        self.scale = _mean_abs(d)   # read once per full call: a skip decision then costs one device read
-        self.accumulated = 0.0
+            self.rates = [r for r in self.rates if r[0] != self.full_calls - 1]
+            self.full_calls -= 1
+        if measure and self.full and sigma is not None and self.full[-1][1] is not None:
+            previous_d = self.full[-1][2]
+            if previous_d.shape == d.shape:
+                self.rates.append((self.full_calls, abs(self.full[-1][1] - sigma), LaggedScalars(torch.stack(
+                    [_mean_abs(d - previous_d), _mean_abs(previous_d)]))))
+        self.full = [*self.full[-1:], (step, sigma, d)]
+        self.full_calls += 1
 
     def predict(self, config: StepCacheConfig, step: int):
         """The derivative a skipped call at `step` uses: the last one, or (taylor) its first-order extrapolation."""
@@ -158,18 +213,27 @@ class StepCacheState:
         self.steps_seen: set[int] = set()
         self.steps_run: set[int] = set()
 
-    def step(self, transformer_options: dict) -> tuple[int, int] | None:
-        """(step, total) of this call: the callback's count (no sync), else the sigma's place in the schedule."""
+    def step(self, transformer_options: dict) -> tuple[int, int, float | None] | None:
+        """(step, total, sigma) of this call: the step from the callback's count (no sync), else from the sigma's
+        place in the schedule (one read per call); the sigma as a host float where the adaptive rule needs it."""
         sample_sigmas, sigmas = transformer_options.get("sample_sigmas"), transformer_options.get("sigmas")
         if sample_sigmas is None or sigmas is None:
             return None
         tracked = tracked_step(transformer_options, sample_sigmas)
+        if tracked is not None and self.config.cache_mode != "adaptive":
+            return (*tracked, None)
+        schedule = self.schedule_on_host(sample_sigmas)
         if tracked is not None:
-            return tracked
-        if sample_sigmas is not self._schedule_ref:  # once per run: the schedule on the CPU
+            return (*tracked, schedule[tracked[0]])
+        sigma = float(sigmas.detach().max())   # the step of a call of a many-evaluation sampler: one read
+        return (*step_of(sigma, self._schedule_cpu), sigma)
+
+    def schedule_on_host(self, sample_sigmas) -> list[float]:
+        if sample_sigmas is not self._schedule_ref:  # once per run: the schedule on the CPU (one read)
             self._schedule_ref = sample_sigmas
             self._schedule_cpu = sample_sigmas.detach().float().cpu()
-        return step_of(float(sigmas.detach().max()), self._schedule_cpu)
+            self._schedule_list = self._schedule_cpu.tolist()
+        return self._schedule_list
 
     # -- the APPLY_MODEL wrapper body ---------------------------------------------------------------------------
     def apply_model(self, executor, x, t, args, kwargs):
@@ -179,16 +243,16 @@ class StepCacheState:
         position = self.step(transformer_options)
         if position is None:
             return self._run(executor, x, t, args, kwargs, None, None)
-        step, total = position
+        step, total, sigma_host = position
         self.steps_seen.add(step)
         chunks = tuple(transformer_options.get("uuids") or transformer_options.get("cond_or_uncond") or (None,))
         key = (chunks, tuple(x.shape), x.dtype, x.device)
         entry = self.entries.setdefault(key, CacheEntry())
         sigma = t.reshape(t.shape[:1] + (1,) * (x.ndim - 1)).float()
-        if entry.skip(self.config, step, total, x):
+        if entry.skip(self.config, step, total, sigma_host):
             self.counts["skipped"] += 1
             return (x.float() - sigma * entry.predict(self.config, step)).to(x.dtype)
-        return self._run(executor, x, t, args, kwargs, entry, (step, sigma))
+        return self._run(executor, x, t, args, kwargs, entry, (step, sigma_host, sigma))
 
     def _run(self, executor, x, t, args, kwargs, entry, where):
         import torch
@@ -196,10 +260,11 @@ class StepCacheState:
         denoised = executor(x, t, *args, **kwargs)
         self.counts["ran"] += 1
         if entry is not None:
-            step, sigma = where
+            step, sigma_host, sigma = where
             self.steps_run.add(step)
             safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-            entry.record(step, x, (x.float() - denoised.float()) / safe)
+            entry.record(step, sigma_host, (x.float() - denoised.float()) / safe,
+                         measure=self.config.cache_mode == "adaptive")
         return denoised
 
     # -- the OUTER_SAMPLE wrapper body --------------------------------------------------------------------------

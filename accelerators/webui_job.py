@@ -21,6 +21,7 @@ class JobState:
         self.notes: list[str] = []
         self.cutoff_passes = []      # per sampling pass: the step the uncond skip starts at, or None
         self.taesd = False
+        self.step_cache = None       # webui_step_cache.UNetStepCache when the plan has one
         self.compiles_before = 0
         self.fp8_calls_before = 0    # the session's fp8 calls when this job started (webui_unet, precision fp8)
         self.call_index = None       # the denoiser call of the current sampling pass (on_cfg_denoiser)
@@ -36,12 +37,18 @@ class JobState:
         return {"backend": self.plan.backend if compiled else "eager",
                 "deepcache": bool(counts and counts.shallow),
                 "cfg_cutoff": bool(self.cutoff_passes) and all(s is not None for s in self.cutoff_passes),
-                "taesd": self.taesd, "notes": [*self.notes, *self.warnings()],
+                "taesd": self.taesd, "step_cache": self.step_cache_ran(),
+                "notes": [*self.notes, *self.warnings(), *(self.step_cache.notes if self.step_cache else [])],
                 "precision": "fp8" if compiled and self.fp8_calls() > self.fp8_calls_before else "auto"}
 
     def fp8_calls(self) -> int:
         fp8 = getattr(getattr(self.runner, "session", None), "fp8", None)
         return fp8.calls if fp8 is not None else 0
+
+    def step_cache_ran(self) -> str | None:
+        """"skipped N of M steps" where the step cache saw this job's UNet calls, else None."""
+        run = self.step_cache.summary() if self.step_cache is not None else None
+        return f"skipped {run['skipped_steps']} of {run['steps']} {run['unit']}" if run and run["steps"] else None
 
     def warnings(self) -> list[str]:
         """The pack's warnings during this job (a compile that failed and ran eager, ...), and the runner's own."""
@@ -56,6 +63,8 @@ class JobState:
     def report(self) -> dict:
         out = {"plan": self.plan.as_metadata(), "error": self.error, "ran": self.ran(),
                "cutoff_steps": list(self.cutoff_passes)}
+        if self.step_cache is not None:
+            out["step_cache"] = self.step_cache.summary()
         if self.runner is not None:
             out["counts"] = self.runner.counts.as_dict()
             out["summary"] = self.runner.summary()

@@ -20,14 +20,14 @@ from . import settings as settings_module
 from .base import AcceleratorInputError, Availability, BackendUnavailable
 # every value and range comes from options.py, like the ComfyUI nodes'
 from .options import (BACKEND_CHOICES, CFG_CUTOFF_PERCENT, DEEPCACHE_BRANCH, DEEPCACHE_INTERVAL, DEFAULT,
-                      DYNAMIC, PRECISIONS, parse_bool, parse_choice, parse_fallback, parse_precision,
-                      registry_availability, resolve_backend)
+                      DYNAMIC, PRECISIONS, STEP_CACHE_INTERVAL, STEP_CACHE_MODES, STEP_CACHE_THRESHOLD, parse_bool,
+                      parse_choice, parse_fallback, parse_precision, registry_availability, resolve_backend)
 
 PANEL_BACKENDS = BACKEND_CHOICES
 INFOTEXT_PREFIX = "Accel"
 # The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
 PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd",
-               "precision")
+               "step_cache", "step_cache_mode", "step_cache_threshold", "step_cache_interval", "precision")
 
 
 @dataclass
@@ -42,6 +42,10 @@ class PanelValues:
     cfg_cutoff: bool = False
     cfg_cutoff_percent: float = CFG_CUTOFF_PERCENT.default
     taesd: bool = False
+    step_cache: bool = False
+    step_cache_mode: str = STEP_CACHE_MODES[0]
+    step_cache_threshold: float = STEP_CACHE_THRESHOLD.default
+    step_cache_interval: int = STEP_CACHE_INTERVAL.default
     fallback: str = ""                    # "" = the fallback policy from the settings
     precision: str = PRECISIONS[0]        # the compiled UNet's linear layers: the model's dtype or fp8
 
@@ -88,7 +92,8 @@ class AccelPlan:
             return {}
         ran = ran if ran is not None else {"backend": self.backend, "deepcache": bool(self.step("deepcache")),
                                            "cfg_cutoff": bool(self.step("cfg_cutoff")),
-                                           "taesd": bool(self.step("taesd")), "notes": []}
+                                           "taesd": bool(self.step("taesd")),
+                                           "step_cache": bool(self.step("step_cache")), "notes": []}
         out = {f"{INFOTEXT_PREFIX} backend": ran["backend"]}
         if self.requested_backend != ran["backend"]:
             out[f"{INFOTEXT_PREFIX} requested"] = self.requested_backend
@@ -103,6 +108,7 @@ class AccelPlan:
             out[f"{INFOTEXT_PREFIX} TAESD"] = "on"
         if ran.get("precision", PRECISIONS[0]) != PRECISIONS[0]:   # only what ran: fp8 layers in this job
             out[f"{INFOTEXT_PREFIX} precision"] = ran["precision"]
+        out.update(_step_cache_infotext(self.step("step_cache"), ran.get("step_cache")))
         # one line each, kept short: an exception's text can run to pages, and a newline would end the infotext
         notes = [_one_line(n) for n in ran.get("notes", []) if n and n.strip()]
         if notes:
@@ -147,6 +153,7 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
     cutoff_percent = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", panel.cfg_cutoff_percent)
     use_taesd = parse_bool("taesd", panel.taesd)
     precision = parse_precision(panel.precision)
+    step_cache = _step_cache_options(panel)
 
     plan = AccelPlan(fallback=fallback, requested_backend=requested)
     if not enabled:
@@ -157,6 +164,8 @@ def panel_to_plan(values: dict | PanelValues, settings: settings_module.Settings
                                                            "sigma_threshold": 0.0}))
     if use_deepcache:
         plan.steps.append(PlanStep("deepcache", "model", {"cache_interval": interval, "cache_branch": branch}))
+    if step_cache is not None:
+        plan.steps.append(PlanStep("step_cache", "model", step_cache))
 
     choice = resolve_backend(requested, settings, availability, gpu)
     backend = choice.backend
@@ -226,6 +235,7 @@ def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
     precision = params.get(f"{INFOTEXT_PREFIX} precision")
     if precision is not None:
         read("precision", lambda: parse_precision(precision))
+    _step_cache_from_infotext(params.get(f"{INFOTEXT_PREFIX} Step Cache"), out, read)
     if found and errors is None:
         raise AcceleratorInputError(found[0])
     if errors is not None:
@@ -307,3 +317,42 @@ def webui_settings_to_core(values: dict) -> dict:
         else:
             out["settings"][name] = checked
     return out
+
+
+# ---- Step Cache (accelerators/webui_step_cache.py runs it) ------------------------------------------------------
+def _step_cache_options(panel: PanelValues) -> dict | None:
+    """The StepCacheConfig fields the panel asks for (start, end and max_consecutive at options.py's defaults),
+    or None when it is off; validated like the ComfyUI node's."""
+    from .step_cache import StepCacheConfig
+
+    if not parse_bool("step_cache", panel.step_cache):
+        return None
+    mode = parse_choice("step_cache_mode", panel.step_cache_mode, STEP_CACHE_MODES)
+    config = StepCacheConfig(cache_mode=mode,
+                             threshold=STEP_CACHE_THRESHOLD.parse("step_cache_threshold", panel.step_cache_threshold),
+                             interval=STEP_CACHE_INTERVAL.parse("step_cache_interval", panel.step_cache_interval))
+    return config.settings()
+
+
+def _step_cache_infotext(step: PlanStep | None, ran: str | bool | None) -> dict:
+    """"Accel Step Cache": the mode and its value, then what ran (`ran`: "skipped N of M steps"; True before the
+    job: the plan alone); nothing where it did not run."""
+    if step is None or not ran:
+        return {}
+    rule = (f"threshold {step.options['threshold']:g}" if step.options["cache_mode"] == "adaptive"
+            else f"interval {step.options['interval']}")
+    done = f", {ran}" if isinstance(ran, str) else ""
+    return {f"{INFOTEXT_PREFIX} Step Cache": f"{step.options['cache_mode']}, {rule}{done}"}
+
+
+def _step_cache_from_infotext(text, out: dict, read: Callable) -> None:
+    out["step_cache"] = text is not None
+    if text is None:
+        return
+    parts = [part.strip() for part in str(text).split(",")]
+    read("step_cache_mode", lambda: parse_choice("step_cache_mode", parts[0], STEP_CACHE_MODES))
+    fields = dict(part.split(" ", 1) for part in parts[1:2] if " " in part)
+    if "threshold" in fields:
+        read("step_cache_threshold", lambda: STEP_CACHE_THRESHOLD.parse("step_cache_threshold", fields["threshold"]))
+    if "interval" in fields:
+        read("step_cache_interval", lambda: STEP_CACHE_INTERVAL.parse("step_cache_interval", fields["interval"]))

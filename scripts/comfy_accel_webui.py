@@ -13,6 +13,8 @@ What reaches the WebUI's sampling, each through its official hook:
   artifact cache) and DeepCache's block walk;
 - CFG cutoff: the WebUI's own uncond skip (NGMS): `p.s_min_uncond` = the sigma of the cutoff step of the schedule
   the pass really samples (img2img and hires through the WebUI's `setup_img2img_steps`);
+- Step Cache: the same SdUnet skips whole UNet calls (accelerators/webui_step_cache.py, the step-cache rule of
+  the ComfyUI node), told the pass's sigma schedule and A1111's denoiser call count (`on_cfg_denoiser`);
 - TAESD: the WebUI's `sd_vae_decode_method`/`sd_vae_encode_method` when its TAESD files are in models/VAE-taesd;
   otherwise the job runs with the full VAE and says which files are missing where;
 - per-job settings overrides are made restorable: A1111 restores only keys already in `opts.data`
@@ -35,6 +37,8 @@ from accelerators.webui_job import JobState, restorable_override  # noqa: E402
 from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
                                         cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel, panel_to_plan)
 from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
+from accelerators.webui_step_cache import UNetStepCache  # noqa: E402
+from accelerators.step_cache import StepCacheConfig  # noqa: E402
 
 log = logging.getLogger("comfy_accel")
 
@@ -229,20 +233,29 @@ def _bounds(option_range) -> dict:
 
 
 def _uses_unet(plan: AccelPlan) -> bool:
-    return plan.backend != "eager" or plan.step("deepcache") is not None
+    return plan.backend != "eager" or plan.step("deepcache") is not None or plan.step("step_cache") is not None
+
+
+def _pass_sigmas(p) -> list[float]:
+    """The sigma schedule this pass really samples (host floats): img2img and the hires pass start part-way down."""
+    from modules import sd_samplers_common
+
+    hires = getattr(p, "is_hr_pass", False)
+    if hires or hasattr(p, "init_images"):
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires
+                                                              else None)
+        return img2img_sigmas(p.sampler.get_sigmas(p, steps), steps, t_enc)
+    return [float(s) for s in p.sampler.get_sigmas(p, p.steps)]
+
+
+def _begin_step_cache_pass(p, state: JobState) -> None:
+    """A new pass for the job's step cache, with the pass's sigmas (none: adaptive skips nothing)."""
+    state.step_cache.begin_pass(_pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None)
 
 
 def _cutoff_step(p, percent: float):
     """(s_min_uncond, first skipped step) for this pass, from the schedule the pass really samples."""
-    from modules import sd_samplers_common
-
-    hires = getattr(p, "is_hr_pass", False)
-    if hires or hasattr(p, "init_images"):   # img2img and the hires pass start part-way down the schedule
-        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires
-                                                              else None)
-        sigmas = img2img_sigmas(p.sampler.get_sigmas(p, steps), steps, t_enc)
-    else:
-        sigmas = [float(s) for s in p.sampler.get_sigmas(p, p.steps)]
+    sigmas = _pass_sigmas(p)
     threshold = cfg_cutoff_sigma(sigmas, percent)
     first = next((i for i, s in enumerate(sigmas[:-1]) if s < threshold), None)
     return threshold, len(sigmas) - 1 if first is None else first
@@ -271,6 +284,8 @@ if IN_WEBUI:
             runner = _prepare_job_unet()
             if runner.call_index != _job.call_index:
                 runner.begin_call(_job.call_index)
+            if _job.step_cache is not None:
+                return _job.step_cache(runner, x, timesteps, context, *args, **kwargs)
             return runner(x, timesteps, context, *args, **kwargs)
 
     class AccelUnetOption(sd_unet.SdUnetOption):
@@ -306,7 +321,8 @@ if IN_WEBUI:
                     taesd = gr.Checkbox(label="TAESD decode (fast, lossy)", value=defaults.taesd)
                 precision = gr.Dropdown(label="Precision (fp8: GPUs with fp8 tensor cores, lossy)",
                                         choices=list(options.PRECISIONS), value=defaults.precision)
-            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, precision]
+                step_cache = _step_cache_row(defaults)
+            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, *step_cache, precision]
             self.infotext_fields = [(c, pasted_field(n)) for c, n in zip(components, PANEL_ORDER)]
             self.paste_field_names = []
             return components
@@ -329,6 +345,8 @@ if IN_WEBUI:
                 _apply_taesd(p, _job)
             if plan.step("cfg_cutoff"):
                 _override(p, "s_min_uncond_all", True)
+            if plan.step("step_cache"):
+                _job.step_cache = UNetStepCache(StepCacheConfig(**plan.step("step_cache").options))
 
         def process_before_every_sampling(self, p, *args, **kwargs):
             state = getattr(p, "comfy_accel_job", None)
@@ -338,6 +356,8 @@ if IN_WEBUI:
                 sd_unet.apply_unet(UNET_LABEL)   # this pass only: the next job's apply_unet() switches back
             if state.runner is not None:
                 state.runner.begin_pass()
+            if state.step_cache is not None:
+                _begin_step_cache_pass(p, state)
             step = state.plan.step("cfg_cutoff")
             if step is None:
                 return
@@ -356,6 +376,17 @@ if IN_WEBUI:
             p.extra_generation_params.update(state.plan.infotext(state.ran()))
             _last_report = state.report()
 
+    def _step_cache_row(defaults: PanelValues) -> list:
+        """Step Cache's components: on/off, the mode, its threshold (adaptive) and interval (interval, taylor)."""
+        with gr.Row():
+            return [gr.Checkbox(label="Step Cache (skip whole UNet calls; lossy)", value=defaults.step_cache),
+                    gr.Dropdown(label="Step Cache mode", choices=list(options.STEP_CACHE_MODES),
+                                value=defaults.step_cache_mode),
+                    gr.Slider(label="Step Cache threshold (adaptive)", step=0.01,
+                              value=defaults.step_cache_threshold, **_bounds(options.STEP_CACHE_THRESHOLD)),
+                    gr.Slider(label="Step Cache interval (interval, taylor)", step=1,
+                              value=defaults.step_cache_interval, **_bounds(options.STEP_CACHE_INTERVAL))]
+
     def pasted_field(name: str):
         """One component's value from pasted infotext; the whole paste is parsed once and its problems reported
         once, and a bad field leaves only its own component unchanged."""
@@ -373,6 +404,9 @@ if IN_WEBUI:
     def on_cfg_denoiser(params):
         # the denoiser's call count, reset per sampling pass (the runner may not exist yet on the first call)
         _job.call_index = int(getattr(params.denoiser, "step", params.sampling_step) or 0)
+        if _job.step_cache is not None:   # A1111's count of the calls this pass makes (steps × evaluations)
+            total = getattr(params.denoiser, "total_steps", None) or params.total_sampling_steps
+            _job.step_cache.at_call(_job.call_index, total)
 
     def make_onchange(key: str):
         def onchange():

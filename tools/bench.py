@@ -115,6 +115,9 @@ def _comfy_torch_compile_cudagraphs(model, ctx):
 _STEP_CACHE_2 = _accelerator("step_cache", cache_mode="interval", interval=2, start=0.0, end=0.95)
 _FASTEST = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
                   _backend("inductor+cudagraphs"))
+# the same with Step Cache in DeepCache's place: whole UNet calls skipped instead of its deep blocks
+_FASTEST_STEP_CACHE = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _STEP_CACHE_2,
+                             _backend("inductor+cudagraphs"))
 
 STACKS = [
     Stack("eager", "ComfyUI eager (baseline)", lambda m, c: m),
@@ -166,6 +169,9 @@ STACKS = [
     Stack("fastest+taesd", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50% + Tiny VAE decode", _FASTEST,
           requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs", "taesd"), lossless=False, gpu_only=True,
           vae="taesd"),
+    Stack("fastest-step-cache+taesd", "inductor+cudagraphs + Step Cache interval 2 + CFG cutoff 50% + Tiny VAE "
+          "decode", _FASTEST_STEP_CACHE, requires=("cfg_cutoff", "step_cache", "inductor+cudagraphs", "taesd"),
+          lossless=False, gpu_only=True, vae="taesd"),
 ]
 
 

@@ -4,13 +4,17 @@ ComfyUI eager, ComfyUI's own TorchCompileModel (the whole diffusion model, induc
 each: the first sample (cold compile included), the median of the timed samples, peak GPU memory and the final
 latent's relative error against eager. `tools.bench --model flux-dev` comes here, and on a CPU the default
 `tools.bench` (./run_demo.sh) runs tiny Flux-dev here after the tiny UNet. The step-cache stacks (Step Cache on
-a forced schedule, alone and under Accelerate Model, and core's EasyCache alone and under core's
-TorchCompileModel) add what they skipped to their row.
+a forced schedule, alone and under Accelerate Model with and without CUDA graphs; Step Cache adaptive at core
+EasyCache's threshold; core's EasyCache alone and under core's TorchCompileModel) add what they skipped to their
+row, and every row its final latent's relative error and PSNR against eager. On random weights the adaptive rules
+(ours and core's EasyCache) skip nothing: a random model's prediction jumps from step to step; the forced schedule
+(`step-cache-2`, 9 of 20 steps skipped) measures the speed, and `--checkpoint` the real skips and quality.
 
     python -m tools.bench_dit --model flux-dev                  # FLUX.1-dev architecture, bf16, 1024², 20 steps (GPU)
     python -m tools.bench_dit --model flux-schnell --steps 4    # FLUX.1-schnell, 4 steps (GPU)
     python -m tools.bench_dit --model wan21-1.3b --width 832 --height 480 --frames 9   # Wan 2.1 1.3B, 33 frames
     python -m tools.bench_dit --model tiny-flux-dev --runs 1    # a CPU smoke run
+    python -m tools.bench_dit --model flux-dev --checkpoint flux1-dev.safetensors   # real weights (UNETLoader's file)
 
 Set TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 for cold compile times (otherwise inductor's on-disk caches of an
 earlier run make them warm).
@@ -31,12 +35,14 @@ import torch
 from tools.comfy_host import import_comfy, import_pack
 
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
-          "inductor+step-cache-2", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
-          "fp8+inductor+cudagraphs")
-FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs"}   # → its bf16 twin
+          "inductor+step-cache-2", "inductor+cudagraphs+step-cache-2", "step-cache-adaptive",
+          "inductor+cudagraphs+step-cache-adaptive", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
+          "fp8+inductor+cudagraphs", "fp8+inductor+cudagraphs+step-cache-2")
+FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs",
+              "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2"}   # → its bf16 twin
 # on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
 DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
-GPU_ONLY = {"inductor+cudagraphs": "CUDA graphs need a CUDA GPU",
+GPU_ONLY = {**{name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name},
             **{name: "fp8 GEMMs need a CUDA GPU with fp8 tensor cores" for name in FP8_STACKS}}
 EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
 
@@ -67,6 +73,13 @@ def _step_cache_2(model):
     return apply(model, StepCacheConfig(cache_mode="interval", interval=2, start=0.0, end=0.95))
 
 
+def _step_cache_adaptive(model):
+    """Step Cache's adaptive rule at core EasyCache's threshold and window: the like-for-like of comfy-easycache."""
+    from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
+
+    return apply(model, StepCacheConfig(cache_mode="adaptive", threshold=EASYCACHE_THRESHOLD, start=0.15, end=0.95))
+
+
 def _core_easycache(model):
     """ComfyUI's own EasyCache node (its defaults but the threshold), the step cache users reach for today."""
     from comfy_extras.nodes_easycache import EasyCacheNode
@@ -78,9 +91,14 @@ def _core_easycache(model):
 BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours("inductor"),
          "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole"),
          "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours("inductor")(_step_cache_2(m)),
+         "inductor+cudagraphs+step-cache-2": lambda m: _ours("inductor+cudagraphs")(_step_cache_2(m)),
+         "step-cache-adaptive": _step_cache_adaptive,
+         "inductor+cudagraphs+step-cache-adaptive": lambda m: _ours("inductor+cudagraphs")(_step_cache_adaptive(m)),
          "comfy-easycache": _core_easycache,
          "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m)),
-         **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()}}
+         **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()},
+         "fp8+inductor+cudagraphs+step-cache-2":
+             lambda m: _ours("inductor+cudagraphs", precision="fp8")(_step_cache_2(m))}
 
 
 class _EasyCacheLines(logging.Handler):
@@ -114,6 +132,8 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
         root.setLevel(level)
     if easycache_lines.lines:
         row["easycache"] = easycache_lines.lines[-1]
+        if " - skipped 0/" in row["easycache"]:
+            row["note"] = "core EasyCache skipped nothing (random weights: the prediction jumps between steps)"
     return row, out
 
 
@@ -182,7 +202,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     parser.add_argument("--easycache-threshold", type=float, default=EASYCACHE_THRESHOLD,
-                        help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks)")
+                        help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks), "
+                             "also step-cache-adaptive's threshold")
+    parser.add_argument("--checkpoint", default=None,
+                        help="real weights of the --model family: its diffusion-model file in the native layout "
+                             "(conditioning stays random: no text encoder is loaded)")
     args = parser.parse_args(argv)
     EASYCACHE_THRESHOLD = args.easycache_threshold
     cuda = torch.cuda.is_available()
@@ -200,14 +224,16 @@ def main(argv=None) -> int:
     runs = args.runs if args.runs is not None else (3 if cuda else 1)
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
-    base = build_dit(args.model, dtype=dtype, device="cuda" if cuda else None)
+    device = "cuda" if cuda else None
+    base = load_dit_checkpoint(args.checkpoint, args.model, dtype, device) if args.checkpoint else \
+        build_dit(args.model, dtype=dtype, device=device)
     print(f"[bench_dit] built {args.model} ({sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e9:.2f}"
           f" B params, {dtype}) in {time.perf_counter() - started:.1f} s", flush=True)
     kwargs = {"steps": args.steps, "cfg": 1.0, "height": height // 8, "width": width // 8, "frames": args.frames,
               "tokens": args.tokens or (512 if cuda else 8)}
     env = {"device": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__,
            "date": dt.date.today().isoformat(), "model": args.model, "size": f"{width}x{height}",
-           "steps": args.steps, "dtype": str(dtype)}
+           "steps": args.steps, "dtype": str(dtype), "weights": args.checkpoint or "random"}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
     rows, reference, latents = [], None, {}
     for name in stacks:
@@ -223,7 +249,11 @@ def main(argv=None) -> int:
         if out is not None and reference is None and name == "eager":
             reference = out
         elif out is not None and reference is not None:
-            row["rel_err_vs_eager"] = float(((out - reference).norm() / reference.norm()).item())
+            from tools.bench import latent_fidelity
+
+            fidelity = latent_fidelity(out, reference)
+            row["rel_err_vs_eager"] = fidelity["rel_err"]
+            row["latent_psnr_db"] = round(fidelity["psnr_db"], 1) if fidelity["psnr_db"] != float("inf") else "inf"
         if out is not None:
             latents[name] = out
         if out is not None and name in FP8_STACKS:
@@ -237,6 +267,27 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     return 0
+
+
+def load_dit_checkpoint(path: str, name: str, dtype, device=None):
+    """Real weights for the `name` family: the family's model as `dit_factory` builds it (the host's config for
+    the full-size families), its weights replaced by the file's (a diffusion-model file as published, e.g. BFL's
+    flux1-dev.safetensors; a `model.diffusion_model.` prefix is dropped). Every weight must match: a file of
+    another layout (scaled fp8, diffusers keys) is refused with the keys that differ."""
+    import comfy.utils
+
+    from tools.dit_factory import DIT_SPECS, build_dit
+
+    if name not in DIT_SPECS:
+        raise SystemExit(f"--checkpoint needs --model naming its family, one of {', '.join(DIT_SPECS)}")
+    patcher = build_dit(name, dtype=dtype, device=device, check_alive=False)
+    prefix = "model.diffusion_model."
+    weights = {k.removeprefix(prefix): v for k, v in comfy.utils.load_torch_file(path).items()}
+    missing, unexpected = patcher.model.diffusion_model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"{path} is not a {name} diffusion model in the native layout: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return patcher
 
 
 if __name__ == "__main__":

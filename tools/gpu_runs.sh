@@ -13,10 +13,13 @@
 #   bash tools/gpu_runs.sh dit        # issue 16: DiT graph test, FLUX.1-dev side by side (DIT_MODEL, DIT_STACKS)
 #   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
 #   bash tools/gpu_runs.sh fp8        # issue 17: precision fp8 GPU test, FLUX.1-dev bf16 vs fp8 (DIT_MODEL, FP8_STACKS)
+#   bash tools/gpu_runs.sh stepcache  # issue 18: Step Cache GPU tests, FLUX.1-dev step-cache stacks (SC_STACKS,
+#                                     #   SC_EASYCACHE_THRESHOLD); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
+#                                     #   stepcache-sdxl: SDXL 1024² fastest stacks (DeepCache's and Step Cache's)
 set -u
-runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8"
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl"
 what=${1:?"$runs"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8) ;;
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl) ;;
   *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
@@ -105,4 +108,21 @@ len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 90 python3 -m tools.probe_precompile load "$file" --model sd15 \
       > "$out/precompile-load-empty.log" 2>&1
     grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
+  stepcache|stepcache-wan)
+    sc_stacks=${SC_STACKS:-eager,step-cache-2,inductor+cudagraphs,inductor+cudagraphs+step-cache-2,fp8+inductor+cudagraphs+step-cache-2,comfy-easycache,comfy-compile+easycache}
+    if [ "$what" = stepcache ]; then
+      TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
+        --tb=short -rfEs -k "gpu" tests/accelerators/test_step_cache_graphs.py > "$out/stepcache-tests.log" 2>&1
+      grep "^E \|passed\|failed\|SKIPPED\|FAILED" "$out/stepcache-tests.log" | tail -20
+      model=(--model flux-dev); limit=420
+    else
+      model=(--model wan21-1.3b --width 832 --height 480 --frames 9); limit=570
+    fi
+    timeout $limit python3 -m tools.bench_dit "${model[@]}" --steps 20 --runs 2 --stacks "$sc_stacks" \
+      --easycache-threshold "${SC_EASYCACHE_THRESHOLD:-0.2}" --out "$out/$what-bench.json" > "$out/$what-bench.log" 2>&1
+    grep "^\[bench_dit\]" "$out/$what-bench.log" | tail -14 ;;
+  stepcache-sdxl)
+    COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \
+      --model sdxl --stacks eager,fastest+taesd,fastest-step-cache+taesd --decode --runs 3 --out "$out/sdxl-sc" \
+      2>&1 | tee "$out/stepcache-sdxl.log" | grep "^|\|\[bench\]" | tail -20 ;;
 esac

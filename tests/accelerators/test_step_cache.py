@@ -16,17 +16,37 @@ def rel(a, b):
 
 
 # ---- the rules, on controlled sequences ---------------------------------------------------------------------------
-def skipped_steps(pack, config, xs, model=lambda x: 2.0 * x):
-    """Runs one CacheEntry over inputs `xs` (one per step) as the wrapper does: the steps it skipped."""
+def euler_run(pack, config, predictions, sigmas=None):
+    """Runs one CacheEntry as the wrapper does over an Euler path: `predictions[n]` is the derivative a full call
+    at step n returns (the sequence's changes are the test's), a skipped call reuses the cached one, and the input
+    moves by (sigma_n+1 - sigma_n) * d. Returns the skipped steps."""
     from comfy_accel.accelerators.step_cache import CacheEntry
 
-    entry, skipped = CacheEntry(), []
-    for step, x in enumerate(xs):
-        if entry.skip(config, step, len(xs), x):
+    steps = len(predictions)
+    sigmas = sigmas or [1.0 - n / steps for n in range(steps + 1)]
+    entry, skipped, x = CacheEntry(), [], torch.ones(2, 4)
+    for step in range(steps):
+        if entry.skip(config, step, steps, sigmas[step]):
             skipped.append(step)
+            d = entry.predict(config, step)
         else:
-            entry.record(step, x, model(x))
+            d = predictions[step]
+            entry.record(step, sigmas[step], d, measure=config.cache_mode == "adaptive")
+        x = x + (sigmas[step + 1] - sigmas[step]) * d
     return skipped
+
+
+def growing(rates, start=1.0):
+    """Predictions whose relative change per unit of sigma (steps of 1/len) is rates[n] between steps n and n+1."""
+    values = [start]
+    for rate in rates:
+        values.append(values[-1] * (1 + rate / len(rates)))
+    return [torch.full((2, 4), v) for v in values]
+
+
+def skipped_steps(pack, config, xs, model=lambda x: 2.0 * x):
+    """Runs one CacheEntry over the steps of `xs` (only their count and the schedule matter to the schedules)."""
+    return euler_run(pack, config, [model(x) for x in xs])
 
 
 def inputs_with_changes(changes, start=1.0):
@@ -43,17 +63,40 @@ def config(**kwargs):
     return StepCacheConfig(**{"start": 0.0, "end": 1.0, **kwargs})
 
 
-def test_adaptive_skips_quiet_steps_until_the_change_adds_up(pack):
-    """With prediction 2x, k = 2 and each step adds |dx| / x_full: quiet steps (1%) add 0.01, a jump adds ~1."""
-    xs = inputs_with_changes([0.01, 0.01, 0.01, 0.01, 1.0, 0.01, 0.01, 0.01, 0.01, 0.01])
-    # steps 0 and 1 run (no k yet); 2-4 skip; 5 jumps; 6-8 skip; 9 runs: max 3 in a row; 10 skips
-    assert skipped_steps(pack, config(threshold=0.2), xs) == [2, 3, 4, 6, 7, 8, 10]
-    assert skipped_steps(pack, config(threshold=0.2, max_consecutive=1), xs) == [2, 4, 6, 8, 10]
-    assert skipped_steps(pack, config(threshold=0.2, max_consecutive=10), xs) == [2, 3, 4, 6, 7, 8, 9, 10]
-    # the change adds up: ~0.0099 per quiet step before the jump (x ~1) passes 0.02 on the third; ~0.0049 after
-    # it (x ~2) on the fifth
-    assert skipped_steps(pack, config(threshold=0.02, max_consecutive=10), xs) == [2, 3, 6, 7, 8, 9]
-    assert skipped_steps(pack, config(threshold=0.0), xs) == []
+def test_adaptive_skips_while_the_rate_times_the_sigma_travelled_stays_under_the_threshold(pack):
+    """12 Euler steps of 1/12 sigma. The prediction changes by 1 relative per unit sigma: k = 1, each step adds
+    1/12 = 0.083. Steps 0-2 run (the rate of the pair 0-1 is read only after the full call 2 was queued); from
+    then two calls fit under 0.2 after each full one (0.083, 0.167; 0.25 runs)."""
+    steady = growing([1.0] * 11)
+    assert euler_run(pack, config(threshold=0.2), steady) == [3, 4, 6, 7, 9, 10]
+    assert euler_run(pack, config(threshold=0.2, max_consecutive=1), steady) == [3, 5, 7, 9, 11]
+    assert euler_run(pack, config(threshold=0.3, max_consecutive=10), steady) == [3, 4, 5, 7, 8, 9, 11]
+    assert euler_run(pack, config(threshold=0.0), steady) == []
+    # a prediction that moves 4x faster from step 1 on: the decisions after full call 2 still use the pair 0-1's
+    # rate (steps 3-5 skipped); after full call 6 they use the pair 1-2's, k = 4 (one step adds 0.36): none fits
+    assert euler_run(pack, config(threshold=0.3, max_consecutive=10), growing([1.0] + [4.0] * 10)) == [3, 4, 5]
+    # an unchanging prediction (k = 0) skips up to max_consecutive
+    assert euler_run(pack, config(threshold=0.01), growing([0.0] * 11)) == [3, 4, 5, 7, 8, 9, 11]
+
+
+def test_adaptive_reads_each_rate_once_after_the_next_full_call_was_queued(pack, monkeypatch):
+    """The device is read once per full call (its rate k), never for the call being decided: the rate measured
+    at full call f is read at the first decision after full call f+1 was recorded (so on a GPU the read waits
+    for nothing newer than that call's predecessor)."""
+    from comfy_accel.accelerators import step_cache
+
+    rates, real = [], step_cache.read_host
+    monkeypatch.setattr(step_cache, "read_host", lambda lagged: rates.append(real(lagged)) or rates[-1])
+    # full calls 0, 1, 2 (pair rates 1 and 4), then 6 to 11: one read at each decision from step 3 on, each
+    # the rate of the full pair before the newest
+    skipped = euler_run(pack, config(threshold=0.3, max_consecutive=10), growing([1.0] + [4.0] * 10))
+    assert skipped == [3, 4, 5]
+    changes = [round(change_d / previous_d * 11, 2) for change_d, previous_d in rates]   # growing()'s rates
+    # pairs 0-1, 1-2, 2-6 (four steps of compound growth: 11 * (1.364^4 - 1)), 6-7, 7-8, 8-9; the pairs 9-10
+    # and 10-11 no decision needs
+    assert changes == [1.0, 4.0, 27.04, 4.0, 4.0, 4.0]
+    monkeypatch.setattr(step_cache, "read_host", lambda lagged: pytest.fail("a schedule read the device"))
+    assert euler_run(pack, config(cache_mode="taylor", interval=3), growing([1.0] * 11)) == [1, 2, 4, 5, 7, 8, 10, 11]
 
 
 def test_start_and_end_bound_every_mode(pack):
@@ -71,10 +114,9 @@ def test_taylor_extrapolates_the_last_two_full_steps(pack):
 
     taylor, interval = config(cache_mode="taylor", interval=3), config(cache_mode="interval", interval=3)
     entry = CacheEntry()
-    x = torch.ones(3)
-    entry.record(0, x, torch.full((3,), 1.0))
+    entry.record(0, None, torch.full((3,), 1.0))
     assert torch.equal(entry.predict(taylor, 1), torch.full((3,), 1.0))   # one full step: reuse
-    entry.record(3, x, torch.full((3,), 4.0))                              # d grows by 1 per step
+    entry.record(3, None, torch.full((3,), 4.0))                              # d grows by 1 per step
     assert torch.allclose(entry.predict(taylor, 5), torch.full((3,), 6.0))
     assert torch.equal(entry.predict(interval, 5), torch.full((3,), 4.0))
 
@@ -149,6 +191,42 @@ def test_two_evaluation_samplers_follow_the_step_of_each_call(pack, tiny_sd15):
     run = state_of(model).last_run
     assert (ran, run["calls"], run["steps"], run["skipped_steps"]) == (3, 7, 4, 2)
     assert torch.equal(sample(model, steps=4, sampler="heun"), out)
+
+
+def device_reads(monkeypatch):
+    """Every tensor-to-Python conversion made by step_cache.py's own code, as (function, count): on a GPU each
+    is a device-to-host sync."""
+    import collections
+    import sys
+
+    seen = collections.Counter()
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.endswith("accelerators/step_cache.py"):
+                seen[caller.f_code.co_name] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return seen
+
+
+@pytest.mark.parametrize("settings", [dict(threshold=0.2), dict(cache_mode="interval", interval=2),
+                                      dict(cache_mode="taylor", interval=2)], ids=["adaptive", "interval", "taylor"])
+def test_no_device_read_per_step_on_a_one_evaluation_sampler(pack, monkeypatch, settings):
+    """Euler on the real sampler (smooth tiny Wan, 12 steps): the schedules read nothing; adaptive reads the
+    schedule once per run and one lagged rate per full call (read_host), never a number of the call it decides."""
+    dit = build_dit("tiny-wan21", seed=4, smooth=True)
+    model = step_cache(dit, start=0.0, **settings)
+    reads = device_reads(monkeypatch)
+    sample_dit(model, steps=12, height=16, width=16)
+    run = state_of(model).last_run
+    if settings.get("cache_mode") in ("interval", "taylor"):
+        assert dict(reads) == {} and run["skipped_steps"] == 5
+        return
+    assert run["skipped_steps"] > 0 and set(reads) == {"schedule_on_host", "read_host"}, reads
+    assert reads["schedule_on_host"] == 1 and reads["read_host"] <= run["ran"] - 2
 
 
 def test_a_lora_loaded_after_the_node_is_what_the_cache_sees(pack):

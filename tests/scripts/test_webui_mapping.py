@@ -104,11 +104,13 @@ def test_missing_backend_falls_back_or_raises_by_policy():
 
 def test_infotext_round_trips_to_the_panel():
     values = {"enabled": True, "backend": "inductor+cudagraphs", "deepcache": True, "deepcache_interval": 5,
-              "deepcache_branch": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False}
+              "deepcache_branch": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False,
+              "step_cache": True, "step_cache_mode": "taylor", "step_cache_interval": 4}
     plan = panel_to_plan(values, settings=DEFAULT, availability=EVERYTHING)
     back = infotext_to_panel(plan.infotext())
     assert panel_to_plan(back, settings=DEFAULT, availability=EVERYTHING).infotext() == plan.infotext()
     assert back["deepcache_interval"] == 5 and back["cfg_cutoff_percent"] == 65.0
+    assert (back["step_cache_mode"], back["step_cache_interval"]) == ("taylor", 4)
     with pytest.raises(AcceleratorInputError, match="unknown backend 'warp'"):
         infotext_to_panel({"Accel backend": "warp"})
     assert infotext_to_panel({"Steps": 20}) == {}
@@ -119,7 +121,7 @@ def test_a_bad_pasted_field_is_reported_once_and_the_others_paste():
     values = infotext_to_panel({"Accel backend": "warp", "Accel CFG cutoff": "40%",
                                 "Accel DeepCache": "interval 500, branch 1", "Accel TAESD": "on"}, errors)
     assert values == {"enabled": True, "cfg_cutoff": True, "cfg_cutoff_percent": 40.0, "deepcache": True,
-                      "deepcache_branch": 1, "taesd": True}
+                      "deepcache_branch": 1, "taesd": True, "step_cache": False}
     assert len(errors) == 2 and "unknown backend 'warp'" in errors[0]
     assert "deepcache_interval must be between 1 and 100, got 500" in errors[1]
 

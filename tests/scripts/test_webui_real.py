@@ -24,7 +24,7 @@ CUTOFF_50 = {"backend": "eager", "cfg_cutoff": True, "cfg_cutoff_percent": 50}
 
 @pytest.fixture(scope="module")
 def webui():
-    host = WebUIHost(webui_path(), DATA)
+    host = WebUIHost(webui_path(), DATA, port=int(os.environ.get("WEBUI_PORT", 7861)))   # another session's WebUI
     host.write_config({})   # a fresh install: no config.json
     for name in ("taesd_decoder.pth", "taesd_encoder.pth"):
         (DATA / "models" / "VAE-taesd" / name).unlink(missing_ok=True)
@@ -98,6 +98,32 @@ def test_deepcache_runs_the_deep_blocks_on_one_call_in_three(webui):
     assert job.accel["counts"]["full"] == 2 and job.accel["counts"]["shallow"] == 4
     fields = infotext_fields(job)
     assert fields["Accel DeepCache"] == "interval 3, branch 0" and fields["Accel backend"] == "eager"
+
+
+def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_plain(webui):
+    """Step Cache interval 3 over 6 steps (window from 15%: step 1 on): the UNet's middle block runs on calls 0,
+    1 and 4 only, the infotext says so; the next job without the extension and one with CFG cutoff alone run
+    every call. Heun calls the UNet 11 times for 6 steps: interval 2 counts calls, and the infotext says so."""
+    webui.post("/accel-probe/config", {"deep_hook": True})
+    try:
+        job = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
+                               "step_cache_interval": 3})
+        plain = webui.job()
+        cutoff = webui.job(accel=CUTOFF_50)
+        heun = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
+                                "step_cache_interval": 2}, sampler_name="Heun")
+    finally:
+        webui.post("/accel-probe/config", {"deep_hook": False})
+    assert job.ok, job.error
+    assert [c["deep"] for c in job.calls] == [True, True, False, False, True, False]
+    assert job.accel["step_cache"]["skipped_steps"] == 3 and job.accel["counts"]["calls"] == 3
+    assert infotext_fields(job)["Accel Step Cache"] == "interval, interval 3, skipped 3 of 6 steps"
+    assert plain.ok and [c["deep"] for c in plain.calls] == [True] * 6 and not infotext_fields(plain)
+    assert cutoff.ok and [c["deep"] for c in cutoff.calls] == [True] * 6
+    assert "Accel Step Cache" not in infotext_fields(cutoff) and "step_cache" not in cutoff.accel
+    assert heun.ok and [c["deep"] for c in heun.calls] == [True, True, True, False, True, False, True, False, True,
+                                                           False, True]
+    assert infotext_fields(heun)["Accel Step Cache"] == "interval, interval 2, skipped 4 of 11 UNet calls"
 
 
 @pytest.mark.parametrize("accel, message", [

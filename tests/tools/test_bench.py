@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from tests.accelerators.test_compile_dit import graph_lane   # before ComfyUI's own `tests` package is on the path
 from tools.comfy_host import REPO_ROOT
 
 
@@ -58,3 +59,35 @@ def test_bench_dit_step_cache_stacks_say_what_they_skipped(tmp_path):
     assert rows["step-cache-2"]["step_cache"].startswith("skipped 9 of 20 steps")
     assert rows["comfy-easycache"]["easycache"].startswith("EasyCache - skipped")
     assert 0 < rows["step-cache-2"]["rel_err_vs_eager"] < 0.5
+
+
+def test_the_gpu_step_cache_stacks_compose_on_the_cpu_graph_lane(pack, tiny_sd15, monkeypatch):
+    """The GPU-only step-cache stacks of the UNet bench, built by their own builders on the tiny SD1.5 with
+    inductor+cudagraphs swapped for the CPU graph lane (the real capture path without CUDA, aot_eager for
+    inductor): every full call replays a graph, none runs compiled-only or eager, and the step cache skipped."""
+    from comfy_accel.accelerators import registry
+    from comfy_accel.accelerators.step_cache import step_cache_state
+    from tools import bench
+    from tools.model_factory import sample
+
+    real_get, sessions = registry.get, []
+
+    class CpuGraphLane:
+        def apply(self, model, options):
+            accelerated, session = graph_lane(model, "bench-step-cache")
+            sessions.append(session)
+            return accelerated
+
+    monkeypatch.setattr(registry, "get", lambda name: CpuGraphLane() if name == "inductor+cudagraphs"
+                        else real_get(name))
+    stacks = [s for s in bench.STACKS if "step-cache" in s.name and s.gpu_only]
+    assert {s.name for s in stacks} == {"compile+step-cache-2", "compile+step-cache-2+cutoff-50",
+                                        "fastest-step-cache+taesd"}
+    for stack in stacks:
+        model = stack.build(tiny_sd15, {"store": None})
+        sample(model, steps=6)
+        session = sessions[-1]
+        # with CFG cutoff at 50% the first batch-1 call (step 3) has no entry of its own and runs: 1, 5 skipped
+        skipped = 2 if "cutoff" in stack.name or "fastest" in stack.name else 3
+        assert step_cache_state(model).last_run["line"].startswith(f"skipped {skipped} of 6 steps (interval, interv")
+        assert session.calls["graph"] > 0 and session.calls["compiled"] == session.calls["eager"] == 0, stack.name
