@@ -487,7 +487,8 @@ def environment(cuda: bool) -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="tiny-sd15 | tiny-sdxl | small-sd15 | sd15 | sdxl "
+    parser.add_argument("--model", default=None, help="tiny-sd15 | tiny-sdxl | small-sd15 | sd15 | sdxl, or a DiT "
+                        "of tools/dit_factory.py: flux-dev (flux), flux-schnell, wan21-1.3b (wan), tiny-* "
                         "(default: sd15 with CUDA, tiny-sd15 on CPU)")
     parser.add_argument("--checkpoint", default=None, help="a real checkpoint (.safetensors): its UNet, CLIP and VAE "
                         "replace the random model; adds PSNR/SSIM of decoded images")
@@ -514,7 +515,11 @@ def parse_args(argv):
                         "(default: tiny-flux-dev on a CPU when neither --model nor --stacks is given; none: skip)")
     parser.add_argument("--out", default=str(OUT_DIR))
     parser.add_argument("--list", action="store_true")
-    return parser.parse_args(argv)
+    from tools.dit_factory import MODEL_ALIASES
+
+    args = parser.parse_args(argv)
+    args.model = MODEL_ALIASES.get(args.model, args.model)
+    return args
 
 
 def main(argv=None) -> int:

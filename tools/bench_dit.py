@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tools.comfy_host import import_comfy, import_pack
+from tools.dit_factory import MODEL_ALIASES
 
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
           "inductor+step-cache-2", "inductor+cudagraphs+step-cache-2", "step-cache-adaptive",
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
                         help="real weights of the --model family: its diffusion-model file in the native layout "
                              "(conditioning stays random: no text encoder is loaded)")
     args = parser.parse_args(argv)
+    args.model = MODEL_ALIASES.get(args.model, args.model)
     EASYCACHE_THRESHOLD = args.easycache_threshold
     cuda = torch.cuda.is_available()
     stacks = args.stacks.split(",") if args.stacks else DEFAULT_STACKS["cuda" if cuda else "cpu"]

@@ -101,6 +101,8 @@ DIT_SPECS = {
     "wan21-1.3b": DitSpec("WAN21_T2V", {**_WAN21, "dim": 1536, "ffn_dim": 8960, "text_dim": 4096, "num_heads": 12,
                                         "num_layers": 30}, 16, 4096, video=True),
 }
+# short names the bench and the demo take (`./run_demo.sh --model flux`)
+MODEL_ALIASES = {"flux": "flux-dev", "wan": "wan21-1.3b"}
 
 
 def _comfy():

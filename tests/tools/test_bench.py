@@ -91,3 +91,12 @@ def test_the_gpu_step_cache_stacks_compose_on_the_cpu_graph_lane(pack, tiny_sd15
         skipped = 2 if "cutoff" in stack.name or "fastest" in stack.name else 3
         assert step_cache_state(model).last_run["line"].startswith(f"skipped {skipped} of 6 steps (interval, interv")
         assert session.calls["graph"] > 0 and session.calls["compiled"] == session.calls["eager"] == 0, stack.name
+
+
+def test_the_demo_takes_short_dit_names():
+    """`./run_demo.sh --model flux` (the README's line) names the full-size FLUX.1-dev; unknown names stay as given."""
+    from tools.bench import parse_args
+
+    assert parse_args(["--model", "flux"]).model == "flux-dev"
+    assert parse_args(["--model", "wan"]).model == "wan21-1.3b"
+    assert parse_args(["--model", "sdxl"]).model == "sdxl"
