@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 
+from typing import Callable
+
 from . import events
+from .base import AcceleratorInputError, BackendUnavailable
 from .webui_mapping import AccelPlan
 
 
@@ -30,6 +33,24 @@ class JobState:
     def note(self, message: str) -> None:
         self.notes.append(message)
         events.notice("webui", message, level="info", once_key=f"webui:{message}")
+
+    def runner_for(self, unet, make_runner: Callable):
+        """This job's UNet runner for `unet`, made by `make_runner(plan, unet)` on the job's first call (and after a
+        model switch), its counts starting from this job. The job's error (a bad value, a backend unavailable under
+        fallback `error`) is raised as RuntimeError: from the SdUnet, where A1111 does not swallow it."""
+        if not self.error and (self.runner is None or self.runner.unet is not unet):
+            try:
+                self.runner = make_runner(self.plan, unet)
+            except (BackendUnavailable, AcceleratorInputError) as exc:
+                self.error = str(exc)
+                raise RuntimeError(f"comfy-accel: {exc}") from None
+            self.runner.reset_counts()
+            session = self.runner.session
+            self.compiles_before = len(session.compiler.compile_events) if session else 0
+            self.fp8_calls_before = self.fp8_calls()
+        if self.error:
+            raise RuntimeError(f"comfy-accel: {self.error}")
+        return self.runner
 
     def ran(self) -> dict:
         counts = self.runner.counts if self.runner is not None else None

@@ -20,14 +20,17 @@ from . import settings as settings_module
 from .base import AcceleratorInputError, Availability, BackendUnavailable
 # every value and range comes from options.py, like the ComfyUI nodes'
 from .options import (BACKEND_CHOICES, CFG_CUTOFF_PERCENT, DEEPCACHE_BRANCH, DEEPCACHE_INTERVAL, DEFAULT,
-                      DYNAMIC, PRECISIONS, STEP_CACHE_INTERVAL, STEP_CACHE_MODES, STEP_CACHE_THRESHOLD, parse_bool,
-                      parse_choice, parse_fallback, parse_precision, registry_availability, resolve_backend)
+                      DYNAMIC, PRECISIONS, STEP_CACHE_END, STEP_CACHE_INTERVAL, STEP_CACHE_MAX_CONSECUTIVE,
+                      STEP_CACHE_MODES, STEP_CACHE_START, STEP_CACHE_THRESHOLD, parse_bool, parse_choice,
+                      parse_fallback, parse_precision, registry_availability, resolve_backend)
 
 PANEL_BACKENDS = BACKEND_CHOICES
 INFOTEXT_PREFIX = "Accel"
-# The accordion's components in the order the WebUI passes their values to the script (and the API's "args").
+# The accordion's components in the order the WebUI passes their values to the script (and the API's "args"); a
+# component added later goes last, so that the "args" of an older API caller keep their meaning.
 PANEL_ORDER = ("enabled", "backend", "deepcache", "deepcache_interval", "cfg_cutoff", "cfg_cutoff_percent", "taesd",
-               "step_cache", "step_cache_mode", "step_cache_threshold", "step_cache_interval", "precision")
+               "step_cache", "step_cache_mode", "step_cache_threshold", "step_cache_interval", "precision",
+               "step_cache_start", "step_cache_end", "step_cache_max_consecutive")
 
 
 @dataclass
@@ -46,6 +49,9 @@ class PanelValues:
     step_cache_mode: str = STEP_CACHE_MODES[0]
     step_cache_threshold: float = STEP_CACHE_THRESHOLD.default
     step_cache_interval: int = STEP_CACHE_INTERVAL.default
+    step_cache_start: float = STEP_CACHE_START.default
+    step_cache_end: float = STEP_CACHE_END.default
+    step_cache_max_consecutive: int = STEP_CACHE_MAX_CONSECUTIVE.default
     fallback: str = ""                    # "" = the fallback policy from the settings
     precision: str = PRECISIONS[0]        # the compiled UNet's linear layers: the model's dtype or fp8
 
@@ -80,6 +86,11 @@ class AccelPlan:
 
     def step(self, accelerator: str) -> PlanStep | None:
         return next((s for s in self.steps if s.accelerator == accelerator), None)
+
+    @property
+    def uses_unet(self) -> bool:
+        """Whether the job runs the UNet through the pack's SdUnet (a backend, DeepCache or Step Cache)."""
+        return self.backend != "eager" or self.step("deepcache") is not None or self.step("step_cache") is not None
 
     def infotext(self, ran: dict | None = None) -> dict:
         """Key/values for the WebUI's infotext (p.extra_generation_params); `infotext_to_panel` reads them back.
@@ -243,38 +254,6 @@ def infotext_to_panel(params: dict, errors: list | None = None) -> dict:
     return out
 
 
-def img2img_sigmas(sigmas, steps: int, t_enc: int) -> list[float]:
-    """The part of a `steps`-step schedule an img2img (or hires) pass samples: A1111's k-diffusion sampler takes
-    `sigmas[steps - t_enc - 1:]`, with (steps, t_enc) from `sd_samplers_common.setup_img2img_steps`."""
-    values = [float(s) for s in sigmas]
-    return values[steps - t_enc - 1:]
-
-
-def setup_img2img_steps(steps: int, denoising_strength: float, fix_steps: bool, pass_steps: int | None = None):
-    """(steps, t_enc) as A1111 v1.10's `sd_samplers_common.setup_img2img_steps` computes them (the shim calls the
-    WebUI's own function; this copy of the arithmetic is what the CPU tests check the cutoff step against)."""
-    if fix_steps or pass_steps is not None:
-        requested = pass_steps or steps
-        total = int(requested / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0
-        return total, requested - 1
-    return steps, int(min(denoising_strength, 0.999) * steps)
-
-
-def cfg_cutoff_sigma(sigmas, cutoff_percent: float) -> float:
-    """The WebUI's `s_min_uncond` that skips the uncond pass from the same step as ComfyUI's CFG cutoff.
-
-    The WebUI skips when `sigma < s_min_uncond`; ComfyUI's cutoff skips from step round(total * p / 100).
-    `sigmas` is the schedule including its final 0. Returns 0.0 (never skip) for 100 %.
-    """
-    cutoff_percent = CFG_CUTOFF_PERCENT.parse("cfg_cutoff_percent", cutoff_percent)
-    values = [float(s) for s in sigmas]
-    total = max(len(values) - 1, 1)
-    step = round(total * cutoff_percent / 100.0)
-    if step >= total:
-        return 0.0
-    return values[step] * (1.0 + 1e-4) + 1e-8
-
-
 SETTING_TO_CORE = {"accel_default_backend": "default_backend", "accel_fallback_policy": "fallback_policy",
                    "accel_cache_budget_gb": "cache_budget_gb", "accel_memory_budget_gb": "memory_budget_gb",
                    # the compile lane's switches (settings.py); `preimport` is ComfyUI's start-up only, not listed
@@ -321,38 +300,51 @@ def webui_settings_to_core(values: dict) -> dict:
 
 # ---- Step Cache (accelerators/webui_step_cache.py runs it) ------------------------------------------------------
 def _step_cache_options(panel: PanelValues) -> dict | None:
-    """The StepCacheConfig fields the panel asks for (start, end and max_consecutive at options.py's defaults),
-    or None when it is off; validated like the ComfyUI node's."""
+    """The StepCacheConfig fields the panel asks for, or None when it is off; validated like the ComfyUI node's
+    (each range under its panel name, then the config's own check that the window does not end before it starts)."""
     from .step_cache import StepCacheConfig
 
     if not parse_bool("step_cache", panel.step_cache):
         return None
     mode = parse_choice("step_cache_mode", panel.step_cache_mode, STEP_CACHE_MODES)
-    config = StepCacheConfig(cache_mode=mode,
-                             threshold=STEP_CACHE_THRESHOLD.parse("step_cache_threshold", panel.step_cache_threshold),
-                             interval=STEP_CACHE_INTERVAL.parse("step_cache_interval", panel.step_cache_interval))
+    config = StepCacheConfig(
+        cache_mode=mode, threshold=STEP_CACHE_THRESHOLD.parse("step_cache_threshold", panel.step_cache_threshold),
+        interval=STEP_CACHE_INTERVAL.parse("step_cache_interval", panel.step_cache_interval),
+        start=STEP_CACHE_START.parse("step_cache_start", panel.step_cache_start),
+        end=STEP_CACHE_END.parse("step_cache_end", panel.step_cache_end),
+        max_consecutive=STEP_CACHE_MAX_CONSECUTIVE.parse("step_cache_max_consecutive",
+                                                         panel.step_cache_max_consecutive))
     return config.settings()
 
 
 def _step_cache_infotext(step: PlanStep | None, ran: str | bool | None) -> dict:
-    """"Accel Step Cache": the mode and its value, then what ran (`ran`: "skipped N of M steps"; True before the
-    job: the plan alone); nothing where it did not run."""
+    """"Accel Step Cache": the mode and its value, the window and the most skips in a row (StepCacheConfig.describe's
+    words), then what ran (`ran`: "skipped N of M steps"; True before the job: the plan alone); nothing where it did
+    not run."""
     if step is None or not ran:
         return {}
-    rule = (f"threshold {step.options['threshold']:g}" if step.options["cache_mode"] == "adaptive"
-            else f"interval {step.options['interval']}")
+    from .step_cache import StepCacheConfig
+
     done = f", {ran}" if isinstance(ran, str) else ""
-    return {f"{INFOTEXT_PREFIX} Step Cache": f"{step.options['cache_mode']}, {rule}{done}"}
+    return {f"{INFOTEXT_PREFIX} Step Cache": StepCacheConfig(**step.options).describe() + done}
 
 
 def _step_cache_from_infotext(text, out: dict, read: Callable) -> None:
+    """The fields `_step_cache_infotext` writes; the window and the most in a row at options.py's defaults where the
+    text has none (an image from before the panel had them ran with those)."""
     out["step_cache"] = text is not None
     if text is None:
         return
     parts = [part.strip() for part in str(text).split(",")]
     read("step_cache_mode", lambda: parse_choice("step_cache_mode", parts[0], STEP_CACHE_MODES))
-    fields = dict(part.split(" ", 1) for part in parts[1:2] if " " in part)
+    fields = dict(part.split(" ", 1) for part in parts[1:] if " " in part)
     if "threshold" in fields:
         read("step_cache_threshold", lambda: STEP_CACHE_THRESHOLD.parse("step_cache_threshold", fields["threshold"]))
     if "interval" in fields:
         read("step_cache_interval", lambda: STEP_CACHE_INTERVAL.parse("step_cache_interval", fields["interval"]))
+    start, _, end = fields.get("steps", "").partition("-")
+    read("step_cache_start", lambda: STEP_CACHE_START.parse("step_cache_start", start or STEP_CACHE_START.default))
+    read("step_cache_end", lambda: STEP_CACHE_END.parse("step_cache_end", end or STEP_CACHE_END.default))
+    most = fields.get("max", "").split(" ")[0]
+    read("step_cache_max_consecutive", lambda: STEP_CACHE_MAX_CONSECUTIVE.parse(
+        "step_cache_max_consecutive", most or STEP_CACHE_MAX_CONSECUTIVE.default))

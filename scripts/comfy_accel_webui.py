@@ -9,10 +9,10 @@ What reaches the WebUI's sampling, each through its official hook:
   enabled job selects; the job then fails with the message;
 - backend and DeepCache: the SdUnet ("comfy-accel"), switched in per sampling pass with `sd_unet.apply_unet`
   (the next job's own `apply_unet()` switches back: the user's `sd_unet` setting is never written). It runs the
-  UNet through `accelerators.webui_unet.WebUIUNetRunner`: the compile session of the ComfyUI side (shape buckets,
-  artifact cache) and DeepCache's block walk;
+  UNet through the runner `accelerators.webui_runners` makes: the compile session of the ComfyUI side (shape
+  buckets, artifact cache), TensorRT engines, DeepCache's block walk;
 - CFG cutoff: the WebUI's own uncond skip (NGMS): `p.s_min_uncond` = the sigma of the cutoff step of the schedule
-  the pass really samples (img2img and hires through the WebUI's `setup_img2img_steps`);
+  the pass really samples (img2img and hires through the WebUI's `setup_img2img_steps`; accelerators/webui_passes.py);
 - Step Cache: the same SdUnet skips whole UNet calls (accelerators/webui_step_cache.py, the step-cache rule of
   the ComfyUI node), told the pass's sigma schedule and A1111's denoiser call count (`on_cfg_denoiser`);
 - TAESD: the WebUI's `sd_vae_decode_method`/`sd_vae_encode_method` when its TAESD files are in models/VAE-taesd;
@@ -35,7 +35,9 @@ from accelerators import events, options, settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa: E402
 from accelerators.webui_job import JobState, restorable_override  # noqa: E402
 from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
-                                        cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel, panel_to_plan)
+                                        infotext_to_panel, panel_to_plan)
+from accelerators.webui_passes import cutoff_step, pass_sigmas, taesd_overrides  # noqa: E402
+from accelerators.webui_runners import RunnerCache, apply_layer_weights  # noqa: E402
 from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
 from accelerators.webui_step_cache import UNetStepCache  # noqa: E402
 from accelerators.step_cache import StepCacheConfig  # noqa: E402
@@ -65,7 +67,7 @@ def plan_for(args, store=None) -> AccelPlan:
 
 _job = JobState()
 _last_report: dict = {}
-_runners: dict = {}          # (backend, deepcache, dynamic, fallback) → WebUIUNetRunner, kept across jobs
+_runners = RunnerCache()     # kept across jobs: compiled code is reused
 _data_dir = getattr(getattr(shared, "cmd_opts", None), "data_dir", None) if shared is not None else None
 webui_settings = WebUISettings(Path(_data_dir or REPO_ROOT) / "models" / "accel_cache")
 
@@ -100,165 +102,68 @@ def _override(p, key: str, value) -> None:
     restorable_override(shared.opts.data, p.override_settings, key, value, shared.opts.get_default(key))
 
 
-def taesd_files(is_img2img: bool) -> tuple[Path, list[str], list[str]]:
-    """(folder, file names this job needs, the missing ones): the WebUI's own TAESD files, by model family."""
+def _apply_taesd(p, state: JobState) -> None:
+    """TAESD through the WebUI's VAE method settings, with its own files (models/VAE-taesd), never a download."""
     from modules import paths_internal
 
-    model = shared.sd_model
-    prefix = "taesd3" if getattr(model, "is_sd3", False) else "taesdxl" if getattr(model, "is_sdxl", False) \
-        else "taesd"
     folder = Path(paths_internal.models_path) / "VAE-taesd"
-    needed = [f"{prefix}_decoder.pth"] + ([f"{prefix}_encoder.pth"] if is_img2img else [])
-    return folder, needed, [name for name in needed if not (folder / name).is_file()]
+    overrides, notes = taesd_overrides(folder, shared.sd_model, is_img2img=hasattr(p, "init_images"))
+    for note in notes:
+        state.note(note)
+    for key, value in overrides.items():
+        _override(p, key, value)
+    state.taesd = bool(overrides)
 
 
-def _apply_taesd(p, state: JobState) -> None:
-    is_img2img = hasattr(p, "init_images")
-    folder, needed, missing = taesd_files(is_img2img)
-    decoder, encoder = needed[0], needed[1:]
-    if decoder in missing:
-        state.note(f"TAESD not used: {decoder} is not in {folder} (put madebyollin/taesd's {', '.join(needed)} "
-                   f"there); decoded with the full VAE")
-        return
-    _override(p, "sd_vae_decode_method", "TAESD")
-    state.taesd = True
-    if encoder and encoder[0] in missing:
-        state.note(f"TAESD encode not used: {encoder[0]} is not in {folder}; encoded with the full VAE")
-    elif encoder:
-        _override(p, "sd_vae_encode_method", "TAESD")
-
-
-def _runner_for(state: JobState, unet):
-    """The runner of this job's plan for `unet` (kept across jobs: compiled code is reused)."""
+def _host_forward(unet):
+    """The WebUI's own UNet forward, without its SdUnet hook."""
     from modules import sd_hijack
 
-    from accelerators.webui_unet import WebUIUNetRunner, ldm_model_config, make_session
+    return sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") else sd_hijack.ldm_original_forward
 
-    plan = state.plan
-    deep = plan.step("deepcache")
-    backend = plan.step(plan.backend) if plan.backend != "eager" else None
-    deepcache = (deep.options["cache_interval"], deep.options["cache_branch"]) if deep else None
-    backend_options = {k: backend.options[k] for k in ("dynamic", "fallback", "precision")} if backend else {}
-    key = (plan.backend, deepcache, tuple(sorted(backend_options.items())))
-    runner = _runners.get(key)
-    if runner is not None and runner.unet is unet:
-        return runner
-    session, engines, fallback_note = None, None, ""
+
+def _make_runner(plan: AccelPlan, unet):
+    """The plan's runner for the WebUI's UNet, from the host's pieces; A1111's LoRA weights applied before compiled
+    code (or an engine) runs."""
     host = sys.modules[type(unet).__module__]
-    forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
-        else sd_hijack.ldm_original_forward
-    if backend is not None:
-        model = shared.sd_model
-        family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
-        try:
-            if plan.backend == "tensorrt":
-                from accelerators.tensorrt.webui import a1111_tensorrt_session
-
-                engines = a1111_tensorrt_session(unet, backend_options, forward, family, deepcache,
-                                                 get_store=webui_settings.store)
-            else:
-                session = make_session(plan.backend, backend_options, ldm_model_config(unet, family),
-                                       get_store=webui_settings.store)
-        except BackendUnavailable as exc:
-            if plan.fallback == "error":
-                raise
-            fallback_note = f"{exc}; running eager"
+    model = shared.sd_model
+    family = "sdxl" if getattr(model, "is_sdxl", False) else "sd2" if getattr(model, "is_sd2", False) else "sd1"
     cat = host.th.cat if hasattr(host, "th") else __import__("torch").cat
-    try:
-        if engines is not None:
-            from accelerators.tensorrt.webui import WebUITensorRTRunner
-
-            runner = WebUITensorRTRunner(unet, forward, engines)
-        else:
-            runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat, deepcache=deepcache,
-                                     session=session)
-    except ValueError as exc:   # a UNet whose blocks the runner cannot walk
-        if plan.fallback == "error":
-            raise BackendUnavailable(str(exc)) from None
-        fallback_note = f"{exc}: running the WebUI's own UNet, eager"
-        runner = WebUIUNetRunner(unet, forward, host.timestep_embedding, cat)
-    if fallback_note:
-        runner.notes.append(fallback_note)
-        events.notice("webui", fallback_note, once_key=f"webui:{fallback_note}")
-    _runners.clear()   # one model at a time: a checkpoint switch frees the old UNet's compiled code
-    _runners[key] = runner
+    runner = _runners.runner_for(plan, unet, _host_forward(unet), host.timestep_embedding, cat, family,
+                                 webui_settings.store)
+    if runner.session is not None or getattr(runner, "engines", None) is not None:
+        _apply_lora_weights(unet)
     return runner
 
 
-def _prepare_job_unet():
-    """Raises the job's error (where A1111 does not swallow it), else gives the job its runner."""
-    global _last_report
-    state = _job
-    if state.error:
-        _last_report = state.report()
-        raise RuntimeError(f"comfy-accel: {state.error}")
-    unet = shared.sd_model.model.diffusion_model
-    if state.runner is None or state.runner.unet is not unet:
-        try:
-            state.runner = _runner_for(state, unet)
-        except (BackendUnavailable, AcceleratorInputError) as exc:
-            state.error = str(exc)
-            _last_report = state.report()
-            raise RuntimeError(f"comfy-accel: {exc}") from None
-        state.runner.reset_counts()
-        session = state.runner.session
-        state.compiles_before = len(session.compiler.compile_events) if session else 0
-        state.fp8_calls_before = state.fp8_calls()
-        if session is not None or getattr(state.runner, "engines", None) is not None:
-            _apply_lora_weights(unet)
-    return state.runner
-
-
 def _apply_lora_weights(unet) -> None:
-    """A1111's LoRA patches each layer's weights in place from inside that layer's forward
-    (`networks.network_apply_weights`, lazily, once per change). Traced by the compiler, that in-place copy fails
-    the compile; so it is done here, before the compiled UNet runs, with the host's own function: inside, the
-    layers then find their weights current and only their check is traced."""
-    networks = sys.modules.get("networks")   # the built-in Lora extension's module (absent when disabled)
-    apply = getattr(networks, "network_apply_weights", None)
-    if apply is None or getattr(shared.opts, "lora_functional", False):
-        return
-    import torch
+    """A1111's LoRA (`networks.network_apply_weights` of the built-in Lora extension, absent when disabled) applied
+    to every layer now, not lazily inside the compiled forward (webui_runners.apply_layer_weights says why)."""
+    apply = getattr(sys.modules.get("networks"), "network_apply_weights", None)
+    if apply is not None and not getattr(shared.opts, "lora_functional", False):
+        apply_layer_weights(unet, apply)
 
-    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, kinds):
-                apply(module)
+
+def _job_runner():
+    """The job's runner; its error raised where A1111 does not swallow it (and kept for /comfy-accel/status)."""
+    global _last_report
+    try:
+        return _job.runner_for(shared.sd_model.model.diffusion_model, _make_runner)
+    except RuntimeError:
+        if _job.error:
+            _last_report = _job.report()
+        raise
+
+
+def _pass_sigmas(p) -> list[float]:
+    from modules import sd_samplers_common
+
+    return pass_sigmas(p, sd_samplers_common.setup_img2img_steps)
 
 
 def _bounds(option_range) -> dict:
     """A slider's bounds: the option's one range (accelerators/options.py)."""
     return {"minimum": option_range.low, "maximum": option_range.high}
-
-
-def _uses_unet(plan: AccelPlan) -> bool:
-    return plan.backend != "eager" or plan.step("deepcache") is not None or plan.step("step_cache") is not None
-
-
-def _pass_sigmas(p) -> list[float]:
-    """The sigma schedule this pass really samples (host floats): img2img and the hires pass start part-way down."""
-    from modules import sd_samplers_common
-
-    hires = getattr(p, "is_hr_pass", False)
-    if hires or hasattr(p, "init_images"):
-        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires
-                                                              else None)
-        return img2img_sigmas(p.sampler.get_sigmas(p, steps), steps, t_enc)
-    return [float(s) for s in p.sampler.get_sigmas(p, p.steps)]
-
-
-def _begin_step_cache_pass(p, state: JobState) -> None:
-    """A new pass for the job's step cache, with the pass's sigmas (none: adaptive skips nothing)."""
-    state.step_cache.begin_pass(_pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None)
-
-
-def _cutoff_step(p, percent: float):
-    """(s_min_uncond, first skipped step) for this pass, from the schedule the pass really samples."""
-    sigmas = _pass_sigmas(p)
-    threshold = cfg_cutoff_sigma(sigmas, percent)
-    first = next((i for i, s in enumerate(sigmas[:-1]) if s < threshold), None)
-    return threshold, len(sigmas) - 1 if first is None else first
 
 
 if IN_WEBUI:
@@ -273,15 +178,11 @@ if IN_WEBUI:
             shared.sd_model.model.diffusion_model.to(shared.device)
 
         def forward(self, x, timesteps, context, *args, **kwargs):
-            if not (_job.plan.enabled and _uses_unet(_job.plan)) and not _job.error:
+            if not (_job.plan.enabled and _job.plan.uses_unet) and not _job.error:
                 # selected in the settings for a job that asks for nothing: the WebUI's own forward
-                from modules import sd_hijack
-
                 unet = shared.sd_model.model.diffusion_model
-                forward = sd_hijack.sgm_original_forward if type(unet).__module__.startswith("sgm") \
-                    else sd_hijack.ldm_original_forward
-                return forward(unet, x, timesteps, context, *args, **kwargs)
-            runner = _prepare_job_unet()
+                return _host_forward(unet)(unet, x, timesteps, context, *args, **kwargs)
+            runner = _job_runner()
             if runner.call_index != _job.call_index:
                 runner.begin_call(_job.call_index)
             if _job.step_cache is not None:
@@ -322,7 +223,9 @@ if IN_WEBUI:
                 precision = gr.Dropdown(label="Precision (fp8: GPUs with fp8 tensor cores, lossy)",
                                         choices=list(options.PRECISIONS), value=defaults.precision)
                 step_cache = _step_cache_row(defaults)
-            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, *step_cache, precision]
+            # in PANEL_ORDER: Step Cache's window and most in a row came after precision
+            components = [enabled, backend, deepcache, interval, cutoff, cutoff_percent, taesd, *step_cache[:4],
+                          precision, *step_cache[4:]]
             self.infotext_fields = [(c, pasted_field(n)) for c, n in zip(components, PANEL_ORDER)]
             self.paste_field_names = []
             return components
@@ -352,12 +255,12 @@ if IN_WEBUI:
             state = getattr(p, "comfy_accel_job", None)
             if state is None or not (state.plan.enabled or state.error):
                 return
-            if state.error or _uses_unet(state.plan):
+            if state.error or state.plan.uses_unet:
                 sd_unet.apply_unet(UNET_LABEL)   # this pass only: the next job's apply_unet() switches back
             if state.runner is not None:
                 state.runner.begin_pass()
-            if state.step_cache is not None:
-                _begin_step_cache_pass(p, state)
+            if state.step_cache is not None:   # the pass's sigmas (none: adaptive skips nothing)
+                state.step_cache.begin_pass(_pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None)
             step = state.plan.step("cfg_cutoff")
             if step is None:
                 return
@@ -365,7 +268,7 @@ if IN_WEBUI:
                 state.cutoff_passes.append(None)
                 state.note(f"CFG cutoff not applied: sampler {p.sampler_name} has no sigma schedule")
                 return
-            p.s_min_uncond, first = _cutoff_step(p, step.options["cutoff_percent"])
+            p.s_min_uncond, first = cutoff_step(_pass_sigmas(p), step.options["cutoff_percent"])
             state.cutoff_passes.append(first)
 
         def post_sample(self, p, ps, *args):
@@ -377,15 +280,24 @@ if IN_WEBUI:
             _last_report = state.report()
 
     def _step_cache_row(defaults: PanelValues) -> list:
-        """Step Cache's components: on/off, the mode, its threshold (adaptive) and interval (interval, taylor)."""
+        """Step Cache's components, as the ComfyUI node's inputs: on/off, the mode, its threshold (adaptive) and
+        interval (interval, taylor); then the window of the steps it may skip and the most skipped in a row."""
         with gr.Row():
-            return [gr.Checkbox(label="Step Cache (skip whole UNet calls; lossy)", value=defaults.step_cache),
-                    gr.Dropdown(label="Step Cache mode", choices=list(options.STEP_CACHE_MODES),
-                                value=defaults.step_cache_mode),
-                    gr.Slider(label="Step Cache threshold (adaptive)", step=0.01,
-                              value=defaults.step_cache_threshold, **_bounds(options.STEP_CACHE_THRESHOLD)),
-                    gr.Slider(label="Step Cache interval (interval, taylor)", step=1,
-                              value=defaults.step_cache_interval, **_bounds(options.STEP_CACHE_INTERVAL))]
+            row = [gr.Checkbox(label="Step Cache (skip whole UNet calls; lossy)", value=defaults.step_cache),
+                   gr.Dropdown(label="Step Cache mode", choices=list(options.STEP_CACHE_MODES),
+                               value=defaults.step_cache_mode),
+                   gr.Slider(label="Step Cache threshold (adaptive)", step=0.01,
+                             value=defaults.step_cache_threshold, **_bounds(options.STEP_CACHE_THRESHOLD)),
+                   gr.Slider(label="Step Cache interval (interval, taylor)", step=1,
+                             value=defaults.step_cache_interval, **_bounds(options.STEP_CACHE_INTERVAL))]
+        with gr.Row():
+            return row + [gr.Slider(label="Step Cache from (share of the steps)", step=0.01,
+                                    value=defaults.step_cache_start, **_bounds(options.STEP_CACHE_START)),
+                          gr.Slider(label="Step Cache until (share of the steps)", step=0.01,
+                                    value=defaults.step_cache_end, **_bounds(options.STEP_CACHE_END)),
+                          gr.Slider(label="Step Cache most skipped in a row", step=1,
+                                    value=defaults.step_cache_max_consecutive,
+                                    **_bounds(options.STEP_CACHE_MAX_CONSECUTIVE))]
 
     def pasted_field(name: str):
         """One component's value from pasted infotext; the whole paste is parsed once and its problems reported

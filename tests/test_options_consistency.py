@@ -173,6 +173,29 @@ def test_webui_mapping_uses_the_same_values_and_ranges(pack, options):
         plan(**{field: bounds.low}), plan(**{field: bounds.high})
         with pytest.raises(AcceleratorInputError, match=field):
             plan(**{field: bounds.high + 1})
+    step_cache_ranges = (("step_cache_threshold", options.STEP_CACHE_THRESHOLD),
+                         ("step_cache_interval", options.STEP_CACHE_INTERVAL),
+                         ("step_cache_start", options.STEP_CACHE_START), ("step_cache_end", options.STEP_CACHE_END),
+                         ("step_cache_max_consecutive", options.STEP_CACHE_MAX_CONSECUTIVE))
+    for field, bounds in step_cache_ranges:
+        assert getattr(defaults, field) == bounds.default, field
+        # the window's other end out of the way: the config refuses an end below the start
+        other = {"step_cache_start": {"step_cache_end": options.STEP_CACHE_END.high},
+                 "step_cache_end": {"step_cache_start": options.STEP_CACHE_START.low}}.get(field, {})
+        plan(step_cache=True, **other, **{field: bounds.low}), plan(step_cache=True, **other, **{field: bounds.high})
+        for outside in (bounds.low - 1, bounds.high + 1):
+            with pytest.raises(AcceleratorInputError, match=field):
+                plan(step_cache=True, **other, **{field: outside})
+    for mode in options.STEP_CACHE_MODES:
+        assert plan(step_cache=True, step_cache_mode=mode).step("step_cache").options["cache_mode"] == mode
+    with pytest.raises(AcceleratorInputError, match="step_cache_mode"):
+        plan(step_cache=True, step_cache_mode="teacache")
+    # every field of the ComfyUI node's Step Cache is on the panel (the WebUI face is not narrower)
+    from comfy_accel.accelerators.step_cache import StepCacheConfig
+
+    node_fields = {"step_cache_mode" if name == "cache_mode" else f"step_cache_{name}"
+                   for name in StepCacheConfig().settings()}
+    assert node_fields <= set(webui_mapping.PANEL_ORDER), node_fields - set(webui_mapping.PANEL_ORDER)
     for value in every_value_anywhere(options):
         for field, allowed in (("backend", options.BACKEND_CHOICES), ("dynamic", options.DYNAMIC),
                                ("fallback", options.FALLBACK_CHOICES)):

@@ -109,10 +109,11 @@ def test_panel_plan_infotext_and_paste(pack):
     job.step_cache.steps_seen.update({(1, 0), (1, 1)})
     job.step_cache.steps_run.add((1, 0))
     info = asked.infotext(job.ran())
-    assert info["Accel Step Cache"] == "interval, interval 3, skipped 1 of 2 steps"
+    assert info["Accel Step Cache"] == "interval, interval 3, steps 0.15-0.95, max 3 in a row, skipped 1 of 2 steps"
     assert infotext_to_panel(info) == {"enabled": True, "backend": "eager", "cfg_cutoff": False, "deepcache": False,
                                        "taesd": False, "step_cache": True, "step_cache_mode": "interval",
-                                       "step_cache_interval": 3}
+                                       "step_cache_interval": 3, "step_cache_start": 0.15, "step_cache_end": 0.95,
+                                       "step_cache_max_consecutive": 3}
     assert job.report()["step_cache"]["skipped_steps"] == 1
     for bad, field in (({"step_cache_mode": "teacache"}, "step_cache_mode"), ({"step_cache_interval": 0},
                                                                               "step_cache_interval")):

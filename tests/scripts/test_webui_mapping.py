@@ -1,5 +1,6 @@
 """The WebUI panel → accelerator plan mapping (host-agnostic core), and the shim importing outside the WebUI."""
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from accelerators import settings as core_settings  # noqa: E402
 from accelerators.base import AcceleratorInputError, Availability, BackendUnavailable  # noqa: E402
 from accelerators.cfg_cutoff import CFGCutoffConfig  # noqa: E402
 from accelerators.options import AUTO_ORDER  # noqa: E402
-from accelerators.webui_mapping import (cfg_cutoff_sigma, img2img_sigmas, infotext_to_panel,  # noqa: E402
-                                        panel_to_plan, setup_img2img_steps, webui_settings_to_core)
+from accelerators.webui_mapping import infotext_to_panel, panel_to_plan, webui_settings_to_core  # noqa: E402
+from accelerators.webui_passes import (cfg_cutoff_sigma, cutoff_step, img2img_sigmas,  # noqa: E402
+                                       setup_img2img_steps, taesd_overrides)
 
 DEFAULT = core_settings.Settings()
 
@@ -105,12 +107,14 @@ def test_missing_backend_falls_back_or_raises_by_policy():
 def test_infotext_round_trips_to_the_panel():
     values = {"enabled": True, "backend": "inductor+cudagraphs", "deepcache": True, "deepcache_interval": 5,
               "deepcache_branch": 2, "cfg_cutoff": True, "cfg_cutoff_percent": 65.0, "taesd": False,
-              "step_cache": True, "step_cache_mode": "taylor", "step_cache_interval": 4}
+              "step_cache": True, "step_cache_mode": "taylor", "step_cache_interval": 4, "step_cache_start": 0.25,
+              "step_cache_end": 0.8, "step_cache_max_consecutive": 2}
     plan = panel_to_plan(values, settings=DEFAULT, availability=EVERYTHING)
     back = infotext_to_panel(plan.infotext())
     assert panel_to_plan(back, settings=DEFAULT, availability=EVERYTHING).infotext() == plan.infotext()
     assert back["deepcache_interval"] == 5 and back["cfg_cutoff_percent"] == 65.0
     assert (back["step_cache_mode"], back["step_cache_interval"]) == ("taylor", 4)
+    assert (back["step_cache_start"], back["step_cache_end"], back["step_cache_max_consecutive"]) == (0.25, 0.8, 2)
     with pytest.raises(AcceleratorInputError, match="unknown backend 'warp'"):
         infotext_to_panel({"Accel backend": "warp"})
     assert infotext_to_panel({"Steps": 20}) == {}
@@ -233,3 +237,56 @@ def test_shim_imports_outside_the_webui_and_maps_its_args(capsys):
     shim._console_listener("accel.progress", {"task": "compile", "value": 1, "total": 5, "accelerator": "inductor",
                                               "done": False, "message": ""})
     assert capsys.readouterr().out == "[comfy-accel] tensorrt TensorRT build: Building engine 2/5\n"
+
+
+def test_step_cache_window_and_most_in_a_row_reach_the_plan_as_on_the_comfyui_node():
+    """The panel offers the ComfyUI node's start, end and max_consecutive: into the plan's StepCacheConfig, into the
+    infotext in the config's own words, each validated under its panel name."""
+    from accelerators.step_cache import StepCacheConfig
+
+    plan = panel_to_plan({"enabled": True, "backend": "eager", "step_cache": True, "step_cache_mode": "interval",
+                          "step_cache_interval": 3, "step_cache_start": 0.0, "step_cache_end": 0.5,
+                          "step_cache_max_consecutive": 1}, settings=DEFAULT, availability=EVERYTHING)
+    options = plan.step("step_cache").options
+    assert (options["start"], options["end"], options["max_consecutive"]) == (0.0, 0.5, 1)
+    assert StepCacheConfig(**options).window(6) == (0, 3)
+    text = plan.infotext({"backend": "eager", "step_cache": "skipped 1 of 6 steps", "notes": []})
+    assert text["Accel Step Cache"] == "interval, interval 3, steps 0-0.5, max 1 in a row, skipped 1 of 6 steps"
+    for values, fragment in (({"step_cache_start": 1.5}, "step_cache_start must be between 0 and 1"),
+                             ({"step_cache_end": -0.1}, "step_cache_end must be between 0 and 1"),
+                             ({"step_cache_max_consecutive": 0}, "step_cache_max_consecutive must be between 1"),
+                             ({"step_cache_max_consecutive": 1.5}, "step_cache_max_consecutive must be a whole"),
+                             ({"step_cache_start": 0.6, "step_cache_end": 0.4}, "end (0.4) must not be below start")):
+        with pytest.raises(AcceleratorInputError, match=re.escape(fragment)):
+            panel_to_plan({"enabled": True, "step_cache": True, **values}, settings=DEFAULT, availability=EVERYTHING)
+
+
+def test_a_step_cache_infotext_without_the_window_pastes_the_defaults_and_a_bad_window_alone_is_dropped():
+    from accelerators import options
+
+    old = infotext_to_panel({"Accel backend": "eager", "Accel Step Cache": "interval, interval 3, skipped 3 of 6 steps"})
+    assert (old["step_cache_start"], old["step_cache_end"], old["step_cache_max_consecutive"]) == \
+        (options.STEP_CACHE_START.default, options.STEP_CACHE_END.default, options.STEP_CACHE_MAX_CONSECUTIVE.default)
+    errors = []
+    bad = infotext_to_panel({"Accel backend": "eager", "Accel Step Cache": "adaptive, threshold 0.3, steps 0.1-7, "
+                                                                         "max 4 in a row"}, errors)
+    assert (bad["step_cache_threshold"], bad["step_cache_start"], bad["step_cache_max_consecutive"]) == (0.3, 0.1, 4)
+    assert "step_cache_end" not in bad and len(errors) == 1 and "step_cache_end must be between 0 and 1" in errors[0]
+
+
+def test_the_cutoff_step_of_a_pass_and_the_taesd_files_a_job_uses(tmp_path):
+    sigmas = [10.0, 8.0, 6.0, 4.0, 2.0, 0.0]
+    threshold, first = cutoff_step(sigmas, 60)
+    assert first == 3 and 4.0 < threshold < 6.0 and cutoff_step(sigmas, 100) == (0.0, 5)
+
+    sd, sdxl = type("SD", (), {})(), type("SDXL", (), {"is_sdxl": True})()
+    overrides, notes = taesd_overrides(tmp_path, sd, is_img2img=False)
+    assert overrides == {} and "taesd_decoder.pth is not in" in notes[0] and str(tmp_path) in notes[0]
+    (tmp_path / "taesd_decoder.pth").write_bytes(b"")
+    assert taesd_overrides(tmp_path, sd, is_img2img=False) == ({"sd_vae_decode_method": "TAESD"}, [])
+    overrides, notes = taesd_overrides(tmp_path, sd, is_img2img=True)
+    assert overrides == {"sd_vae_decode_method": "TAESD"} and "taesd_encoder.pth is not in" in notes[0]
+    (tmp_path / "taesd_encoder.pth").write_bytes(b"")
+    assert taesd_overrides(tmp_path, sd, is_img2img=True)[0] == {"sd_vae_decode_method": "TAESD",
+                                                                 "sd_vae_encode_method": "TAESD"}
+    assert "taesdxl_decoder.pth" in taesd_overrides(tmp_path, sdxl, is_img2img=False)[1][0]

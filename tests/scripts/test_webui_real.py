@@ -103,7 +103,9 @@ def test_deepcache_runs_the_deep_blocks_on_one_call_in_three(webui):
 def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_plain(webui):
     """Step Cache interval 3 over 6 steps (window from 15%: step 1 on): the UNet's middle block runs on calls 0,
     1 and 4 only, the infotext says so; the next job without the extension and one with CFG cutoff alone run
-    every call. Heun calls the UNet 11 times for 6 steps: interval 2 counts calls, and the infotext says so."""
+    every call. Heun calls the UNet 11 times for 6 steps: interval 2 counts calls, and the infotext says so. The
+    panel's window and most-in-a-row reach the job: from step 0 until half the steps, at most 1 skip in a row, the
+    UNet skips call 1 only."""
     webui.post("/accel-probe/config", {"deep_hook": True})
     try:
         job = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
@@ -112,18 +114,27 @@ def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_pla
         cutoff = webui.job(accel=CUTOFF_50)
         heun = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
                                 "step_cache_interval": 2}, sampler_name="Heun")
+        window = webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "interval",
+                                  "step_cache_interval": 3, "step_cache_start": 0.0, "step_cache_end": 0.5,
+                                  "step_cache_max_consecutive": 1})
     finally:
         webui.post("/accel-probe/config", {"deep_hook": False})
     assert job.ok, job.error
     assert [c["deep"] for c in job.calls] == [True, True, False, False, True, False]
     assert job.accel["step_cache"]["skipped_steps"] == 3 and job.accel["counts"]["calls"] == 3
-    assert infotext_fields(job)["Accel Step Cache"] == "interval, interval 3, skipped 3 of 6 steps"
+    assert infotext_fields(job)["Accel Step Cache"] == ("interval, interval 3, steps 0.15-0.95, max 3 in a row, "
+                                                       "skipped 3 of 6 steps")
     assert plain.ok and [c["deep"] for c in plain.calls] == [True] * 6 and not infotext_fields(plain)
     assert cutoff.ok and [c["deep"] for c in cutoff.calls] == [True] * 6
     assert "Accel Step Cache" not in infotext_fields(cutoff) and "step_cache" not in cutoff.accel
     assert heun.ok and [c["deep"] for c in heun.calls] == [True, True, True, False, True, False, True, False, True,
                                                            False, True]
-    assert infotext_fields(heun)["Accel Step Cache"] == "interval, interval 2, skipped 4 of 11 UNet calls"
+    assert infotext_fields(heun)["Accel Step Cache"] == ("interval, interval 2, steps 0.15-0.95, max 3 in a row, "
+                                                        "skipped 4 of 11 UNet calls")
+    assert window.ok, window.error
+    assert [c["deep"] for c in window.calls] == [True, False, True, True, True, True]
+    assert infotext_fields(window)["Accel Step Cache"] == ("interval, interval 3, steps 0-0.5, max 1 in a row, "
+                                                          "skipped 1 of 6 steps")
 
 
 @pytest.mark.parametrize("accel, message", [
@@ -206,6 +217,13 @@ def test_pasted_infotext_with_a_bad_value(webui):
     assert values["CFG cutoff"] is True and values["Skip the negative prompt from % of steps"] == 40.0
     assert values["DeepCache"] is True and values["Enable"] is True
     assert webui.log().count("unknown backend 'warp'") == 1
+    step_cache = ("a cube\nSteps: 6, Sampler: Euler, Seed: 1, Size: 64x64, Accel backend: eager, Accel Step Cache: "
+                  "\"taylor, interval 4, steps 0.25-0.8, max 2 in a row, skipped 2 of 6 steps\"")
+    status, values = webui.post("/accel-probe/paste", {"infotext": step_cache})
+    assert status == 200 and values["Step Cache (skip whole UNet calls; lossy)"] is True
+    assert (values["Step Cache mode"], values["Step Cache interval (interval, taylor)"]) == ("taylor", 4)
+    assert (values["Step Cache from (share of the steps)"], values["Step Cache until (share of the steps)"],
+            values["Step Cache most skipped in a row"]) == (0.25, 0.8, 2)
 
 
 def test_compile_backend_compiles_once_and_matches_eager(webui):
@@ -304,7 +322,14 @@ def test_tensorrt_export_in_the_running_webui_with_its_lora(webui, tmp_path):
     from accelerators.tensorrt.engine import BuildSettings
     from accelerators.tensorrt.profiles import make_profile, profile_from_dict
     from accelerators.tensorrt.store import comfy_engine_key
-    from tests.accelerators.tensorrt.test_tensorrt_webui import _comfy_patcher
+    import importlib.util
+
+    # by its path: ComfyUI's own `tests` package, imported by an earlier test, shadows this repository's `tests`
+    path = REPO_ROOT / "tests" / "accelerators" / "tensorrt" / "test_tensorrt_webui.py"
+    spec = importlib.util.spec_from_file_location("tensorrt_webui_helpers", path)
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    _comfy_patcher = helpers._comfy_patcher
 
     models = DATA / "models"
     checkpoint = models / "Stable-diffusion" / "accel_random_sd15.safetensors"
