@@ -30,9 +30,10 @@ counter of the Parameter does not see.)
 
 Memory (fp8_store.py): the copies live beside the model's own weights (kept for re-quantization), about half its
 Linear weights' bytes. One set per diffusion model, shared by every session on it (Accelerate Model applied again,
-a second node): never two. The sessions own it: the last clone carrying one gone, the copies are freed with it
-(nothing process-wide refers to a session: the live-object cache holds only weak handles of its CUDA graphs); when
-ComfyUI unloads the model (ON_DETACH), they are freed at once, and made again on the next run.
+a second node): never two. The sessions own it: the last clone carrying one gone (collected: ComfyUI runs the
+garbage collector between prompts), the copies are freed with it (nothing process-wide refers to a session: the
+live-object cache holds only weak handles of its CUDA graphs); when ComfyUI unloads the model (ON_DETACH), they
+are freed at once, and made again on the next run.
 What ComfyUI's memory manager is told: before new copies are made, `comfy.model_management.free_memory(bytes of
 the copies + its minimum inference memory, device, keep_loaded=the loaded clones of this model)`, so it offloads
 other models first. What it is not told: the copies are not part of the model's size (`ModelPatcher.model_size`,
@@ -364,9 +365,10 @@ class Fp8Weights:
     def release(self) -> None:
         """ComfyUI unloads the model: free the fp8 copies, this session's and every other's on the same model
         (made again from the weights on the next run)."""
-        if self.store is not None:
-            self.store.release()
+        freed = self.store.release() if self.store is not None else 0
         self.forget()
+        if freed and self.session is not None:
+            self.session.notice(f"model unloaded: freed the fp8 copies, {freed / 2**20:.0f} MiB", level="info")
 
     def forget(self) -> None:
         """The copies were freed (fp8_store.Fp8Store.release): route nothing until the next run makes them."""

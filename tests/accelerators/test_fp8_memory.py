@@ -87,6 +87,7 @@ def test_accelerate_model_applied_again_to_the_same_model_routes_the_same_copies
 def test_comfyui_unloading_the_model_frees_every_set_and_the_next_run_makes_them_again(pack):
     import comfy.model_management as mm
 
+    from comfy_accel.accelerators import events
     from comfy_accel.accelerators.compile.fp8_store import live_stores
 
     model = build_dit("tiny-flux-dev", seed=6)
@@ -103,6 +104,8 @@ def test_comfyui_unloading_the_model_frees_every_set_and_the_next_run_makes_them
     assert not first_session.fp8.routes and not second_session.fp8.routes
     assert not first_session.graphs.captured and not second_session.graphs.captured   # they read the freed copies
     assert not live_stores(model.model.diffusion_model)
+    said = [n["message"] for n in events.recent(300) if n.get("node") in ("fp8-unload-1", "fp8-unload-2")]
+    assert any(m.startswith("model unloaded: freed the fp8 copies") for m in said)
 
     # the next load: quantized again from the weights, graphs captured again, the same result
     assert rel(sample_dit(second, steps=2), out) < 1e-6 and len(second_session.fp8.routes) == 20
