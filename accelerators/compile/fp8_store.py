@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 log = logging.getLogger("comfy_accel")
+_sampling: ContextVar = ContextVar("comfy_accel_fp8_sampling", default=None)   # the guider sampling now
 _stores: "weakref.WeakValueDictionary[tuple, Fp8Store]" = weakref.WeakValueDictionary()
 
 
@@ -143,17 +145,29 @@ class Fp8Store:
 
 def make_room(base_model, nbytes: int, device) -> None:
     """Before new fp8 copies are made: ComfyUI's memory manager frees `nbytes` plus its minimum inference memory on
-    the device, offloading other models first (never the one sampling now: every loaded clone of its base model
-    is kept). The WebUI has no such call: nothing happens there."""
+    the device, offloading other models first: never the ones this sampling loaded (every loaded clone of its base
+    model, and the sampler's `loaded_models`: ControlNets, model patches; `sampling` tells which). The WebUI has
+    no such call: nothing happens there."""
     try:
         import comfy.model_management as mm
     except ImportError:
         return
+    in_use = getattr(_sampling.get(), "loaded_models", None) or ()
     keep = [loaded for loaded in list(mm.current_loaded_models)
-            if getattr(loaded.model, "model", None) is base_model]
+            if getattr(loaded.model, "model", None) is base_model or any(loaded.model is m for m in in_use)]
     if base_model is None or not keep:   # not loaded by ComfyUI's manager (the WebUI, a bare test): nothing to ask
         return
     try:
         mm.free_memory(nbytes + mm.minimum_inference_memory(), device, keep_loaded=keep)
     except Exception:   # the copies are still made; the allocator says if they do not fit
         log.warning("comfy-accel: ComfyUI could not free memory for the fp8 copies", exc_info=True)
+
+
+def sampling_wrapper(executor, *args, **kwargs):
+    """ComfyUI's OUTER_SAMPLE wrapper: while a sampler runs, `make_room` knows the models it loaded (its guider's
+    `loaded_models`) and keeps them loaded."""
+    token = _sampling.set(executor.class_obj)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _sampling.reset(token)

@@ -125,12 +125,16 @@ def test_comfyui_is_asked_for_room_before_new_copies_are_made(pack, monkeypatch)
 
     model = build_dit("tiny-flux-dev", seed=7)
     accelerated, session = fp8_lane(model, "fp8-room", graphs=False)
+    helper = build_dit("tiny-flux-dev", seed=8, check_alive=False)   # a model the sampler loads with it (as a
+    accelerated.set_additional_models("fp8-room-test", [helper])      # ControlNet or a model patch would be)
     monkeypatch.setattr(mm, "free_memory", free_memory)
     sample_dit(accelerated, steps=2)
-    ours = [a for a in asked if a[0] > mm.minimum_inference_memory()]
+    ours = [a for a in asked if a[0] > mm.minimum_inference_memory() and a[2]]
     assert len(ours) == 1
     needed, device, kept = ours[0]
     assert needed == session.fp8.store.nbytes + mm.minimum_inference_memory() and device == torch.device("cpu")
-    assert kept and all(patcher.model is model.model for patcher in kept)   # the model sampling now stays loaded
+    # what this sampling loaded stays loaded: the model sampling now and the sampler's other models
+    assert any(patcher.model is model.model for patcher in kept) and any(patcher is helper for patcher in kept)
+    assert all(patcher.model is model.model or patcher is helper for patcher in kept)
     sample_dit(accelerated, steps=2)
-    assert len([a for a in asked if a[0] > mm.minimum_inference_memory()]) == 1   # no new copies: nothing asked
+    assert len([a for a in asked if a[0] > mm.minimum_inference_memory() and a[2]]) == 1   # no new copies
