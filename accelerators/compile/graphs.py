@@ -194,7 +194,7 @@ class GraphSet:
         self.failed = ""   # why a DiT's capture failed: its calls run compiled without graphs (graph_path.py)
         self.per_run = OncePerRun()
         # the session gone (gc): its handles leave the live cache, which would count them against its budget
-        weakref.finalize(self, _release_token, session.token)
+        weakref.finalize(self, _release_token, session.token).atexit = False
 
     @staticmethod
     def _cache():
