@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import logging
 import statistics
@@ -122,6 +123,11 @@ def _sync(cuda: bool):
 
 def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
     torch._dynamo.reset()
+    # the stack before is garbage (its clone dropped), in reference cycles: collected now, so its CUDA graphs and
+    # fp8 copies (freed with its session) do not count in this stack's peak, as ComfyUI's own gc between prompts
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
     easycache_lines, root = _EasyCacheLines(), logging.getLogger()
     level = root.level
     root.addHandler(easycache_lines)

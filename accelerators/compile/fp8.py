@@ -13,8 +13,8 @@ inputs are tensors we own, so CUDA graphs and our in-place re-quantization keep 
 add the same kernel behind tensor subclasses that swap the weights of the module itself: a lasting change to
 a diffusion model every ComfyUI clone shares, which is what this lane never does.
 
-How it reaches only our calls: the session keeps, per routed Linear, an fp8 copy of its weight and its scales
-(`Fp8Weights`); while one of our apply_model calls runs compiled or captures a graph (`Fp8Weights.routed`),
+How it reaches only our calls: per routed Linear, an fp8 copy of its weight and its scales (`fp8_store.Fp8Store`,
+routed by each session's `Fp8Weights`); while one of our apply_model calls runs compiled or captures a graph (`Fp8Weights.routed`),
 each of those Linears is replaced in its parent by an `Fp8Linear` stand-in that holds the original Linear (its
 live bias) and those buffers, and is put back afterwards: the same swap-for-one-call as the block stand-ins
 (dit.py). Other clones of the model, and our own eager fallbacks, run the model's dtype.
@@ -28,6 +28,19 @@ re-capture. ComfyUI's hook LoRAs (a LoRA per conditioning, patched between the c
 through the host's `ON_APPLY_HOOKS` callback: the layers they patch or restore are quantized again at once. (A tensor's `_version` cannot serve: ComfyUI patches with `param.data.copy_`, which the version
 counter of the Parameter does not see.)
 
+Memory (fp8_store.py): the copies live beside the model's own weights (kept for re-quantization), about half its
+Linear weights' bytes. One set per diffusion model, shared by every session on it (Accelerate Model applied again,
+a second node): never two. The sessions own it: the last clone carrying one gone (collected: ComfyUI runs the
+garbage collector between prompts), the copies are freed with it (nothing process-wide refers to a session: the
+live-object cache holds only weak handles of its CUDA graphs); when ComfyUI unloads the model (ON_DETACH), they
+are freed at once, and made again on the next run.
+What ComfyUI's memory manager is told: before new copies are made, `comfy.model_management.free_memory(bytes of
+the copies + its minimum inference memory, device, keep_loaded=the loaded clones of this model)`, so it offloads
+other models first. What it is not told: the copies are not part of the model's size (`ModelPatcher.model_size`,
+`loaded_size`), so its later loading decisions see them only as memory in use on the device (it reads the free
+memory from the device), not as the model's, and a partial unload (lowvram) frees no copies until the next run
+finds the layers cast per call. The WebUI has no memory manager to ask.
+
 Which layers stay in the model's dtype: KEEP, one list per family (why each entry: docs/benchmarks.md, "fp8
 layer errors"), and every Linear whose sizes `_scaled_mm` cannot take (in or out features not a multiple of 16)
 or that ComfyUI computes its own way this run (weights cast per call: lowvram offload, fp8 storage).
@@ -36,7 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+import weakref
 from typing import Callable
 
 from ..base import Availability
@@ -175,17 +188,6 @@ def precision_in_effect(parsed, device, torch_compile: bool):
 
 
 # ---- the layers, their fp8 copies and the routing -------------------------------------------------------------
-@dataclass
-class Routed:
-    """One Linear routed to fp8: where it sits, its stand-in (holding the fp8 buffers) and what it was made from."""
-    name: str
-    parent: object
-    attr: str
-    linear: object
-    stand_in: object
-    made_from: tuple    # (id, data_ptr, WebUI network names) of the weight quantized last
-
-
 def _stand_in_class():
     import torch
 
@@ -227,11 +229,6 @@ def stand_in_class():
     return _fp8_linear_class
 
 
-def _weight_state(linear) -> tuple:
-    weight = linear.weight
-    return id(weight), weight.data_ptr(), getattr(linear, "network_current_names", None)
-
-
 def candidate_layers(diffusion_model, served) -> list[tuple[str, object]]:
     """(name, Linear) of every layer fp8 may route: inside the repeated blocks (DiTs compiled block by block) or
     the whole model, minus the family's KEEP list and the sizes _scaled_mm cannot take."""
@@ -265,25 +262,38 @@ def runs_plain(linear, device) -> bool:
 
 
 class Fp8Weights:
-    """The session's fp8 copies of its routed Linears, re-quantized in place when the host patches weights."""
+    """One session's view of the fp8 copies (fp8_store.py: one set per diffusion model, shared by its sessions):
+    which layers this session routes, brought up to date once per run, and what ran."""
 
     def __init__(self, session, device):
         import torch
 
-        self.session = session
+        self._session = _weak(session)   # no reference back: the session is freed with its last clone
         self.device = torch.device(device)
-        self.routes: dict[str, Routed] = {}
+        self.store = None                # fp8_store.Fp8Store, from the first run on
+        self.names: dict = {}            # routed layer name → weak ref of its stand-in at the last refresh
         self.per_run = OncePerRun()
-        self.host_marker = None          # what the host said was patched at the last quantization
-        self.patched_keys: set = set()   # layer names patched then (unpatching them changes them again)
         self.calls = 0                   # our calls that ran with fp8 layers (compiled, captured or replayed)
         self.requantized = 0             # layers quantized again after a weight change (LoRA), all runs
         self.why_not = ""                # why no layer runs in fp8 now ('' when some do)
-        self.hooked: set = set()         # layer names ComfyUI's hook patches held at the last ON_APPLY_HOOKS
+
+    @property
+    def session(self):
+        return self._session()
 
     @property
     def active(self) -> bool:
-        return bool(self.routes)
+        return bool(self.names)
+
+    @property
+    def routes(self) -> dict:
+        """name → fp8_store.Routed of the layers this session routes."""
+        routes = self.store.routes if self.store is not None else {}
+        return {n: routes[n] for n in self.names if n in routes}
+
+    @routes.setter
+    def routes(self, routes: dict) -> None:   # a subset to route (tools/fp8_layer_error.py)
+        self.names = {n: weakref.ref(r.stand_in) for n, r in routes.items()}
 
     # -- once per sampling run --------------------------------------------------------------------------------
     def refresh(self, base_model, diffusion_model, transformer_options: dict) -> None:
@@ -296,66 +306,39 @@ class Fp8Weights:
             self._refresh(base_model, diffusion_model)
 
     def _refresh(self, base_model, diffusion_model) -> None:
-        marker = getattr(base_model, "current_weight_patches_uuid", None)
-        patcher = getattr(base_model, "current_patcher", None)
-        prefix = "diffusion_model."
-        patched_now = {k[len(prefix):].removesuffix(".weight") for k in (getattr(patcher, "patches", None) or {})
-                       if k.startswith(prefix) and k.endswith(".weight")}
-        eligible = [(n, m) for n, m in candidate_layers(diffusion_model, self.session.served)
-                    if runs_plain(m, self.device)]
-        names = {n for n, _ in eligible}
-        if names != set(self.routes) and self.routes:
-            # a layer joins or leaves the routing (lowvram, another loading): graphs hold the old routing
-            if self.session.graphs is not None:
-                self.session.graphs.release()
-            for gone in set(self.routes) - names:
-                del self.routes[gone]
-        host_changed = marker != self.host_marker
-        maybe_patched = patched_now | self.patched_keys
-        changed = 0
-        for name, linear in eligible:
-            route = self.routes.get(name)
-            if route is None or route.linear is not linear:
-                self.routes[name] = self._new_route(diffusion_model, name, linear)
-            elif route.made_from != _weight_state(linear) or (host_changed and name in maybe_patched):
-                self._quantize_into(route)
-                changed += 1
-        self.host_marker, self.patched_keys = marker, patched_now
+        from .fp8_store import store_for
+
+        session = self.session
+        store = store_for(diffusion_model, self.device)
+        if store is not self.store:
+            self.store, self.names = store, {}
+            store.users.add(self)
+        candidates = candidate_layers(diffusion_model, session.served)
+        eligible = [(n, m) for n, m in candidates if runs_plain(m, self.device)]
+        changed = store.update(base_model, candidates, eligible)
+        names = {n: weakref.ref(store.routes[n].stand_in) for n, _ in eligible}
+        if self.names and (names.keys() != self.names.keys()
+                           or any(names[n]() is not s() for n, s in self.names.items() if n in names)):
+            # a layer joins or leaves the routing (lowvram, another loading), or its copy was made again: the
+            # graphs read the old buffers
+            self._release_graphs()
+        self.names = names
         self.requantized += changed
         if changed:
-            self.session.notice(f"fp8: {changed} layer(s) quantized again from the patched weights (LoRA change; "
-                                f"no recompile)", level="info")
-        self.why_not = "" if self.routes else ("no linear layer of this model can run in fp8 this run (all kept, "
-                                               "misaligned, or cast per call by ComfyUI: lowvram or fp8 storage)")
+            session.notice(f"fp8: {changed} layer(s) quantized again from the patched weights (LoRA change; no "
+                           f"recompile)", level="info")
+        self.why_not = "" if self.names else ("no linear layer of this model can run in fp8 this run (all kept, "
+                                              "misaligned, or cast per call by ComfyUI: lowvram or fp8 storage)")
 
     def hooks_applied(self, patcher) -> None:
         """ComfyUI applied (or removed) hook patches between two calls (its ON_APPLY_HOOKS callback): the layers
         they patched before or patch now are quantized again, in place, before the next call."""
         import torch
 
-        prefix = "diffusion_model."
-        hooked = {k[len(prefix):].removesuffix(".weight") for k in (getattr(patcher, "hook_backup", None) or {})
-                  if k.startswith(prefix) and k.endswith(".weight")}
-        affected = [self.routes[n] for n in (hooked | self.hooked) if n in self.routes]
-        self.hooked = hooked
+        if self.store is None:
+            return
         with torch.inference_mode(False), torch.no_grad():
-            for route in affected:
-                self._quantize_into(route)
-        self.requantized += len(affected)
-
-    def _new_route(self, diffusion_model, name: str, linear) -> Routed:
-        parent_name, _, attr = name.rpartition(".")
-        parent = diffusion_model.get_submodule(parent_name) if parent_name else diffusion_model
-        weight_fp8, scale = quantize_rows(linear.weight.detach())
-        stand_in = stand_in_class()(linear, weight_fp8, scale.reshape(1, -1).contiguous())
-        return Routed(name, parent, attr, linear, stand_in, _weight_state(linear))
-
-    @staticmethod
-    def _quantize_into(route: Routed) -> None:
-        weight_fp8, scale = quantize_rows(route.linear.weight.detach())
-        route.stand_in.weight_fp8.copy_(weight_fp8)   # same buffers: graphs and compiled code keep reading them
-        route.stand_in.weight_scale.copy_(scale.reshape(1, -1))
-        route.made_from = _weight_state(route.linear)
+            self.requantized += self.store.hooks_applied(patcher)
 
     # -- per call -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -376,14 +359,36 @@ class Fp8Weights:
                 route.parent._modules[route.attr] = route.linear
 
     def count_replay(self) -> None:
-        if self.routes:
+        if self.names:
             self.calls += 1
 
     def release(self) -> None:
-        """ComfyUI unloads the model: free the fp8 copies (made again from the weights on the next run)."""
-        self.routes.clear()
-        self.host_marker, self.patched_keys = None, set()
+        """ComfyUI unloads the model: free the fp8 copies, this session's and every other's on the same model
+        (made again from the weights on the next run)."""
+        freed = self.store.release() if self.store is not None else 0
+        self.forget()
+        if freed and self.session is not None:
+            self.session.notice(f"model unloaded: freed the fp8 copies, {freed / 2**20:.0f} MiB", level="info")
+
+    def forget(self) -> None:
+        """The copies were freed (fp8_store.Fp8Store.release): route nothing until the next run makes them."""
+        if self.names:
+            self._release_graphs()
+        self.names = {}
         self.per_run = OncePerRun()
+
+    def _release_graphs(self) -> None:
+        graphs = getattr(self.session, "graphs", None)
+        if graphs is not None:
+            graphs.release()
+
+
+def _weak(obj):
+    """A weak reference to `obj` where it takes one (a plain namespace does not: held as it is)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def routing(session) -> Callable:

@@ -15,6 +15,7 @@ stale one. An input it can neither carry nor key keeps the call off the graph, w
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,25 +179,38 @@ class CapturedCall:
 
 
 class GraphSet:
-    """The captured graphs of one session, in the process-wide live-object cache (freed with the model)."""
+    """The captured graphs of one session. The session owns them (they die with it, when the last clone carrying it
+    is gone); the process-wide live-object cache holds only a weak handle of each, to account for their memory
+    and evict the least recently used beyond its budget, and ComfyUI unloading the model frees them (`unload`).
+    Nothing process-wide refers to the session itself: a dropped clone frees its graphs and fp8 copies."""
 
     call_class = CapturedCall   # what `capture` makes
 
     def __init__(self, session):  # a session.CompileSession: its token names its graphs, its notices speak
         self.session = session
         self.pool = None
-        self.keys: set = set()
+        self.captured: dict = {}
         self.weights_seen: tuple | None = None   # weights_signature when the graphs were captured
         self.failed = ""   # why a DiT's capture failed: its calls run compiled without graphs (graph_path.py)
         self.per_run = OncePerRun()
+        # the session gone (gc): its handles leave the live cache, which would count them against its budget
+        weakref.finalize(self, _release_token, session.token).atexit = False
 
-    def _cache(self):
+    @staticmethod
+    def _cache():
         from ..cache.api import live_objects
 
         return live_objects()
 
+    @property
+    def keys(self) -> set:
+        return set(self.captured)
+
     def get(self, key):
-        return self._cache().get((self.session.token, key))
+        captured = self.captured.get(key)
+        if captured is not None:
+            self._cache().get((self.session.token, key))   # most recently used
+        return captured
 
     def capture(self, key, fn: Callable, inputs: tuple) -> CapturedCall:
         import torch
@@ -204,26 +218,26 @@ class GraphSet:
         if self.pool is None and torch.cuda.is_available():
             self.pool = torch.cuda.graph_pool_handle()
         captured = self.call_class(fn, inputs, self.pool)
-        self.keys.add(key)
-        self._cache().put((self.session.token, key), captured, captured.nbytes,
-                          on_evict=lambda k, obj: self._evicted(k, obj))
+        self.captured[key] = captured
+        self._cache().put((self.session.token, key), weakref.ref(self), captured.nbytes, on_evict=_evicted)
         return captured
 
-    def _evicted(self, key, captured: CapturedCall) -> None:
-        self.keys.discard(key[1])
-        captured.release()
+    def drop(self, key) -> None:
+        captured = self.captured.pop(key, None)
+        if captured is not None:
+            captured.release()
 
     def release(self) -> int:
         token = self.session.token
         dropped = self._cache().release_matching(lambda k: isinstance(k, tuple) and k and k[0] == token)
-        self.keys.clear()
+        for key in list(self.captured):   # any the cache no longer held
+            self.drop(key)
         self.pool = None
         return len(dropped)
 
     @property
     def nbytes(self) -> int:
-        cache = self._cache()
-        return sum(getattr(cache.get((self.session.token, k)), "nbytes", 0) for k in list(self.keys))
+        return sum(getattr(captured, "nbytes", 0) for captured in self.captured.values())
 
     def check_weights(self, unet, transformer_options: dict) -> None:
         """Once per sampling run: graphs captured over tensors that moved since are dropped (re-captured)."""
@@ -249,6 +263,19 @@ class GraphSet:
 def weights_signature(unet) -> tuple:
     """Where the UNet's tensors live: a captured graph reads these addresses."""
     return tuple(t.data_ptr() for t in unet.parameters()) + tuple(t.data_ptr() for t in unet.buffers())
+
+
+def _evicted(cache_key, owner) -> None:
+    """The live cache dropped a graph's handle (budget, release): its owner, if still alive, frees the graph."""
+    graphs = owner()
+    if graphs is not None:
+        graphs.drop(cache_key[1])
+
+
+def _release_token(token: str) -> None:
+    from ..cache.api import live_objects
+
+    live_objects().release_matching(lambda k: isinstance(k, tuple) and k and k[0] == token)
 
 
 class ChannelsLastLayout:

@@ -207,6 +207,11 @@ def attach(model, session):
 
     patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
     patched.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
+    if session.fp8 is not None:   # new fp8 copies ask ComfyUI for room, keeping this sampling's models loaded
+        from .fp8_store import sampling_wrapper
+
+        patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling_wrapper)
     if session.fp8 is not None and hasattr(CallbacksMP, "ON_APPLY_HOOKS"):
         # hook LoRAs patch weights between the calls of a step: the fp8 copies follow (fp8.py)
         patched.remove_callbacks_with_key(CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)

@@ -1,0 +1,140 @@
+"""precision fp8's copies and the host's memory (accelerators/compile/fp8_store.py) on the CPU, with the real
+ComfyUI: the copies (and the session's graphs) are freed when the accelerated clone is gone; Accelerate Model
+applied again to the same base model routes the same copies, never a second set; ComfyUI's real
+`unload_all_models` frees every set of the model and the next run makes it again; ComfyUI's memory manager is
+asked for the room before new copies are made."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from tests.accelerators.test_compile_dit import captures, rel
+from tests.accelerators.test_fp8 import fp8_lane
+from tests.lora import with_lora
+from tools.dit_factory import build_dit, random_dit_lora, sample_dit
+
+
+def fp8_buffers(session) -> list:
+    return [t for r in session.fp8.routes.values() for t in (r.stand_in.weight_fp8, r.stand_in.weight_scale)]
+
+
+def live_graph_entries(token: str) -> list:
+    from comfy_accel.accelerators.cache.api import live_objects
+
+    return [k for k in live_objects().keys() if isinstance(k, tuple) and k and k[0] == token]
+
+
+def collect():
+    captures.clear()   # the CPU stand-in for a CUDA graph keeps its function (a real graph keeps no Python object)
+    gc.collect()
+
+
+def test_a_dropped_clone_frees_its_fp8_copies_and_its_graphs(pack):
+    from comfy_accel.accelerators.cache.api import live_objects
+    from comfy_accel.accelerators.compile.fp8_store import live_stores
+
+    model = build_dit("tiny-flux-dev", seed=4)
+    accelerated, session = fp8_lane(model, "fp8-dropped", graphs=True)
+    out = sample_dit(accelerated, steps=2)
+    buffers = [weakref.ref(t) for t in fp8_buffers(session)]
+    token, graph = session.token, weakref.ref(next(iter(session.graphs.captured.values())))
+    captures.clear()
+    assert len(buffers) == 40 and session.calls["graph"] == 2 and live_graph_entries(token)
+    assert live_stores(model.model.diffusion_model)
+
+    # the live cache dropping a graph (evicted for its budget) frees it in the session, which keeps running
+    for key in live_graph_entries(token):
+        assert live_objects().release(key)
+    assert not session.graphs.captured and graph() is None   # the graph itself freed
+    assert rel(sample_dit(accelerated, steps=2), out) < 1e-6 and live_graph_entries(token)
+
+    del accelerated, session
+    collect()
+    assert [r() for r in buffers] == [None] * 40   # nothing process-wide kept the session or its copies
+    assert not live_graph_entries(token)
+    assert not live_stores(model.model.diffusion_model)
+    assert torch.equal(sample_dit(model, steps=2), sample_dit(build_dit("tiny-flux-dev", seed=4,
+                                                                        check_alive=False), steps=2))
+
+
+def test_accelerate_model_applied_again_to_the_same_model_routes_the_same_copies(pack):
+    from comfy_accel.accelerators.compile.fp8_store import live_stores
+
+    model = build_dit("tiny-flux-dev", seed=5)
+    first, first_session = fp8_lane(model, "fp8-first", graphs=True)
+    first_out = sample_dit(first, steps=2)
+    second, second_session = fp8_lane(model, "fp8-again", graphs=True)   # a changed input: a new clone
+    second_out = sample_dit(second, steps=2)
+    assert rel(second_out, first_out) < 1e-6
+    both = fp8_buffers(first_session) + fp8_buffers(second_session)
+    assert len(both) == 80 and len({id(t) for t in both}) == 40   # one set of copies, routed by both sessions
+    assert len(live_stores(model.model.diffusion_model)) == 1
+
+    # the weights are the base model's: whichever session runs brings the shared copies up to date
+    lora_out = sample_dit(with_lora(second, random_dit_lora(model)), steps=2)
+    assert rel(lora_out, first_out) > 1e-3 and second_session.fp8.requantized > 0
+    assert rel(sample_dit(first, steps=2), first_out) < 1e-6   # the LoRA gone: the copies are the base's again
+    assert first_session.fp8.requantized > 0
+
+    # the first clone dropped: the copies stay for the second, which still routes them
+    kept = [weakref.ref(t) for t in fp8_buffers(second_session)]
+    del first, first_session
+    collect()
+    assert all(r() is not None for r in kept) and rel(sample_dit(second, steps=2), first_out) < 1e-6
+
+
+def test_comfyui_unloading_the_model_frees_every_set_and_the_next_run_makes_them_again(pack):
+    import comfy.model_management as mm
+
+    from comfy_accel.accelerators import events
+    from comfy_accel.accelerators.compile.fp8_store import live_stores
+
+    model = build_dit("tiny-flux-dev", seed=6)
+    first, first_session = fp8_lane(model, "fp8-unload-1", graphs=True)
+    out = sample_dit(first, steps=2)
+    second, second_session = fp8_lane(model, "fp8-unload-2", graphs=True)
+    sample_dit(second, steps=2)
+    buffers = [weakref.ref(t) for t in fp8_buffers(first_session) + fp8_buffers(second_session)]
+    assert first_session.graphs.captured and second_session.graphs.captured
+
+    mm.unload_all_models()   # ComfyUI's own call: detaches the loaded clone (its ON_DETACH callback)
+    collect()
+    assert [r() for r in buffers] == [None] * 80
+    assert not first_session.fp8.routes and not second_session.fp8.routes
+    assert not first_session.graphs.captured and not second_session.graphs.captured   # they read the freed copies
+    assert not live_stores(model.model.diffusion_model)
+    said = [n["message"] for n in events.recent(300) if n.get("node") in ("fp8-unload-1", "fp8-unload-2")]
+    assert any(m.startswith("model unloaded: freed the fp8 copies") for m in said)
+
+    # the next load: quantized again from the weights, graphs captured again, the same result
+    assert rel(sample_dit(second, steps=2), out) < 1e-6 and len(second_session.fp8.routes) == 20
+    assert rel(sample_dit(first, steps=2), out) < 1e-6 and len(first_session.fp8.routes) == 20
+    assert second_session.graphs.captured and first_session.graphs.captured
+
+
+def test_comfyui_is_asked_for_room_before_new_copies_are_made(pack, monkeypatch):
+    import comfy.model_management as mm
+
+    asked = []
+    real = mm.free_memory
+
+    def free_memory(memory_required, device, keep_loaded=[]):   # ComfyUI's own, recorded
+        asked.append((memory_required, device, [loaded.model for loaded in keep_loaded]))
+        return real(memory_required, device, keep_loaded=keep_loaded)
+
+    model = build_dit("tiny-flux-dev", seed=7)
+    accelerated, session = fp8_lane(model, "fp8-room", graphs=False)
+    helper = build_dit("tiny-flux-dev", seed=8, check_alive=False)   # a model the sampler loads with it (as a
+    accelerated.set_additional_models("fp8-room-test", [helper])      # ControlNet or a model patch would be)
+    monkeypatch.setattr(mm, "free_memory", free_memory)
+    sample_dit(accelerated, steps=2)
+    ours = [a for a in asked if a[0] > mm.minimum_inference_memory() and a[2]]
+    assert len(ours) == 1
+    needed, device, kept = ours[0]
+    assert needed == session.fp8.store.nbytes + mm.minimum_inference_memory() and device == torch.device("cpu")
+    # what this sampling loaded stays loaded: the model sampling now and the sampler's other models
+    assert any(patcher.model is model.model for patcher in kept) and any(patcher is helper for patcher in kept)
+    assert all(patcher.model is model.model or patcher is helper for patcher in kept)
+    sample_dit(accelerated, steps=2)
+    assert len([a for a in asked if a[0] > mm.minimum_inference_memory() and a[2]]) == 1   # no new copies
