@@ -15,6 +15,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+# `tests` is ours before ComfyUI's root joins sys.path: this folder is a namespace package (no __init__.py), and
+# a regular package of the same name anywhere on sys.path (ComfyUI has one) wins every later `import tests...`
+import tests  # noqa: E402
+
+assert REPO_ROOT / "tests" in {Path(p).resolve() for p in tests.__path__}, f"`tests` is not this repository's: {tests.__path__}"
 
 ARTIFACTS = REPO_ROOT / "test_artifacts"
 SERVER_FIXTURES = {"comfy_server", "server"}   # a real ComfyUI process (tests/web's fixture is named `server`)
