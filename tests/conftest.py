@@ -19,7 +19,8 @@ if str(REPO_ROOT) not in sys.path:
 # a regular package of the same name anywhere on sys.path (ComfyUI has one) wins every later `import tests...`
 import tests  # noqa: E402
 
-assert REPO_ROOT / "tests" in {Path(p).resolve() for p in tests.__path__}, f"`tests` is not this repository's: {tests.__path__}"
+assert REPO_ROOT / "tests" in {Path(p).resolve() for p in tests.__path__}, \
+    f"`tests` is not this repository's: {tests.__path__}"
 
 ARTIFACTS = REPO_ROOT / "test_artifacts"
 SERVER_FIXTURES = {"comfy_server", "server"}   # a real ComfyUI process (tests/web's fixture is named `server`)
