@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.accelerators.test_compile_dit import captures, graph_lane, rel
+from tests.accelerators.test_step_cache import counted
 from tools.dit_factory import build_dit, sample_dit
 from tools.model_factory import build_model, sample
 
@@ -33,15 +34,9 @@ def last_run(model):
     return step_cache_state(model).last_run
 
 
-def forwards(model, run):
-    """(run(), how many times the diffusion model's forward ran): on this CPU each replay runs it, and each capture
-    once more (its recording); a skipped call never does."""
-    calls = []
-    handle = model.model.diffusion_model.register_forward_pre_hook(lambda *args: calls.append(1))
-    try:
-        return run(), len(calls)
-    finally:
-        handle.remove()
+# (run(), how many times the diffusion model's forward ran): on this CPU each replay runs it, and each capture
+# once more (its recording); a skipped call never does
+forwards = counted
 
 
 BUILDS = {
