@@ -322,14 +322,7 @@ def test_tensorrt_export_in_the_running_webui_with_its_lora(webui, tmp_path):
     from accelerators.tensorrt.engine import BuildSettings
     from accelerators.tensorrt.profiles import make_profile, profile_from_dict
     from accelerators.tensorrt.store import comfy_engine_key
-    import importlib.util
-
-    # by its path: ComfyUI's own `tests` package, imported by an earlier test, shadows this repository's `tests`
-    path = REPO_ROOT / "tests" / "accelerators" / "tensorrt" / "test_tensorrt_webui.py"
-    spec = importlib.util.spec_from_file_location("tensorrt_webui_helpers", path)
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
-    _comfy_patcher = helpers._comfy_patcher
+    from tests.accelerators.tensorrt.test_tensorrt_webui import _comfy_patcher   # ours: tests/conftest.py
 
     models = DATA / "models"
     checkpoint = models / "Stable-diffusion" / "accel_random_sd15.safetensors"
