@@ -16,10 +16,12 @@
 #   bash tools/gpu_runs.sh stepcache  # issue 18: Step Cache GPU tests, FLUX.1-dev step-cache stacks (SC_STACKS,
 #                                     #   SC_EASYCACHE_THRESHOLD); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
 #                                     #   stepcache-sdxl: SDXL 1024² fastest stacks (DeepCache's and Step Cache's)
+#   bash tools/gpu_runs.sh timeline   # issues 17/18: where a graphed Flux sample's time goes beyond its kernels (bf16,
+#                                     #   fp8), the fp8 kernel split, the LoRA change with fp8 (PROFILE_PARTS, DIT_MODEL)
 set -u
-runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl"
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl | timeline"
 what=${1:?"$runs"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl) ;;
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl|timeline) ;;
   *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
@@ -33,13 +35,18 @@ fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
 
 case "$what" in
   fp8)
-    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 200 python3 -m pytest -q -p no:cacheprovider -s --timeout 190 \
-      --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout "${FP8_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider \
+      -s --timeout "${FP8_TEST_LIMIT:-200}" --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
     grep "^E \|passed\|failed\|SKIPPED\|FAILED\|relative error" "$out/fp8-tests.log" | tail -20
     timeout 330 python3 -m tools.bench_dit --model "${DIT_MODEL:-flux-dev}" --steps "${DIT_STEPS:-20}" --runs 2 \
       --stacks "${FP8_STACKS:-eager,inductor+cudagraphs,fp8+inductor+cudagraphs}" --out "$out/fp8-bench.json" \
       > "$out/fp8-bench.log" 2>&1
     grep "^\[bench_dit\]" "$out/fp8-bench.log" | tail -12 ;;
+  timeline)
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout "${PROFILE_LIMIT:-400}" python3 -m tools.profile_dit \
+      --model "${DIT_MODEL:-flux-dev}" --parts "${PROFILE_PARTS:-timeline,kernels}" --precision auto+fp8 \
+      --lora-keep true > "$out/timeline.log" 2>&1
+    grep "^\[timeline\]\|^\[kernels\]\|^\[lora\]\|Error" "$out/timeline.log" | tail -12 ;;
   dit)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
       --tb=short -rfEs -k "gpu" tests/accelerators/test_compile_dit.py > "$out/dit-tests.log" 2>&1
