@@ -39,11 +39,14 @@ from tools.dit_factory import MODEL_ALIASES
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
           "inductor+step-cache-2", "inductor+cudagraphs+step-cache-2", "step-cache-adaptive",
           "inductor+cudagraphs+step-cache-adaptive", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
-          "fp8+inductor+cudagraphs", "fp8+inductor+cudagraphs+step-cache-2")
+          "fp8+inductor+cudagraphs", "fp8+inductor+cudagraphs+step-cache-2", "max-autotune+inductor+cudagraphs",
+          "fp8+max-autotune+inductor+cudagraphs")
 FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs",
-              "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2"}   # → its bf16 twin
-# on a GPU every stack but the whole-model compile of ours (minutes cold); on a CPU the two a tiny DiT shows
-DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole"), "cpu": ("eager", "inductor")}
+              "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2",
+              "fp8+max-autotune+inductor+cudagraphs": "max-autotune+inductor+cudagraphs"}   # → its bf16 twin
+# on a GPU every stack but the whole-model compile of ours and max-autotune (minutes cold); on a CPU the two a tiny DiT shows
+DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole" and "max-autotune" not in s),
+                  "cpu": ("eager", "inductor")}
 GPU_ONLY = {**{name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name},
             **{name: "fp8 GEMMs need a CUDA GPU with fp8 tensor cores" for name in FP8_STACKS}}
 EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
@@ -57,11 +60,12 @@ def _comfy_torch_compile(model):
     return clone
 
 
-def _ours(backend: str, scope: str = "auto", precision: str = "auto"):
+def _ours(backend: str, scope: str = "auto", precision: str = "auto", mode: str = "default"):
     def build(model):
         from comfy_accel.accelerators.accelerate import accelerate
 
-        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope, precision=precision)
+        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope, precision=precision,
+                                    mode=mode)
         print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
         return out
     return build
@@ -100,7 +104,10 @@ BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor"
          "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m)),
          **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()},
          "fp8+inductor+cudagraphs+step-cache-2":
-             lambda m: _ours("inductor+cudagraphs", precision="fp8")(_step_cache_2(m))}
+             lambda m: _ours("inductor+cudagraphs", precision="fp8")(_step_cache_2(m)),
+         # Accelerate Model's mode max-autotune: inductor benchmarks GEMM templates against cuBLAS per shape
+         "max-autotune+inductor+cudagraphs": _ours("inductor+cudagraphs", mode="max-autotune"),
+         "fp8+max-autotune+inductor+cudagraphs": _ours("inductor+cudagraphs", precision="fp8", mode="max-autotune")}
 
 
 class _EasyCacheLines(logging.Handler):

@@ -1,0 +1,92 @@
+"""How fast each of FLUX.1-dev's GEMM shapes (1024²: 4096 image, 512 text, 4608 joint tokens) runs on this GPU:
+bf16 `F.linear`; row-wise fp8 as the pack runs it (`fp8.fp8_linear`, the activation quantized per call) eager and
+compiled by inductor (default, and max-autotune's GEMM templates); the bare `torch._scaled_mm` row-wise and
+per-tensor (what cuBLAS reaches without row scales). CUDA events, median of `--reps`; TFLOP/s per shape and the
+step's weighted total, so a change of GEMM kernel is judged on the shapes that carry the step's FLOPs.
+
+    python -m tools.probe_fp8_gemm            # GPU with fp8 tensor cores
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+# (name, M, K, N, per step): the linear layers of a FLUX.1-dev step at 1024² (19 double, 38 single blocks)
+FLUX_SHAPES = (("double img qkv", 4096, 3072, 9216, 19), ("double img proj", 4096, 3072, 3072, 19),
+               ("double img mlp.0", 4096, 3072, 12288, 19), ("double img mlp.2", 4096, 12288, 3072, 19),
+               ("double txt qkv", 512, 3072, 9216, 19), ("double txt mlp.0", 512, 3072, 12288, 19),
+               ("single linear1", 4608, 3072, 21504, 38), ("single linear2", 4608, 15360, 3072, 38))
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def variants(x, weight, bias):
+    from comfy_accel.accelerators.compile import fp8
+
+    w8, w_scale = fp8.quantize_rows(weight)
+    w_scale = w_scale.t().contiguous()
+    x8, x_scale = fp8.quantize_rows(x)
+    one = torch.ones((), device=x.device)
+    linear = lambda: torch.nn.functional.linear(x, weight, bias)   # noqa: E731
+    ours = lambda: fp8.fp8_linear(x, w8, w_scale, bias)   # noqa: E731
+    compiled = torch.compile(lambda x_: fp8.fp8_linear(x_, w8, w_scale, bias), fullgraph=True)
+    tuned = torch.compile(lambda x_: fp8.fp8_linear(x_, w8, w_scale, bias), fullgraph=True,
+                          options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"})
+    rowwise = lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,  # noqa: E731
+                                       out_dtype=torch.bfloat16, use_fast_accum=True)
+    tensorwise = lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
+                                          use_fast_accum=True)
+    return {"bf16 linear": linear, "fp8 ours eager": ours, "fp8 ours inductor": lambda: compiled(x),
+            "fp8 ours max-autotune": lambda: tuned(x), "scaled_mm row-wise": rowwise,
+            "scaled_mm per-tensor": tensorwise}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
+    args = parser.parse_args(argv)
+    from tools.comfy_host import import_pack
+
+    import_pack()
+    totals: dict = {}
+    for name, m, k, n, count in FLUX_SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16, generator=gen)
+        weight = torch.randn((n, k), device="cuda", dtype=torch.bfloat16, generator=gen) / k ** 0.5
+        bias = torch.randn((n,), device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
+        flop = 2 * m * k * n
+        row = {"shape": name, "mkn": [m, k, n]}
+        for label, fn in variants(x, weight, bias).items():
+            if args.only and label not in args.only.split(","):
+                continue
+            try:
+                ms = median_ms(fn, args.reps)
+            except Exception as exc:   # a variant this torch cannot run: say so, go on
+                row[label] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                continue
+            row[label] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
+            totals[label] = totals.get(label, 0.0) + ms * count
+        print(f"[gemm] {json.dumps(row)}", flush=True)
+    print(f"[gemm] step total ms (the Flux step's linear layers): "
+          f"{json.dumps({k: round(v, 1) for k, v in totals.items()})}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
