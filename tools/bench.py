@@ -223,7 +223,10 @@ def _sync(cuda: bool):
 
 
 def _release(cuda: bool):
+    from tools.comfy_host import forget_dropped_models
+
     gc.collect()
+    forget_dropped_models()   # else every later sample pays ComfyUI's full gc (comfy_host.forget_dropped_models)
     if cuda:
         torch.cuda.empty_cache()
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from tools.comfy_host import import_comfy, import_pack
+from tools.comfy_host import forget_dropped_models, import_comfy, import_pack
 from tools.dit_factory import MODEL_ALIASES
 
 STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
@@ -44,7 +44,7 @@ STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor
 FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs",
               "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2",
               "fp8+max-autotune+inductor+cudagraphs": "max-autotune+inductor+cudagraphs"}   # → its bf16 twin
-# on a GPU every stack but the whole-model compile of ours and max-autotune (minutes cold); on a CPU the two a tiny DiT shows
+# on a GPU every stack but the whole-model compile of ours and max-autotune (minutes cold); on a CPU two
 DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole" and "max-autotune" not in s),
                   "cpu": ("eager", "inductor")}
 GPU_ONLY = {**{name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name},
@@ -133,6 +133,7 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
     # the stack before is garbage (its clone dropped), in reference cycles: collected now, so its CUDA graphs and
     # fp8 copies (freed with its session) do not count in this stack's peak, as ComfyUI's own gc between prompts
     gc.collect()
+    forget_dropped_models()   # else every later sample pays ComfyUI's full gc (comfy_host.forget_dropped_models)
     if cuda:
         torch.cuda.empty_cache()
     easycache_lines, root = _EasyCacheLines(), logging.getLogger()
@@ -218,6 +219,9 @@ def main(argv=None) -> int:
     parser.add_argument("--easycache-threshold", type=float, default=EASYCACHE_THRESHOLD,
                         help="core EasyCache's reuse_threshold (to skip as many steps as the step-cache stacks), "
                              "also step-cache-adaptive's threshold")
+    parser.add_argument("--easycache-sweep", default="",
+                        help="comma-separated thresholds: core EasyCache runs once (eager) at each, and the one "
+                             "skipping closest to step-cache-2's count becomes --easycache-threshold")
     parser.add_argument("--checkpoint", default=None,
                         help="real weights of the --model family: its diffusion-model file in the native layout "
                              "(conditioning stays random: no text encoder is loaded)")
@@ -250,6 +254,9 @@ def main(argv=None) -> int:
            "date": dt.date.today().isoformat(), "model": args.model, "size": f"{width}x{height}",
            "steps": args.steps, "dtype": str(dtype), "weights": args.checkpoint or "random"}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
+    if args.easycache_sweep:
+        EASYCACHE_THRESHOLD = easycache_sweep(base, kwargs, [float(t) for t in args.easycache_sweep.split(",")])
+        env["easycache_threshold"] = EASYCACHE_THRESHOLD
     rows, reference, latents = [], None, {}
     for name in stacks:
         if name in GPU_ONLY and not cuda:
@@ -282,6 +289,30 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     return 0
+
+
+def forced_skips(steps: int) -> int:
+    """How many steps `step-cache-2` skips: every 2nd step, before 95% of the run (9 of 20)."""
+    return sum(1 for i in range(steps) if i % 2 == 1 and i < 0.95 * steps)
+
+
+def easycache_sweep(base, kwargs: dict, thresholds: list) -> float:
+    """The threshold at which core EasyCache (eager, one sample each) skips closest to step-cache-2's count: on
+    random weights its default skips nothing, so the like-for-like comparison needs its own threshold."""
+    import re
+
+    global EASYCACHE_THRESHOLD
+    want, found = forced_skips(kwargs["steps"]), []
+    for threshold in thresholds:
+        EASYCACHE_THRESHOLD = threshold
+        row, _ = run_stack("comfy-easycache", base, kwargs, 0, torch.cuda.is_available())
+        skipped = re.search(r"skipped (\d+)/", row.get("easycache", ""))
+        found.append((abs(int(skipped.group(1)) - want) if skipped else kwargs["steps"], threshold,
+                      int(skipped.group(1)) if skipped else None))
+    best = min(found)
+    print(f"[bench_dit] easycache sweep (threshold, skipped): {[(t, n) for _, t, n in found]}; step-cache-2 "
+          f"skips {want}: threshold {best[1]}", flush=True)
+    return best[1]
 
 
 def load_dit_checkpoint(path: str, name: str, dtype, device=None):

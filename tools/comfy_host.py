@@ -156,6 +156,28 @@ def import_comfy(cpu: bool | None = None) -> Path:
     return path
 
 
+def forget_dropped_models() -> int:
+    """Removes ComfyUI's records of loaded clones that are gone while their base model lives; returns how many.
+
+    Why a bench needs it: ComfyUI keeps one `LoadedModel` per clone it loaded. A dropped clone's record moves to
+    the clone's parent; when the parent is gone too (a clone of a clone: Accelerate Model over Step Cache, both
+    dropped when the bench moves to its next stack), the record stays, "dead", because the base model it points
+    at is alive. That happens when the chain is freed by the garbage collector (a clone that refers to itself),
+    which clears weak references before ComfyUI's callback can move the record up. From then on every
+    `load_models_gpu` (every sample) runs a full `gc.collect()` and empties the CUDA cache, logging "memory leak
+    with model ..." (`comfy.model_management.cleanup_models_gc`); in the GPU run where it showed, a stack ran
+    0.8 s a sample slower than measured before (docs/benchmarks.md). The pack's own chains no longer do this
+    (stand_in.py); another node's clones still may, and one stack must not slow the next. The record has no
+    weights of its own (its model is the live base model, loaded through its live clones), so forgetting it
+    frees nothing and moves none."""
+    import comfy.model_management as mm
+
+    dead = [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+    for loaded in dead:
+        mm.current_loaded_models.remove(loaded)
+    return len(dead)
+
+
 def import_pack():
     """Imports this repository as the package `comfy_accel` (what ComfyUI loads from custom_nodes)."""
     if PACK_NAME in sys.modules:

@@ -4,9 +4,13 @@
 - per layer: the relative error of its fp8 output (`fp8.fp8_linear`) against its float32 output, on the
   inputs it receives during a real sampling step, grouped by layer role (block indices folded);
 - end to end: the final latent's relative error against float32 with every eligible Linear in fp8, and with
-  the family's KEEP list applied.
+  the family's KEEP list applied;
+- with a LoRA (`--lora`, the UNets): the final latent of the GPU test's sample (seed 4, 4 steps, 128², cfg 7;
+  tests/accelerators/test_fp8_gpu.py) against the model's dtype, plain and with its random LoRA, fp8 computed
+  from the live (patched) weights at every call: the reference for that test's bounds.
 
     .venv/bin/python -m tools.fp8_layer_error [tiny-flux-dev tiny-sd15 ...]
+    .venv/bin/python -m tools.fp8_layer_error --lora [tiny-sd15 tiny-sdxl]
 """
 from __future__ import annotations
 
@@ -122,10 +126,42 @@ def end_to_end(name: str, steps: int = 4) -> dict:
     return out
 
 
+def lora_case(name: str) -> dict:
+    """The GPU test's fp8-vs-dtype error, plain and with its LoRA (tools.model_factory.random_lora), float32."""
+    from comfy_accel.accelerators.compile import fp8
+    from tests.lora import with_lora
+    from tools.model_factory import build_model, random_lora, sample
+
+    def fp8_from_live_weights(patcher):
+        routed = dict(fp8.candidate_layers(patcher.model.diffusion_model, None))
+
+        def hook(module, args, output):
+            w8, scale = fp8.quantize_rows(module.weight.detach())
+            return fp8.fp8_linear(args[0], w8, scale.reshape(1, -1), module.bias)
+        return [m.register_forward_hook(hook) for m in routed.values()]
+
+    plain, quantized = build_model(name, seed=4), build_model(name, seed=4, check_alive=False)
+    handles = fp8_from_live_weights(quantized)
+    run = lambda m: sample(m, steps=4, width=128, height=128)   # noqa: E731
+    lora = random_lora(plain)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()   # noqa: E731
+    try:
+        return {"plain": rel(run(quantized), run(plain)),
+                "with LoRA": rel(run(with_lora(quantized, lora)), run(with_lora(plain, lora)))}
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def main(names) -> None:
     from tools.comfy_host import import_pack
 
     import_pack()
+    if names and names[0] == "--lora":
+        for name in names[1:] or ("tiny-sd15", "tiny-sdxl"):
+            print(f"== {name}: fp8 against the model's dtype, final latent (the GPU test's sample): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in lora_case(name).items()))
+        return
     for name in names:
         patcher, run = _build(name)
         errors = layer_errors(patcher, run)

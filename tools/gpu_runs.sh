@@ -35,8 +35,8 @@ fresh() { mktemp -d "/tmp/accel-$1-XXXX"; }
 
 case "$what" in
   fp8)
-    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout "${FP8_TEST_LIMIT:-200}" python3 -m pytest -q -p no:cacheprovider \
-      -s --timeout "${FP8_TEST_LIMIT:-200}" --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout "${FP8_TEST_LIMIT:-230}" python3 -m pytest -q -p no:cacheprovider \
+      -s --timeout "${FP8_TEST_LIMIT:-230}" --tb=short -rfEs tests/accelerators/test_fp8_gpu.py > "$out/fp8-tests.log" 2>&1
     grep "^E \|passed\|failed\|SKIPPED\|FAILED\|relative error" "$out/fp8-tests.log" | tail -20
     timeout 330 python3 -m tools.bench_dit --model "${DIT_MODEL:-flux-dev}" --steps "${DIT_STEPS:-20}" --runs 2 \
       --stacks "${FP8_STACKS:-eager,inductor+cudagraphs,fp8+inductor+cudagraphs}" --out "$out/fp8-bench.json" \

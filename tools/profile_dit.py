@@ -162,7 +162,8 @@ def timeline(model, kwargs: dict, backend: str, precision: str, gaps: int = 8) -
             blocking.setdefault(e.name, []).append(round(e.cpu_time_total / 1e3, 2))
     span_ms = (kernels[-1][1] - kernels[0][0]) / 1e3 if kernels else 0.0
     steps = kwargs["steps"]
-    return {"backend": backend, "precision": precision, "wall_s": wall, "wall_ms_per_step": round(wall * 1e3 / steps, 1),
+    return {"backend": backend, "precision": precision, "wall_s": wall,
+            "wall_ms_per_step": round(wall * 1e3 / steps, 1),
             "kernels": len(kernels), "gpu_span_ms": round(span_ms, 1), "gpu_busy_ms": round(busy / 1e3, 1),
             "gpu_busy_ms_per_step": round(busy / 1e3 / steps, 1),
             "idle_in_span_ms": round(span_ms - busy / 1e3, 1), "gaps_over_0.1ms": sum(1 for g in spans if g[0] > 100),

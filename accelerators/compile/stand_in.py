@@ -155,8 +155,14 @@ def attach_stand_in(model, key: str, make_stand_in: Callable, session=None):
     unet, clone))` under `key`; `session` is kept on the wrapper for `session_of`."""
     from comfy.patcher_extension import WrappersMP
 
+    import weakref
+
     patched = compile_clone(model)
-    wrapper = swap_wrapper(lambda base_model, unet: make_stand_in(base_model, unet, patched))
+    # the clone holds the wrapper: a weak reference back, so that a dropped clone is freed at once rather than by
+    # the garbage collector, which ComfyUI notices when a chain of clones goes together (its record of the
+    # loaded clone is left "dead", and every later sample runs a full gc: tests/accelerators/test_fp8_memory.py)
+    clone = weakref.ref(patched)
+    wrapper = swap_wrapper(lambda base_model, unet: make_stand_in(base_model, unet, clone()))
     wrapper.comfy_accel_session = session
     patched.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, key)
     patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, key, wrapper)

@@ -3,9 +3,10 @@ row-wise scales inside inductor's compiled code, replayed as CUDA graphs, on the
 architectures (tiny, random weights, bf16). The fp8 sample stays within a stated bound of the bf16 compiled one:
 
 - Flux-dev (DiT, 4 blocks): relative error ≤ 0.10;
-- SD1.5 / SDXL (tiny UNets, cfg 7): ≤ 0.35. Tiny random UNets amplify rounding much more than real ones: on the
-  CPU, in float32, fp8 puts their final latent 0.13-0.15 away after 4 steps (tools/fp8_layer_error.py, figures in
-  docs/benchmarks.md), and cfg 7 multiplies the difference of the two predictions.
+- SD1.5 / SDXL (tiny UNets, cfg 7): ≤ 0.35, and with a random LoRA ≤ 0.55 / 0.75 (LORA_BOUNDS). Tiny random
+  UNets amplify rounding much more than real ones: on the CPU, in float32, fp8 puts their final latent
+  0.13-0.15 away after 4 steps (tools/fp8_layer_error.py, figures in docs/benchmarks.md), and cfg 7 multiplies
+  the difference of the two predictions.
 
 A LoRA loaded after the node reaches the output with the fp8 copies re-quantized in place: no recompile, and
 the same CUDA graphs replay."""
@@ -17,6 +18,11 @@ from tests.lora import with_lora
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 GEMMs need a CUDA GPU (torch sees none)")
 
 BOUNDS = {"tiny-flux-dev": 0.10, "tiny-sd15": 0.35, "tiny-sdxl": 0.35}
+# with the test's random LoRA (tools.model_factory.random_lora: 16 attention projections, scale 0.3) the tiny
+# UNets are further still, by fp8's arithmetic alone: on the CPU in float32, fp8 from the live weights at every
+# call puts them 0.43 (SD1.5) and 0.59 (SDXL) away, against 0.13 and 0.12 without the LoRA
+# (`python -m tools.fp8_layer_error --lora`); the GPU gave 0.42 and 0.61. Flux stays within its bound.
+LORA_BOUNDS = {"tiny-flux-dev": 0.10, "tiny-sd15": 0.55, "tiny-sdxl": 0.75}
 
 
 def rel(a, b):
@@ -69,6 +75,6 @@ def test_fp8_sample_stays_near_the_bf16_compiled_one_and_takes_a_lora(pack, fp8_
     lora_out = run(with_lora(fp8, lora))
     lora_reference = run(with_lora(bf16, lora))
     assert session.fp8.requantized > 0 and rel(lora_out, out) > 1e-3
-    assert rel(lora_out, lora_reference) <= BOUNDS[name]
+    assert rel(lora_out, lora_reference) <= LORA_BOUNDS[name]
     assert len(session.compiler.compile_events) == compiled and set(session.graphs.keys) == graphs
     assert rel(run(fp8), out) < 1e-6   # the LoRA removed: the fp8 copies are the base weights' again

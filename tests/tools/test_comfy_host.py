@@ -34,3 +34,35 @@ def test_base_dir_links_the_pack(tmp_path):
     base = make_base_dir(tmp_path / "base")
     assert (base / "custom_nodes" / "comfy_accel").resolve() == REPO_ROOT
     assert (base / "models" / "diffusion_models").is_dir()
+
+
+
+def test_a_dropped_cyclic_chain_costs_every_later_sample_a_full_gc_until_forgotten(pack, caplog):
+    """What the benches clear between stacks (comfy_host.forget_dropped_models), on the real host: a clone of a
+    clone that refers to itself (what the pack's own clones did until stand_in.py held them weakly; any node's
+    may), sampled then dropped, is freed by the garbage collector and leaves ComfyUI a dead record; each later
+    sample logs ComfyUI's "memory leak" warning (its full gc.collect). Forgotten, the next sample runs without."""
+    import gc
+    import logging
+
+    import comfy.model_management as mm
+
+    from tools.comfy_host import forget_dropped_models
+    from tools.dit_factory import build_dit, sample_dit
+
+    base = build_dit("tiny-flux-dev", seed=1)
+    chained = base.clone().clone()
+    chained.refers_to_itself = chained
+    sample_dit(chained, steps=1)
+    del chained
+    gc.collect()
+    assert any(loaded.is_dead() and loaded.real_model() is base.model for loaded in mm.current_loaded_models)
+    with caplog.at_level(logging.WARNING):
+        sample_dit(base, steps=1)
+    assert "memory leak with model Flux" in caplog.text
+    assert forget_dropped_models() >= 1
+    assert not any(loaded.is_dead() for loaded in mm.current_loaded_models)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        sample_dit(base, steps=1)
+    assert "memory leak" not in caplog.text
