@@ -14,14 +14,17 @@
 #   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
 #   bash tools/gpu_runs.sh fp8        # issue 17: precision fp8 GPU test, FLUX.1-dev bf16 vs fp8 (DIT_MODEL, FP8_STACKS)
 #   bash tools/gpu_runs.sh stepcache  # issue 18: Step Cache GPU tests, FLUX.1-dev step-cache stacks (SC_STACKS,
-#                                     #   SC_EASYCACHE_THRESHOLD); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
+#                                     #   SC_EASYCACHE_SWEEP); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
 #                                     #   stepcache-sdxl: SDXL 1024² fastest stacks (DeepCache's and Step Cache's)
 #   bash tools/gpu_runs.sh timeline   # issues 17/18: where a graphed Flux sample's time goes beyond its kernels (bf16,
 #                                     #   fp8), the fp8 kernel split, the LoRA change with fp8 (PROFILE_PARTS, DIT_MODEL)
+#   bash tools/gpu_runs.sh gemm       # issue 17: Flux's GEMM shapes, bf16 vs fp8 row-wise (tools.probe_fp8_gemm, ≈1 min)
+#   bash tools/gpu_runs.sh fp8-sdxl   # issue 17: SDXL 1024² bf16 vs fp8, compiled + graphs (a call of its own: fp8's
+#                                     #   cold compile of the whole UNet took over 230 s)
 set -u
-runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl | timeline"
+runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl | timeline | gemm | fp8-sdxl"
 what=${1:?"$runs"}
-case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl|timeline) ;;
+case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8|stepcache|stepcache-wan|stepcache-sdxl|timeline|gemm|fp8-sdxl) ;;
   *) echo "unknown run: $what ($runs)" >&2; exit 2 ;; esac
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
@@ -47,6 +50,13 @@ case "$what" in
       --model "${DIT_MODEL:-flux-dev}" --parts "${PROFILE_PARTS:-timeline,kernels}" --precision auto+fp8 \
       --lora-keep true > "$out/timeline.log" 2>&1
     grep "^\[timeline\]\|^\[kernels\]\|^\[lora\]\|Error" "$out/timeline.log" | tail -12 ;;
+  gemm)
+    timeout 300 python3 -m tools.probe_fp8_gemm > "$out/gemm.log" 2>&1
+    grep "^\[gemm\]\|Error" "$out/gemm.log" | tail -12 ;;
+  fp8-sdxl)
+    COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 570 python3 -m tools.bench \
+      --model sdxl --stacks inductor+cudagraphs,fp8+inductor+cudagraphs --runs 3 --out "$out/fp8-sdxl" \
+      2>&1 | tee "$out/fp8-sdxl.log" | grep "^|\|\[bench\]" | tail -20 ;;
   dit)
     TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
       --tb=short -rfEs -k "gpu" tests/accelerators/test_compile_dit.py > "$out/dit-tests.log" 2>&1
@@ -116,7 +126,9 @@ len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
       > "$out/precompile-load-empty.log" 2>&1
     grep -h "^\[precompile\]" "$out"/precompile-*.log ;;
   stepcache|stepcache-wan)
-    sc_stacks=${SC_STACKS:-eager,step-cache-2,inductor+cudagraphs,inductor+cudagraphs+step-cache-2,fp8+inductor+cudagraphs+step-cache-2,comfy-easycache,comfy-compile+easycache}
+    # core's EasyCache at the threshold of the sweep (eager, one sample each) that skips as many steps as
+    # step-cache-2; core's cold compile (65-79 s on Flux) needs most of a call: the default stacks fit one
+    sc_stacks=${SC_STACKS:-eager,inductor+cudagraphs+step-cache-2,fp8+inductor+cudagraphs+step-cache-2,comfy-compile+easycache}
     if [ "$what" = stepcache ]; then
       TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
         --tb=short -rfEs -k "gpu" tests/accelerators/test_step_cache_graphs.py > "$out/stepcache-tests.log" 2>&1
@@ -126,7 +138,7 @@ len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
       model=(--model wan21-1.3b --width 832 --height 480 --frames 9); limit=570
     fi
     timeout $limit python3 -m tools.bench_dit "${model[@]}" --steps 20 --runs 2 --stacks "$sc_stacks" \
-      --easycache-threshold "${SC_EASYCACHE_THRESHOLD:-0.2}" --out "$out/$what-bench.json" > "$out/$what-bench.log" 2>&1
+      --easycache-sweep "${SC_EASYCACHE_SWEEP:-1,2,4}" --out "$out/$what-bench.json" > "$out/$what-bench.log" 2>&1
     grep "^\[bench_dit\]" "$out/$what-bench.log" | tail -14 ;;
   stepcache-sdxl)
     COMFY_ACCEL_CACHE=$(fresh cache) TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 580 python3 -m tools.bench \

@@ -1,7 +1,7 @@
 """How fast each of FLUX.1-dev's GEMM shapes (1024²: 4096 image, 512 text, 4608 joint tokens) runs on this GPU:
 bf16 `F.linear`; row-wise fp8 as the pack runs it (`fp8.fp8_linear`, the activation quantized per call) eager and
-compiled by inductor (default, and max-autotune's GEMM templates); the bare `torch._scaled_mm` row-wise and
-per-tensor (what cuBLAS reaches without row scales). CUDA events, median of `--reps`; TFLOP/s per shape and the
+compiled by inductor (default; `--max-autotune` adds inductor's GEMM templates, about a minute a shape); the
+bare `torch._scaled_mm` row-wise and per-tensor (what cuBLAS reaches without row scales). CUDA events, median of `--reps`; TFLOP/s per shape and the
 step's weighted total, so a change of GEMM kernel is judged on the shapes that carry the step's FLOPs.
 
     python -m tools.probe_fp8_gemm            # GPU with fp8 tensor cores
@@ -22,7 +22,7 @@ FLUX_SHAPES = (("double img qkv", 4096, 3072, 9216, 19), ("double img proj", 409
 
 
 def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
+    for _ in range(10):   # the first calls of a kernel (its load, the clocks rising) are not its rate
         fn()
     times = []
     for _ in range(reps):
@@ -35,7 +35,7 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def variants(x, weight, bias):
+def variants(x, weight, bias, max_autotune: bool):
     from comfy_accel.accelerators.compile import fp8
 
     w8, w_scale = fp8.quantize_rows(weight)
@@ -45,20 +45,23 @@ def variants(x, weight, bias):
     linear = lambda: torch.nn.functional.linear(x, weight, bias)   # noqa: E731
     ours = lambda: fp8.fp8_linear(x, w8, w_scale, bias)   # noqa: E731
     compiled = torch.compile(lambda x_: fp8.fp8_linear(x_, w8, w_scale, bias), fullgraph=True)
-    tuned = torch.compile(lambda x_: fp8.fp8_linear(x_, w8, w_scale, bias), fullgraph=True,
-                          options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"})
     rowwise = lambda: torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,  # noqa: E731
                                        out_dtype=torch.bfloat16, use_fast_accum=True)
     tensorwise = lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,  # noqa: E731
                                           use_fast_accum=True)
-    return {"bf16 linear": linear, "fp8 ours eager": ours, "fp8 ours inductor": lambda: compiled(x),
-            "fp8 ours max-autotune": lambda: tuned(x), "scaled_mm row-wise": rowwise,
-            "scaled_mm per-tensor": tensorwise}
+    found = {"bf16 linear": linear, "fp8 ours eager": ours, "fp8 ours inductor": lambda: compiled(x),
+             "scaled_mm row-wise": rowwise, "scaled_mm per-tensor": tensorwise}
+    if max_autotune:
+        tuned = torch.compile(lambda x_: fp8.fp8_linear(x_, w8, w_scale, bias), fullgraph=True,
+                              options={"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"})
+        found["fp8 ours max-autotune"] = lambda: tuned(x)
+    return found
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--max-autotune", action="store_true", help="also inductor's GEMM templates (slow)")
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
     args = parser.parse_args(argv)
     from tools.comfy_host import import_pack
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         bias = torch.randn((n,), device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
         flop = 2 * m * k * n
         row = {"shape": name, "mkn": [m, k, n]}
-        for label, fn in variants(x, weight, bias).items():
+        for label, fn in variants(x, weight, bias, args.max_autotune).items():
             if args.only and label not in args.only.split(","):
                 continue
             try:
