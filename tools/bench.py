@@ -18,217 +18,22 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
-import math
-import platform
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from tools.bench_measure import fp8_run, image_fidelity, latent_fidelity, release, step_cache_run, sync
+from tools.bench_report import environment, format_table, format_vae_table, write_chart
+from tools.bench_stacks import UNET_STACKS as STACKS
+from tools.bench_stacks import Stack, default_stacks, stack_availability
 from tools.comfy_host import import_comfy, import_pack
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "bench_out"
-
-
-@dataclass
-class Stack:
-    name: str
-    title: str
-    build: Callable  # (base ModelPatcher, context) -> patched ModelPatcher
-    requires: tuple = ()  # registry names that must be available
-    lossless: bool = True
-    gpu_only: bool = False
-    cpu_default: bool = True  # compile stacks cost minutes on CPU for no gain: only when asked for there
-    vae: str = "full"  # the decoder its timed runs use under --decode: the full KL VAE or the Tiny VAE ("taesd")
-
-
-def _backend(name: str, **options):
-    def build(model, ctx):
-        from comfy_accel.accelerators import registry
-
-        return registry.get(name).apply(model, {"fallback": "error", "node_id": None, "store": ctx.get("store"),
-                                                **options})
-    return build
-
-
-def _accelerator(name: str, **config):
-    def build(model, ctx):
-        from comfy_accel.accelerators import registry
-
-        spec = registry.get(name)
-        return spec.apply(model, spec.config(**config))
-    return build
-
-
-def _chain(*builders):
-    def build(model, ctx):
-        for builder in builders:
-            model = builder(model, ctx)
-        return model
-    return build
-
-
-def _keep_weights_on_gpu(model, ctx):
-    """The node's keep_weights_on_gpu option (a LoRA change then reloads nothing)."""
-    from comfy_accel.accelerators.accelerate import keep_on_load_device
-
-    keep_on_load_device(model)
-    return model
-
-
-def _fp8_weights(model, ctx):
-    """The base UNet's weights loaded again by ComfyUI's UNETLoader with weight_dtype fp8_e4m3fn_fast (the user's
-    way to fp8: fp8 weights, and fp8 matrix multiplies on GPUs that support them, e.g. Hopper)."""
-    import tempfile
-
-    from tools.model_factory import load_unet_as
-
-    if "fp8_model" not in ctx:
-        ctx["fp8_model"] = load_unet_as(model, "fp8_e4m3fn_fast", Path(tempfile.mkdtemp(prefix="accel_fp8_")))
-    return ctx["fp8_model"].clone()
-
-
-def _comfy_torch_compile(model, ctx):
-    """ComfyUI's own TorchCompileModel node path (inductor), the baseline users know."""
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
-    clone = model.clone()
-    set_torch_compile_wrapper(clone, backend="inductor")
-    return clone
-
-
-def _comfy_torch_compile_cudagraphs(model, ctx):
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
-    clone = model.clone()
-    set_torch_compile_wrapper(clone, backend="inductor", mode="reduce-overhead")
-    return clone
-
-
-_STEP_CACHE_2 = _accelerator("step_cache", cache_mode="interval", interval=2, start=0.0, end=0.95)
-_FASTEST = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _accelerator("deepcache", cache_interval=3),
-                  _backend("inductor+cudagraphs"))
-# the same with Step Cache in DeepCache's place: whole UNet calls skipped instead of its deep blocks
-_FASTEST_STEP_CACHE = _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _STEP_CACHE_2,
-                             _backend("inductor+cudagraphs"))
-
-STACKS = [
-    Stack("eager", "ComfyUI eager (baseline)", lambda m, c: m),
-    Stack("comfy-compile", "ComfyUI TorchCompileModel (inductor)", _comfy_torch_compile, cpu_default=False),
-    Stack("comfy-compile-cg", "ComfyUI TorchCompileModel, reduce-overhead", _comfy_torch_compile_cudagraphs,
-          gpu_only=True),
-    Stack("inductor", "Accelerate Model: inductor", _backend("inductor"), requires=("inductor",), cpu_default=False),
-    Stack("inductor+cudagraphs", "Accelerate Model: inductor+cudagraphs", _backend("inductor+cudagraphs"),
-          requires=("inductor+cudagraphs",), gpu_only=True),
-    Stack("inductor+cudagraphs+keep", "Accelerate Model: inductor+cudagraphs, keep_weights_on_gpu",
-          _chain(_backend("inductor+cudagraphs"), _keep_weights_on_gpu), requires=("inductor+cudagraphs",),
-          gpu_only=True),
-    # "fp8", "fp8+inductor+cudagraphs": ComfyUI's own loader fp8 (per-tensor scales); "fp8-rowwise+...": ours,
-    # Accelerate Model's precision fp8 (row-wise scales on weights and activations, accelerators/compile/fp8.py)
-    Stack("fp8", "ComfyUI loader fp8: UNETLoader fp8_e4m3fn_fast weights, eager", _fp8_weights, lossless=False,
-          cpu_default=False),
-    Stack("fp8+inductor+cudagraphs", "ComfyUI loader fp8 (UNETLoader fp8_e4m3fn_fast) + Accelerate Model: "
-          "inductor+cudagraphs", _chain(_fp8_weights, _backend("inductor+cudagraphs")),
-          requires=("inductor+cudagraphs",), lossless=False, gpu_only=True),
-    Stack("fp8-rowwise+inductor+cudagraphs", "Accelerate Model: inductor+cudagraphs, precision fp8 (row-wise)",
-          _backend("inductor+cudagraphs", precision="fp8"), requires=("inductor+cudagraphs",), lossless=False,
-          gpu_only=True),
-    Stack("stable-fast", "Accelerate Model: stable-fast", _backend("stable-fast"), requires=("stable-fast",)),
-    Stack("stable-fast-max", "Accelerate Model: stable-fast, max-autotune (fp16-accumulating GEMMs)",
-          _backend("stable-fast", mode="max-autotune"), requires=("stable-fast",), lossless=False),
-    Stack("onediff", "Accelerate Model: onediff", _backend("onediff"), requires=("onediff",)),
-    Stack("tensorrt", "Accelerate Model: tensorrt", _backend("tensorrt"), requires=("tensorrt",)),
-    Stack("cfg-cutoff-50", "CFG cutoff at 50%", _accelerator("cfg_cutoff", cutoff_percent=50.0),
-          requires=("cfg_cutoff",), lossless=False),
-    Stack("deepcache-3", "DeepCache interval 3", _accelerator("deepcache", cache_interval=3),
-          requires=("deepcache",), lossless=False),
-    # a forced schedule (a full step every 2nd step up to 95%: 9 of 20 skipped), so the speed shows even where
-    # random weights give the adaptive rule nothing to skip; the row says what was skipped
-    Stack("step-cache-2", "Step Cache, interval 2", _STEP_CACHE_2, requires=("step_cache",), lossless=False),
-    Stack("compile+step-cache-2", "inductor+cudagraphs + Step Cache interval 2",
-          _chain(_STEP_CACHE_2, _backend("inductor+cudagraphs")), requires=("step_cache", "inductor+cudagraphs"),
-          lossless=False, gpu_only=True),
-    Stack("compile+step-cache-2+cutoff-50", "inductor+cudagraphs + Step Cache interval 2 + CFG cutoff 50%",
-          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _STEP_CACHE_2, _backend("inductor+cudagraphs")),
-          requires=("cfg_cutoff", "step_cache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("compile+deepcache-3", "inductor+cudagraphs + DeepCache 3",
-          _chain(_accelerator("deepcache", cache_interval=3), _backend("inductor+cudagraphs")),
-          requires=("deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("compile+cutoff-50", "inductor+cudagraphs + CFG cutoff 50%",
-          _chain(_accelerator("cfg_cutoff", cutoff_percent=50.0), _backend("inductor+cudagraphs")),
-          requires=("cfg_cutoff", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("fastest", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50%", _FASTEST,
-          requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs"), lossless=False, gpu_only=True),
-    Stack("fastest+taesd", "inductor+cudagraphs + DeepCache 3 + CFG cutoff 50% + Tiny VAE decode", _FASTEST,
-          requires=("cfg_cutoff", "deepcache", "inductor+cudagraphs", "taesd"), lossless=False, gpu_only=True,
-          vae="taesd"),
-    Stack("fastest-step-cache+taesd", "inductor+cudagraphs + Step Cache interval 2 + CFG cutoff 50% + Tiny VAE "
-          "decode", _FASTEST_STEP_CACHE, requires=("cfg_cutoff", "step_cache", "inductor+cudagraphs", "taesd"),
-          lossless=False, gpu_only=True, vae="taesd"),
-]
-
-
-def stack_availability(stack: Stack, cuda: bool, decode: bool = True) -> tuple[bool, str]:
-    if stack.gpu_only and not cuda:
-        return False, "needs a CUDA GPU"
-    if stack.vae != "full" and not decode:
-        return False, "its gain is in the decode: add --decode (times sampling + VAE decode)"
-    from comfy_accel.accelerators import registry
-
-    for name in stack.requires:
-        try:
-            availability = registry.get(name).available()
-        except KeyError as exc:
-            return False, str(exc).strip("'\"")
-        if not availability.ok:
-            return False, f"{name}: {availability.reason}"
-    return True, ""
-
-
-def latent_fidelity(out: torch.Tensor, ref: torch.Tensor) -> dict:
-    diff = (out.float() - ref.float())
-    rel = (diff.norm() / ref.float().norm().clamp_min(1e-12)).item()
-    mse = diff.pow(2).mean().item()
-    span = (ref.max() - ref.min()).item()
-    psnr = float("inf") if mse == 0 else 20 * math.log10(span) - 10 * math.log10(mse)
-    return {"rel_err": rel, "psnr_db": psnr}
-
-
-def image_fidelity(img: torch.Tensor, ref: torch.Tensor) -> dict:
-    """PSNR and SSIM (11-px Gaussian window, per channel) of decoded images in [0, 1], NHWC."""
-    a, b = img.float().permute(0, 3, 1, 2), ref.float().permute(0, 3, 1, 2)
-    mse = (a - b).pow(2).mean().item()
-    psnr = float("inf") if mse == 0 else -10 * math.log10(mse)
-    coords = torch.arange(11, dtype=torch.float32) - 5
-    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(a.shape[1], 1, 11, 11)
-    blur = lambda t: torch.nn.functional.conv2d(t, window, groups=a.shape[1])  # noqa: E731
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))).mean()
-    return {"image_psnr_db": psnr, "image_ssim": ssim.item()}
-
-
-def _sync(cuda: bool):
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def _release(cuda: bool):
-    from tools.comfy_host import forget_dropped_models
-
-    gc.collect()
-    forget_dropped_models()   # else every later sample pays ComfyUI's full gc (comfy_host.forget_dropped_models)
-    if cuda:
-        torch.cuda.empty_cache()
 
 
 def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
@@ -246,7 +51,7 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
         sampling_started = time.perf_counter()
         latent = sample(model, **kwargs)
         if decoder is not None:  # --decode: the image is part of the timed run (ComfyUI's VAEDecode call)
-            _sync(cuda)
+            sync(cuda)
             sampling_times.append(time.perf_counter() - sampling_started)
             decoder.decode(latent.to(torch.float32))
         return latent
@@ -256,21 +61,21 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     start = time.perf_counter()
     model = stack.build(base, ctx)
     latent = one_image()
-    _sync(cuda)
+    sync(cuda)
     row["first_run_s"] = time.perf_counter() - start
     times = []
     for _ in range(args.runs):
-        _sync(cuda)
+        sync(cuda)
         start = time.perf_counter()
         latent = one_image()
-        _sync(cuda)
+        sync(cuda)
         times.append(time.perf_counter() - start)
     row["times_s"] = times
     row["median_s"] = statistics.median(times)
     if sampling_times[1:]:  # the timed runs' sampling part, without the decode
         row["sampling_median_s"] = statistics.median(sampling_times[1:])
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    row.update(_step_cache_run(model))
+    row.update(step_cache_run(model))
     row.update(fp8_run(model))
     if getattr(args, "lora_switch", False):
         row["lora_switch_s"] = _time_lora_switch(model, kwargs, cuda)
@@ -294,10 +99,10 @@ def _steps_sweep(model, kwargs: dict, cuda: bool, median_at_steps: float) -> dic
     for count in (max(steps // 2, 1), steps * 2):
         times = []
         for _ in range(3):
-            _sync(cuda)
+            sync(cuda)
             start = time.perf_counter()
             sample(model, **{**kwargs, "steps": count})
-            _sync(cuda)
+            sync(cuda)
             times.append(time.perf_counter() - start)
         points[count] = statistics.median(times)
     per_step, fixed = fit_steps(points)
@@ -321,10 +126,10 @@ def _time_lora_switch(model, kwargs: dict, cuda: bool) -> float:
     from tools.model_factory import random_lora, sample
 
     with_lora = comfy.sd.load_lora_for_models(model, None, random_lora(model), 1.0, 0.0)[0]
-    _sync(cuda)
+    sync(cuda)
     start = time.perf_counter()
     sample(with_lora, **kwargs)
-    _sync(cuda)
+    sync(cuda)
     seconds = time.perf_counter() - start
     sample(model, **kwargs)  # LoRA removed again, so the next stack starts from the base weights
     return seconds
@@ -366,7 +171,7 @@ def _vae_section(args, cuda: bool) -> list[dict]:
     for name, make in (("vae-full", lambda: build_vae()), ("vae-taesd", lambda: make_tiny_vae(family))):
         vae = make()
         vae.decode(latent)  # warm-up: loads weights to the device
-        _sync(cuda)
+        sync(cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
@@ -374,118 +179,14 @@ def _vae_section(args, cuda: bool) -> list[dict]:
         for _ in range(max(args.runs, 3)):
             start = time.perf_counter()
             vae.decode(latent)
-            _sync(cuda)
+            sync(cuda)
             times.append(time.perf_counter() - start)
         peak = (torch.cuda.max_memory_allocated() - base_mem) / 1e9 if cuda else None
         rows.append({"stack": name, "median_s": statistics.median(times), "peak_decode_mem_gb": peak,
                      "size": args.vae_size})
         del vae
-        _release(cuda)
+        release(cuda)
     return rows
-
-
-def _step_cache_run(model) -> dict:
-    """What the stack's Step Cache did in the last timed run ({} without one)."""
-    from comfy_accel.accelerators.step_cache import step_cache_state
-
-    state = step_cache_state(model)
-    return {"step_cache": state.last_run["line"]} if state is not None and state.last_run else {}
-
-
-def fp8_run(model) -> dict:
-    """How many linear layers ran in fp8 under Accelerate Model's precision fp8, and in how many calls ({}: none)."""
-    from comfy_accel.accelerators.compile.stand_in import session_of
-
-    session = session_of(model)
-    fp8 = getattr(session, "fp8", None)
-    return {"fp8_layers": len(fp8.routes), "fp8_calls": fp8.calls} if fp8 is not None else {}
-
-
-FP8_COMPILED_BASELINE = "inductor+cudagraphs"   # the bf16 compiled stack fp8 stacks are also compared with
-
-
-def stack_vae(row: dict) -> str:
-    vae = next((s.vae for s in STACKS if s.name == row["stack"]), "full")
-    return "Tiny VAE" if vae == "taesd" else "full VAE"
-
-
-def format_table(rows: list[dict], baseline: dict | None) -> str:
-    header = ("| stack | e2e median (s) | speed-up vs eager | peak VRAM (GB) | first run (s) | latent rel. err | "
-              "latent PSNR (dB) |")
-    lines = [header, "|" + "---|" * 7]
-    for row in rows:
-        if "skipped" in row:
-            lines.append(f"| {row['stack']} | skipped: {row['skipped']} | | | | | |")
-            continue
-        if "error" in row:
-            lines.append(f"| {row['stack']} | failed: {row['error']} | | | | | |")
-            continue
-        speed = f"{baseline['median_s'] / row['median_s']:.2f}x" if baseline else "-"
-        mem = f"{row['peak_mem_gb']:.2f}" if row.get("peak_mem_gb") is not None else "-"
-        fid = row.get("fidelity", {})
-        rel = f"{fid['rel_err']:.2e}" if fid else "-"
-        psnr = ("inf" if fid and math.isinf(fid["psnr_db"]) else f"{fid['psnr_db']:.1f}") if fid else "-"
-        extra = ""
-        if "image_psnr_db" in fid:
-            extra = f" (image PSNR {fid['image_psnr_db']:.1f} dB, SSIM {fid['image_ssim']:.3f})"
-        if "sampling_median_s" in row:
-            extra += f" (sampling {row['sampling_median_s']:.3f} s + {stack_vae(row)} decode)"
-        if "step_cache" in row:
-            extra += f" ({row['step_cache']})"
-        if "lora_switch_s" in row:
-            extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
-        if "fidelity_vs_compiled" in row:
-            vs = row["fidelity_vs_compiled"]
-            extra += f" (vs bf16 {FP8_COMPILED_BASELINE}: rel {vs['rel_err']:.2e}, PSNR {vs['psnr_db']:.1f} dB)"
-        if "fp8_layers" in row:
-            extra += f" ({row['fp8_layers']} layers in fp8)"
-        lines.append(f"| {row['stack']}{'' if row['lossless'] else ' (lossy)'} | {row['median_s']:.3f} | {speed} | "
-                     f"{mem} | {row['first_run_s']:.1f} | {rel} | {psnr}{extra} |")
-    return "\n".join(lines)
-
-
-def write_chart(rows: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    done = [r for r in rows if "median_s" in r and "skipped" not in r and "error" not in r and "stack" in r
-            and not r["stack"].startswith("vae")]
-    if not done:
-        return None
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(done) + 1.5))
-    names = [r["stack"] for r in done][::-1]
-    values = [r["median_s"] for r in done][::-1]
-    bars = ax.barh(names, values, color=["#888" if n == "eager" else "#f5b301" for n in names])
-    base = next((r["median_s"] for r in done if r["stack"] == "eager"), None)
-    for bar, value in zip(bars, values):
-        label = f"{value:.3f}s" + (f"  {base / value:.2f}x" if base else "")
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + label, va="center", fontsize=8)
-    ax.set_xlabel("end-to-end sampling time, median (s) — lower is better")
-    ax.set_title(title, fontsize=9)
-    ax.set_xlim(0, max(values) * 1.35)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def environment(cuda: bool) -> dict:
-    import comfyui_version  # noqa: F401  (on sys.path after import_comfy)
-
-    env = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
-           "torch": torch.__version__, "comfyui": comfyui_version.__version__,
-           "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()})"}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
 
 
 def parse_args(argv):
@@ -551,8 +252,8 @@ def main(argv=None) -> int:
     if not cuda:
         args.vae_size = min(args.vae_size, 256)
 
-    selected = args.stacks.split(",") if args.stacks else [s.name for s in STACKS if cuda or s.cpu_default]
-    not_default = [s.name for s in STACKS if s.name not in selected and not s.cpu_default and not args.stacks]
+    selected = args.stacks.split(",") if args.stacks else default_stacks(STACKS, cuda)
+    not_default = [] if args.stacks else [s.name for s in STACKS if s.name not in selected]
     unknown = set(selected) - {s.name for s in STACKS}
     if unknown:
         print(f"unknown stack(s): {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in STACKS)}",
@@ -605,7 +306,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             rows.append({"stack": stack.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
             _reset_compilers()
-            _release(cuda)
+            release(cuda)
             continue
         if stack.name == "eager":
             baseline = row
@@ -613,9 +314,9 @@ def main(argv=None) -> int:
             row["fidelity"] = latent_fidelity(row["latent"], baseline["latent"])
             if "image" in row and "image" in baseline:
                 row["fidelity"].update(image_fidelity(row["image"], baseline["image"]))
-        compiled = next((r for r in rows if r.get("stack") == FP8_COMPILED_BASELINE and "latent" in r), None)
-        if "fp8" in stack.name and compiled is not None:   # every fp8 stack: also against the bf16 compiled one
-            row["fidelity_vs_compiled"] = latent_fidelity(row["latent"], compiled["latent"])
+        twin = next((r for r in rows if stack.fp8_twin and r.get("stack") == stack.fp8_twin and "latent" in r), None)
+        if twin is not None:   # every fp8 stack: also against its bf16 compiled twin
+            row["fidelity_vs_compiled"] = latent_fidelity(row["latent"], twin["latent"])
         rows.append(row)
         speed = f", {baseline['median_s'] / row['median_s']:.2f}x eager" if baseline else ""
         print(f"[bench] {stack.name}: median {row['median_s']:.3f} s{speed}, first run {row['first_run_s']:.1f} s",
@@ -626,7 +327,7 @@ def main(argv=None) -> int:
                    if row["fixed_ms"] >= 0 else "not linear in the step count (a CPU-bound run varies)")
             print(f"[bench] {stack.name}: {fit} ({points})", flush=True)
         _reset_compilers()
-        _release(cuda)
+        release(cuda)
 
     vae_rows = _vae_section(args, cuda) if args.vae else []
     table = format_table(rows, baseline)
@@ -634,14 +335,7 @@ def main(argv=None) -> int:
     print(table)
     if vae_rows:
         print()
-        print("| VAE decode | median (s) | peak decode memory (GB) |")
-        print("|---|---|---|")
-        for r in vae_rows:
-            if "skipped" in r:
-                print(f"| {r['stack']} | skipped: {r['skipped']} | |")
-            else:
-                mem = f"{r['peak_decode_mem_gb']:.2f}" if r["peak_decode_mem_gb"] is not None else "-"
-                print(f"| {r['stack']} {r['size']}² | {r['median_s']:.3f} | {mem} |")
+        print(format_vae_table(vae_rows))
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -33,81 +33,16 @@ from pathlib import Path
 
 import torch
 
-from tools.comfy_host import forget_dropped_models, import_comfy, import_pack
+from tools.bench_measure import fp8_run, latent_fidelity, release, step_cache_run, sync
+from tools.bench_stacks import DIT_STACKS, EASYCACHE_THRESHOLD, default_stacks, forced_skips, stack_named
+from tools.comfy_host import import_comfy, import_pack
 from tools.dit_factory import MODEL_ALIASES
 
-STACKS = ("eager", "comfy-compile", "inductor", "inductor+cudagraphs", "inductor-whole", "step-cache-2",
-          "inductor+step-cache-2", "inductor+cudagraphs+step-cache-2", "step-cache-adaptive",
-          "inductor+cudagraphs+step-cache-adaptive", "comfy-easycache", "comfy-compile+easycache", "fp8+inductor",
-          "fp8+inductor+cudagraphs", "fp8+inductor+cudagraphs+step-cache-2", "max-autotune+inductor+cudagraphs",
-          "fp8+max-autotune+inductor+cudagraphs")
-FP8_STACKS = {"fp8+inductor": "inductor", "fp8+inductor+cudagraphs": "inductor+cudagraphs",
-              "fp8+inductor+cudagraphs+step-cache-2": "inductor+cudagraphs+step-cache-2",
-              "fp8+max-autotune+inductor+cudagraphs": "max-autotune+inductor+cudagraphs"}   # → its bf16 twin
+STACKS = tuple(stack.name for stack in DIT_STACKS)
+FP8_STACKS = {stack.name: stack.fp8_twin for stack in DIT_STACKS if stack.fp8_twin}   # → its bf16 twin
 # on a GPU every stack but the whole-model compile of ours and max-autotune (minutes cold); on a CPU two
-DEFAULT_STACKS = {"cuda": tuple(s for s in STACKS if s != "inductor-whole" and "max-autotune" not in s),
-                  "cpu": ("eager", "inductor")}
-GPU_ONLY = {**{name: "CUDA graphs need a CUDA GPU" for name in STACKS if "cudagraphs" in name},
-            **{name: "fp8 GEMMs need a CUDA GPU with fp8 tensor cores" for name in FP8_STACKS}}
-EASYCACHE_THRESHOLD = 0.2   # core EasyCache's default; --easycache-threshold moves it to skip as many steps
-
-
-def _comfy_torch_compile(model):
-    from comfy_api.torch_helpers import set_torch_compile_wrapper
-
-    clone = model.clone()
-    set_torch_compile_wrapper(clone, backend="inductor")   # what the TorchCompileModel node does by default
-    return clone
-
-
-def _ours(backend: str, scope: str = "auto", precision: str = "auto", mode: str = "default"):
-    def build(model):
-        from comfy_accel.accelerators.accelerate import accelerate
-
-        out, in_effect = accelerate(model, backend=backend, fallback="error", scope=scope, precision=precision,
-                                    mode=mode)
-        print(f"[bench_dit] Accelerate Model ({backend}) compiles {in_effect.get('compiles')}", flush=True)
-        return out
-    return build
-
-
-def _step_cache_2(model):
-    """Step Cache on a forced schedule (a full step every 2nd up to 95%: 9 of 20 skipped), so the speed shows even
-    where random weights give the adaptive rule nothing to skip."""
-    from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
-
-    return apply(model, StepCacheConfig(cache_mode="interval", interval=2, start=0.0, end=0.95))
-
-
-def _step_cache_adaptive(model):
-    """Step Cache's adaptive rule at core EasyCache's threshold and window: the like-for-like of comfy-easycache."""
-    from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
-
-    return apply(model, StepCacheConfig(cache_mode="adaptive", threshold=EASYCACHE_THRESHOLD, start=0.15, end=0.95))
-
-
-def _core_easycache(model):
-    """ComfyUI's own EasyCache node (its defaults but the threshold), the step cache users reach for today."""
-    from comfy_extras.nodes_easycache import EasyCacheNode
-
-    return EasyCacheNode.execute(model, reuse_threshold=EASYCACHE_THRESHOLD, start_percent=0.15, end_percent=0.95,
-                                 verbose=False).result[0]
-
-
-BUILD = {"eager": lambda m: m, "comfy-compile": _comfy_torch_compile, "inductor": _ours("inductor"),
-         "inductor+cudagraphs": _ours("inductor+cudagraphs"), "inductor-whole": _ours("inductor", scope="whole"),
-         "step-cache-2": _step_cache_2, "inductor+step-cache-2": lambda m: _ours("inductor")(_step_cache_2(m)),
-         "inductor+cudagraphs+step-cache-2": lambda m: _ours("inductor+cudagraphs")(_step_cache_2(m)),
-         "step-cache-adaptive": _step_cache_adaptive,
-         "inductor+cudagraphs+step-cache-adaptive": lambda m: _ours("inductor+cudagraphs")(_step_cache_adaptive(m)),
-         "comfy-easycache": _core_easycache,
-         "comfy-compile+easycache": lambda m: _comfy_torch_compile(_core_easycache(m)),
-         **{name: _ours(twin, precision="fp8") for name, twin in FP8_STACKS.items()},
-         "fp8+inductor+cudagraphs+step-cache-2":
-             lambda m: _ours("inductor+cudagraphs", precision="fp8")(_step_cache_2(m)),
-         # Accelerate Model's mode max-autotune: inductor benchmarks GEMM templates against cuBLAS per shape
-         "max-autotune+inductor+cudagraphs": _ours("inductor+cudagraphs", mode="max-autotune"),
-         "fp8+max-autotune+inductor+cudagraphs": _ours("inductor+cudagraphs", precision="fp8", mode="max-autotune")}
+DEFAULT_STACKS = {"cuda": tuple(default_stacks(DIT_STACKS, True)), "cpu": tuple(default_stacks(DIT_STACKS, False))}
+GPU_ONLY = {stack.name: stack.gpu_only for stack in DIT_STACKS if stack.gpu_only}
 
 
 class _EasyCacheLines(logging.Handler):
@@ -123,25 +58,15 @@ class _EasyCacheLines(logging.Handler):
             self.lines.append(message)
 
 
-def _sync(cuda: bool):
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
+def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool, ctx: dict) -> tuple[dict, torch.Tensor]:
     torch._dynamo.reset()
-    # the stack before is garbage (its clone dropped), in reference cycles: collected now, so its CUDA graphs and
-    # fp8 copies (freed with its session) do not count in this stack's peak, as ComfyUI's own gc between prompts
-    gc.collect()
-    forget_dropped_models()   # else every later sample pays ComfyUI's full gc (comfy_host.forget_dropped_models)
-    if cuda:
-        torch.cuda.empty_cache()
+    release(cuda)
     easycache_lines, root = _EasyCacheLines(), logging.getLogger()
     level = root.level
     root.addHandler(easycache_lines)
     root.setLevel(min(level, logging.INFO) if level else logging.INFO)   # its line is an info record
     try:
-        row, out = _run_stack(name, base, kwargs, runs, cuda)
+        row, out = _run_stack(name, base, kwargs, runs, cuda, ctx)
     finally:
         root.removeHandler(easycache_lines)
         root.setLevel(level)
@@ -152,35 +77,29 @@ def run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dic
     return row, out
 
 
-def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[dict, torch.Tensor]:
+def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool, ctx: dict) -> tuple[dict, torch.Tensor]:
     from tools.dit_factory import sample_dit
 
-    model = BUILD[name](base)
+    model = stack_named(DIT_STACKS, name).build(base, ctx)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    _sync(cuda)
+    sync(cuda)
     started = time.perf_counter()
     out = sample_dit(model, **kwargs)
-    _sync(cuda)
+    sync(cuda)
     first = time.perf_counter() - started
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         out = sample_dit(model, **kwargs)
-        _sync(cuda)
+        sync(cuda)
         times.append(time.perf_counter() - started)
     median = statistics.median(times) if times else first
     row = {"stack": name, "first_s": round(first, 2), "median_s": round(median, 3),
            "compile_s": round(first - median, 1), "runs": [round(t, 3) for t in times]}
     if cuda:
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    from comfy_accel.accelerators.step_cache import step_cache_state
-
-    state = step_cache_state(model)
-    if state is not None and state.last_run:
-        row["step_cache"] = state.last_run["line"]
-    from tools.bench import fp8_run
-
+    row.update(step_cache_run(model))
     row.update(fp8_run(model))
     print(f"[bench_dit] {json.dumps(row)}", flush=True)
     return row, out
@@ -189,8 +108,6 @@ def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool) -> tuple[di
 def fp8_fidelity(out, latents: dict, twin: str) -> dict:
     """An fp8 stack's final latent against bf16 eager and the bf16 compiled twin (random DiT weights amplify
     last-bit differences over the blocks: compiled bf16 is itself some way from eager), relative error and PSNR."""
-    from tools.bench import latent_fidelity
-
     found = {}
     for label, name in (("eager", "eager"), ("compiled", twin if twin in latents else
                                                next((n for n in ("inductor+cudagraphs", "inductor") if n in latents),
@@ -204,7 +121,6 @@ def fp8_fidelity(out, latents: dict, twin: str) -> dict:
 
 
 def main(argv=None) -> int:
-    global EASYCACHE_THRESHOLD
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="flux-dev")
     parser.add_argument("--stacks", default=None, help=f"of {', '.join(STACKS)} (default: "
@@ -227,7 +143,7 @@ def main(argv=None) -> int:
                              "(conditioning stays random: no text encoder is loaded)")
     args = parser.parse_args(argv)
     args.model = MODEL_ALIASES.get(args.model, args.model)
-    EASYCACHE_THRESHOLD = args.easycache_threshold
+    ctx = {"easycache_threshold": args.easycache_threshold}   # what core EasyCache and step-cache-adaptive use
     cuda = torch.cuda.is_available()
     stacks = args.stacks.split(",") if args.stacks else DEFAULT_STACKS["cuda" if cuda else "cpu"]
     unknown = set(stacks) - set(STACKS)
@@ -255,8 +171,8 @@ def main(argv=None) -> int:
            "steps": args.steps, "dtype": str(dtype), "weights": args.checkpoint or "random"}
     print(f"[bench_dit] {json.dumps(env)}", flush=True)
     if args.easycache_sweep:
-        EASYCACHE_THRESHOLD = easycache_sweep(base, kwargs, [float(t) for t in args.easycache_sweep.split(",")])
-        env["easycache_threshold"] = EASYCACHE_THRESHOLD
+        ctx["easycache_threshold"] = easycache_sweep(base, kwargs, [float(t) for t in args.easycache_sweep.split(",")])
+        env["easycache_threshold"] = ctx["easycache_threshold"]
     rows, reference, latents = [], None, {}
     for name in stacks:
         if name in GPU_ONLY and not cuda:
@@ -264,15 +180,13 @@ def main(argv=None) -> int:
             print(f"[bench_dit] {json.dumps(rows[-1])}", flush=True)
             continue
         try:
-            row, out = run_stack(name, base, kwargs, runs, cuda)
+            row, out = run_stack(name, base, kwargs, runs, cuda, ctx)
         except Exception as exc:   # one stack failing must not lose the others' numbers
             row, out = {"stack": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
             print(f"[bench_dit] {json.dumps(row)}", flush=True)
         if out is not None and reference is None and name == "eager":
             reference = out
         elif out is not None and reference is not None:
-            from tools.bench import latent_fidelity
-
             fidelity = latent_fidelity(out, reference)
             row["rel_err_vs_eager"] = fidelity["rel_err"]
             row["latent_psnr_db"] = round(fidelity["psnr_db"], 1) if fidelity["psnr_db"] != float("inf") else "inf"
@@ -291,21 +205,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def forced_skips(steps: int) -> int:
-    """How many steps `step-cache-2` skips: every 2nd step, before 95% of the run (9 of 20)."""
-    return sum(1 for i in range(steps) if i % 2 == 1 and i < 0.95 * steps)
-
-
 def easycache_sweep(base, kwargs: dict, thresholds: list) -> float:
     """The threshold at which core EasyCache (eager, one sample each) skips closest to step-cache-2's count: on
     random weights its default skips nothing, so the like-for-like comparison needs its own threshold."""
-    import re
-
-    global EASYCACHE_THRESHOLD
     want, found = forced_skips(kwargs["steps"]), []
     for threshold in thresholds:
-        EASYCACHE_THRESHOLD = threshold
-        row, _ = run_stack("comfy-easycache", base, kwargs, 0, torch.cuda.is_available())
+        row, _ = run_stack("comfy-easycache", base, kwargs, 0, torch.cuda.is_available(),
+                           {"easycache_threshold": threshold})
         skipped = re.search(r"skipped (\d+)/", row.get("easycache", ""))
         found.append((abs(int(skipped.group(1)) - want) if skipped else kwargs["steps"], threshold,
                       int(skipped.group(1)) if skipped else None))
