@@ -38,9 +38,10 @@ from tools.bench_stacks import DIT_STACKS, EASYCACHE_THRESHOLD, default_stacks, 
 from tools.comfy_host import import_comfy, import_pack
 from tools.dit_factory import MODEL_ALIASES
 
+# read from the table (tools/bench_stacks.py DIT_STACKS): the names, each fp8 stack's bf16 twin, the defaults (on a
+# GPU all but the whole-model compile of ours and max-autotune, minutes cold; on a CPU eager and inductor), the reasons
 STACKS = tuple(stack.name for stack in DIT_STACKS)
 FP8_STACKS = {stack.name: stack.fp8_twin for stack in DIT_STACKS if stack.fp8_twin}   # → its bf16 twin
-# on a GPU every stack but the whole-model compile of ours and max-autotune (minutes cold); on a CPU two
 DEFAULT_STACKS = {"cuda": tuple(default_stacks(DIT_STACKS, True)), "cpu": tuple(default_stacks(DIT_STACKS, False))}
 GPU_ONLY = {stack.name: stack.gpu_only for stack in DIT_STACKS if stack.gpu_only}
 
