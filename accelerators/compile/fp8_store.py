@@ -18,7 +18,9 @@ ComfyUI's memory manager (the WebUI has none: nothing here asks it there):
     loaded with the model, its size the copies' bytes (`model_memory()`, `model_loaded_memory()`: updated when
     copies are made or freed; after a release it keeps the last size, the room the next run needs). When ComfyUI
     unloads it to make room (any unload of it, partial too: it has no weights to offload), the copies are freed
-    (`unloaded`), every session on the set drops its graphs, and the next run makes them again;
+    (`unloaded`), every session on the set drops its graphs, and the next run makes them again. A partial
+    unload of the model itself (lowvram) frees the copies of the layers it offloaded at the next run (they are
+    cast per call then: no longer routed), and the holder's size follows;
   - before new copies are made, `make_room` asks `free_memory` for their bytes, keeping this sampling's models:
     still needed, because the holder is loaded before the first run chooses its layers (its size is 0 then) and
     layers can join the routing later (a lowvram load ending).

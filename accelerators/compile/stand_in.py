@@ -181,7 +181,7 @@ def session_of(model, key: str = WRAPPER_KEY):
 # ---- the compile lane's stand-in ------------------------------------------------------------------------------
 def attach(model, session):
     """A clone of `model` whose UNet runs through the compile `session` (weights patched in place, graphs freed
-    on unload)."""
+    on unload; with fp8, its copies' holder as an additional model: fp8_store.py)."""
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     compiled_unet = _compiled_unet_class()
