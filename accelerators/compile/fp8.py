@@ -28,18 +28,11 @@ re-capture. ComfyUI's hook LoRAs (a LoRA per conditioning, patched between the c
 through the host's `ON_APPLY_HOOKS` callback: the layers they patch or restore are quantized again at once. (A tensor's `_version` cannot serve: ComfyUI patches with `param.data.copy_`, which the version
 counter of the Parameter does not see.)
 
-Memory (fp8_store.py): the copies live beside the model's own weights (kept for re-quantization), about half its
-Linear weights' bytes. One set per diffusion model, shared by every session on it (Accelerate Model applied again,
-a second node): never two. The sessions own it: the last clone carrying one gone (collected: ComfyUI runs the
-garbage collector between prompts), the copies are freed with it (nothing process-wide refers to a session: the
-live-object cache holds only weak handles of its CUDA graphs); when ComfyUI unloads the model (ON_DETACH), they
-are freed at once, and made again on the next run.
-What ComfyUI's memory manager is told: before new copies are made, `comfy.model_management.free_memory(bytes of
-the copies + its minimum inference memory, device, keep_loaded=the loaded clones of this model)`, so it offloads
-other models first. What it is not told: the copies are not part of the model's size (`ModelPatcher.model_size`,
-`loaded_size`), so its later loading decisions see them only as memory in use on the device (it reads the free
-memory from the device), not as the model's, and a partial unload (lowvram) frees no copies until the next run
-finds the layers cast per call. The WebUI has no memory manager to ask.
+Memory (fp8_store.py): the copies (about half the Linear weights' bytes) live beside the model's own weights; one
+set per diffusion model, shared by its sessions, freed with the last clone carrying one or when ComfyUI unloads
+the model, made again on the next run. ComfyUI's memory manager is told: the copies are a model of their own to
+it (a weightless holder loaded with the model, sized as the copies, counted once per set), which it can unload to
+make room (the copies and graphs freed); before new copies are made it is asked for room (the WebUI has none).
 
 Which layers stay in the model's dtype: KEEP, one list per family (why each entry: docs/benchmarks.md, "fp8
 layer errors"), and every Linear whose sizes `_scaled_mm` cannot take (in or out features not a multiple of 16)
@@ -305,14 +298,19 @@ class Fp8Weights:
         with torch.inference_mode(False), torch.no_grad():   # our buffers must stay normal tensors
             self._refresh(base_model, diffusion_model)
 
-    def _refresh(self, base_model, diffusion_model) -> None:
+    def adopt(self, diffusion_model):
+        """The set of fp8 copies of `diffusion_model` this session routes (fp8_store.store_for: shared)."""
         from .fp8_store import store_for
 
-        session = self.session
         store = store_for(diffusion_model, self.device)
         if store is not self.store:
             self.store, self.names = store, {}
             store.users.add(self)
+        return store
+
+    def _refresh(self, base_model, diffusion_model) -> None:
+        session = self.session
+        store = self.adopt(diffusion_model)
         candidates = candidate_layers(diffusion_model, session.served)
         eligible = [(n, m) for n, m in candidates if runs_plain(m, self.device)]
         changed = store.update(base_model, candidates, eligible)
@@ -367,8 +365,13 @@ class Fp8Weights:
         (made again from the weights on the next run)."""
         freed = self.store.release() if self.store is not None else 0
         self.forget()
-        if freed and self.session is not None:
-            self.session.notice(f"model unloaded: freed the fp8 copies, {freed / 2**20:.0f} MiB", level="info")
+        self.say_freed(freed)
+
+    def say_freed(self, freed: int) -> bool:
+        if not freed or self.session is None:
+            return False
+        self.session.notice(f"model unloaded: freed the fp8 copies, {freed / 2**20:.0f} MiB", level="info")
+        return True
 
     def forget(self) -> None:
         """The copies were freed (fp8_store.Fp8Store.release): route nothing until the next run makes them."""

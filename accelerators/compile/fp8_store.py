@@ -6,9 +6,24 @@ changed input, a second node, the bench's next stack) finds the set the earlier 
 buffers; it never makes a second one. The copies always hold the quantization of the weights as they are now
 (the weights are the base model's, shared by every clone), so whichever session runs brings them up to date.
 
-Lifetime: the sessions own the set (a weak registry finds it); when the last clone carrying one of them is gone
-(garbage-collected), the copies are freed with it. ComfyUI unloading the model frees them at once (`release`,
-from the clone's ON_DETACH callback) and every session on the set forgets them: the next run quantizes again.
+Lifetime: the sessions own the set (a weak registry finds it; each session adopts it when it is attached); when
+the last clone carrying one of them is gone (garbage-collected), the copies are freed with it (nothing process-wide
+refers to a session: the live-object cache holds only weak handles of its CUDA graphs). ComfyUI unloading the
+model frees them at once (`release`, from the clone's ON_DETACH callback) and every session on the set forgets
+them: the next run quantizes again.
+
+ComfyUI's memory manager (the WebUI has none: nothing here asks it there):
+  - the copies are a model of their own to it: each set has a `residency.Residency` (one, however many sessions
+    route the set) whose weightless holder every accelerated clone carries as an additional model (stand_in.py):
+    loaded with the model, its size the copies' bytes (`model_memory()`, `model_loaded_memory()`: updated when
+    copies are made or freed; after a release it keeps the last size, the room the next run needs). When ComfyUI
+    unloads it to make room (any unload of it, partial too: it has no weights to offload), the copies are freed
+    (`unloaded`), every session on the set drops its graphs, and the next run makes them again. A partial
+    unload of the model itself (lowvram) frees the copies of the layers it offloaded at the next run (they are
+    cast per call then: no longer routed), and the holder's size follows;
+  - before new copies are made, `make_room` asks `free_memory` for their bytes, keeping this sampling's models:
+    still needed, because the holder is loaded before the first run chooses its layers (its size is 0 then) and
+    layers can join the routing later (a lowvram load ending).
 """
 from __future__ import annotations
 
@@ -17,9 +32,12 @@ import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 
+from ..residency import Residency
+
 log = logging.getLogger("comfy_accel")
 _sampling: ContextVar = ContextVar("comfy_accel_fp8_sampling", default=None)   # the guider sampling now
 _stores: "weakref.WeakValueDictionary[tuple, Fp8Store]" = weakref.WeakValueDictionary()
+RESIDENCY_KEY = "comfy_accel.fp8"   # the holder's additional-models and callback key
 
 
 @dataclass
@@ -67,6 +85,7 @@ class Fp8Store:
         self.patched_keys: set = set()   # layer names patched then (unpatching them changes them again)
         self.hooked: set = set()         # layer names ComfyUI's hook patches held at the last ON_APPLY_HOOKS
         self.users: "weakref.WeakSet" = weakref.WeakSet()   # the sessions' fp8.Fp8Weights routing these buffers
+        self.residency = Residency(self.unloaded, RESIDENCY_KEY)   # what ComfyUI's memory manager is told
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +109,7 @@ class Fp8Store:
         new = [(n, m) for n, m in eligible if n not in self.routes or self.routes[n].linear is not m]
         if new:
             make_room(base_model, sum(m.in_features * m.out_features + 4 * m.out_features for _, m in new),
-                      self.device)
+                      self.device, holder=self.residency.module)
         diffusion_model = self.model()
         for name, linear in new:
             parent_name, _, attr = name.rpartition(".")
@@ -109,6 +128,7 @@ class Fp8Store:
                 self.quantize_into(route)
                 changed += 1
         self.host_marker, self.patched_keys = marker, patched_now
+        self.residency.set_bytes(self.nbytes)
         return changed
 
     def hooks_applied(self, patcher) -> int:
@@ -140,21 +160,30 @@ class Fp8Store:
         self.host_marker, self.patched_keys, self.hooked = None, set(), set()
         for user in list(self.users):
             user.forget()
+        self.residency.set_bytes(0)
         return freed
 
+    def unloaded(self) -> None:
+        """ComfyUI unloaded the copies' holder (the residency's ON_DETACH): freed, and said once."""
+        freed = self.release()
+        for user in list(self.users):
+            if user.say_freed(freed):
+                break
 
-def make_room(base_model, nbytes: int, device) -> None:
+
+def make_room(base_model, nbytes: int, device, holder=None) -> None:
     """Before new fp8 copies are made: ComfyUI's memory manager frees `nbytes` plus its minimum inference memory on
     the device, offloading other models first: never the ones this sampling loaded (every loaded clone of its base
-    model, and the sampler's `loaded_models`: ControlNets, model patches; `sampling` tells which). The WebUI has
-    no such call: nothing happens there."""
+    model, the copies' own holder (module `holder`), and the sampler's `loaded_models`: ControlNets, model
+    patches; `sampling` tells which). The WebUI has no such call: nothing happens there."""
     try:
         import comfy.model_management as mm
     except ImportError:
         return
     in_use = getattr(_sampling.get(), "loaded_models", None) or ()
+    ours = [m for m in (base_model, holder) if m is not None]
     keep = [loaded for loaded in list(mm.current_loaded_models)
-            if getattr(loaded.model, "model", None) is base_model or any(loaded.model is m for m in in_use)]
+            if any(getattr(loaded.model, "model", None) is m for m in ours) or any(loaded.model is m for m in in_use)]
     if base_model is None or not keep:   # not loaded by ComfyUI's manager (the WebUI, a bare test): nothing to ask
         return
     try:

@@ -181,7 +181,7 @@ def session_of(model, key: str = WRAPPER_KEY):
 # ---- the compile lane's stand-in ------------------------------------------------------------------------------
 def attach(model, session):
     """A clone of `model` whose UNet runs through the compile `session` (weights patched in place, graphs freed
-    on unload)."""
+    on unload; with fp8, its copies' holder as an additional model: fp8_store.py)."""
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     compiled_unet = _compiled_unet_class()
@@ -214,10 +214,14 @@ def attach(model, session):
     patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY)
     patched.add_callback_with_key(CallbacksMP.ON_DETACH, WRAPPER_KEY, on_detach)
     if session.fp8 is not None:   # new fp8 copies ask ComfyUI for room, keeping this sampling's models loaded
-        from .fp8_store import sampling_wrapper
+        from .fp8_store import RESIDENCY_KEY, sampling_wrapper
 
         patched.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
         patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sampling_wrapper)
+        # the copies, a model of their own to ComfyUI: loaded and unloaded with this one, counted once per set
+        store = session.fp8.adopt(model.model.diffusion_model)
+        patched.set_additional_models(RESIDENCY_KEY, [store.residency.patcher(model.load_device,
+                                                                              model.offload_device)])
     if session.fp8 is not None and hasattr(CallbacksMP, "ON_APPLY_HOOKS"):
         # hook LoRAs patch weights between the calls of a step: the fp8 copies follow (fp8.py)
         patched.remove_callbacks_with_key(CallbacksMP.ON_APPLY_HOOKS, WRAPPER_KEY)

@@ -13,8 +13,9 @@ reason, or an error under the `error` fallback policy — whenever an engine can
   - a request outside every profile (when on-demand builds are off), TensorRT or CUDA missing.
 
 The engine's real device memory is reported to ComfyUI's memory manager through an additional model
-(`EngineResidency`): a ModelPatcher without weights whose size is the engine's, loaded with the UNet; when
-ComfyUI unloads it to make room, the engine is released, and it is reloaded from the cache on next use.
+(`residency.Residency`, shared with the fp8 copies): a ModelPatcher without weights whose size is the engines',
+loaded with the UNet; when ComfyUI unloads it to make room, the engines are released, and reloaded from the
+cache on next use.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Callable
 
 from .. import events
 from ..base import BackendUnavailable
+from ..residency import Residency
 from ..compile.stand_in import FastPathLimits, attach_stand_in, unservable_reason
 from . import refit as refit_mod
 from .profiles import (EngineProfile, describe_request, envelope, profile_for_request, request_of, select_profile,
@@ -46,59 +48,6 @@ ENGINE_LIMITS = FastPathLimits(control="its residuals are not engine inputs",
 def unsupported_call_reason(control, transformer_options: dict | None, kwargs: dict) -> str:
     """Why this UNet call must run eager under a baked engine ('' when the engine can serve it)."""
     return unservable_reason(ENGINE_LIMITS, control, transformer_options, kwargs)
-
-
-# ---- memory reporting -------------------------------------------------------------------------------------
-class EngineResidency:
-    """Tells ComfyUI's memory manager what the session's engines occupy, and frees them when it unloads.
-
-    `patcher(...)` is a ModelPatcher without weights, added to the accelerated model as an additional model
-    (loaded and unloaded with it). Its size is the engines' bytes; its ON_DETACH callback releases them.
-    """
-
-    def __init__(self, release: Callable[[], None]):
-        import torch
-
-        self.module = torch.nn.Module()   # no parameters: the engine's memory is not torch's
-        self._release = release
-        self.nbytes = 0
-        self._patchers = []
-
-    def patcher(self, load_device, offload_device):
-        import weakref
-
-        from comfy.model_patcher import ModelPatcher
-        from comfy.patcher_extension import CallbacksMP
-
-        holder = ModelPatcher(self.module, load_device=load_device, offload_device=offload_device, size=self.nbytes)
-        holder.add_callback_with_key(CallbacksMP.ON_LOAD, RESIDENCY_KEY, self._on_load)
-        holder.add_callback_with_key(CallbacksMP.ON_DETACH, RESIDENCY_KEY, self._on_detach)
-        holder.add_callback_with_key(CallbacksMP.ON_CLONE, RESIDENCY_KEY, self._on_clone)
-        self._patchers.append(weakref.ref(holder))
-        return holder
-
-    def _on_clone(self, _old, new) -> None:
-        import weakref
-
-        self._patchers.append(weakref.ref(new))
-
-    def _on_load(self, patcher, *_args) -> None:
-        self.module.model_loaded_weight_memory = self.nbytes
-
-    def _on_detach(self, patcher, unpatch_all) -> None:
-        if unpatch_all:   # ComfyUI unloads it (a clone replacing it detaches with unpatch_all=False)
-            self._release()
-            self.set_bytes(0)
-
-    def set_bytes(self, nbytes: int) -> None:
-        """The engines now live on the device: their size, as every holder clone reports it."""
-        self.nbytes = int(nbytes)
-        self._patchers = [ref for ref in self._patchers if ref() is not None]
-        for ref in self._patchers:
-            holder = ref()
-            if nbytes:
-                holder.size = int(nbytes)
-        self.module.model_loaded_weight_memory = int(nbytes)
 
 
 # ---- one accelerated model's engines ------------------------------------------------------------------------
@@ -138,7 +87,7 @@ class TensorRTSession:
         self.engine_loader = engine_loader
         self.check_available = check_available or _availability
         self.lock = threading.RLock()
-        self.residency = EngineResidency(self.release_engines)
+        self.residency = Residency(self.release_engines, RESIDENCY_KEY)
         self.failed_builds: dict[str, str] = {}
         # dedupes this session's notices; not id(self), which a later session can reuse after this one is freed
         self.token = uuid.uuid4().hex

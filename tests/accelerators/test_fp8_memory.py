@@ -1,8 +1,9 @@
 """precision fp8's copies and the host's memory (accelerators/compile/fp8_store.py) on the CPU, with the real
 ComfyUI: the copies (and the session's graphs) are freed when the accelerated clone is gone; Accelerate Model
 applied again to the same base model routes the same copies, never a second set; ComfyUI's real
-`unload_all_models` frees every set of the model and the next run makes it again; ComfyUI's memory manager is
-asked for the room before new copies are made; a dropped chain of clones (Step Cache under Accelerate Model) is
+`unload_all_models` frees every set of the model and the next run makes it again; ComfyUI's memory manager
+counts each set once as a model of its own (its size the copies' bytes) and frees it when it unloads only that;
+it is asked for the room before new copies are made; a dropped chain of clones (Step Cache under Accelerate Model) is
 freed at once, leaving ComfyUI no record of a loaded clone that is gone (each such record costs every later
 sample a full garbage collection)."""
 import gc
@@ -25,6 +26,21 @@ def live_graph_entries(token: str) -> list:
     from comfy_accel.accelerators.cache.api import live_objects
 
     return [k for k in live_objects().keys() if isinstance(k, tuple) and k and k[0] == token]
+
+
+def copies_bytes(*sessions) -> int:
+    unique = {id(t): t for session in sessions for t in fp8_buffers(session)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def holder_records(*clones) -> list:
+    """ComfyUI's records of the loaded models that are the fp8 copies' holders carried by `clones`."""
+    import comfy.model_management as mm
+
+    from comfy_accel.accelerators.compile.fp8_store import RESIDENCY_KEY
+
+    holders = [h for clone in clones for h in clone.get_additional_models_with_key(RESIDENCY_KEY)]
+    return [loaded for loaded in mm.current_loaded_models if any(loaded.model is h for h in holders)]
 
 
 def collect():
@@ -115,6 +131,63 @@ def test_comfyui_unloading_the_model_frees_every_set_and_the_next_run_makes_them
     assert second_session.graphs.captured and first_session.graphs.captured
 
 
+def test_comfyui_counts_the_copies_as_a_model_and_unloading_only_them_frees_them(pack):
+    import comfy.model_management as mm
+
+    model = build_dit("tiny-flux-dev", seed=9)
+    accelerated, session = fp8_lane(model, "fp8-counted", graphs=True)
+    out = sample_dit(accelerated, steps=2)
+    nbytes = copies_bytes(session)
+    assert nbytes > 0 and session.fp8.store.nbytes == nbytes
+    records = holder_records(accelerated)
+    assert len(records) == 1 and records[0].model_memory() == records[0].model_loaded_memory() == nbytes
+
+    # ComfyUI frees memory and unloads only the copies' holder (the model it samples with stays loaded)
+    others = [loaded for loaded in mm.current_loaded_models if loaded not in records]
+    unloaded = mm.free_memory(1e30, torch.device("cpu"), keep_loaded=others)
+    assert [loaded.model for loaded in unloaded] == [records[0].model] and not holder_records(accelerated)
+    assert session.fp8.store.nbytes == 0 and not session.fp8.routes and not session.graphs.captured
+    assert any(loaded.model.model is model.model for loaded in mm.current_loaded_models)
+
+    # the next sample loads the holder again and makes the copies again: the same result, the same size
+    assert rel(sample_dit(accelerated, steps=2), out) < 1e-6 and len(session.fp8.routes) == 20
+    records = holder_records(accelerated)
+    assert len(records) == 1 and records[0].model_loaded_memory() == copies_bytes(session) == nbytes
+    mm.unload_all_models()
+    assert session.fp8.store.nbytes == 0 and not holder_records(accelerated)
+
+
+def test_two_sessions_on_one_model_count_its_copies_once_and_dropping_one_leaves_no_dead_record(pack):
+    import comfy.model_management as mm
+
+    model = build_dit("tiny-flux-dev", seed=10)
+    first, first_session = fp8_lane(model, "fp8-once-1", graphs=True)
+    second, second_session = fp8_lane(model, "fp8-once-2", graphs=True)
+    sample_dit(first, steps=2)
+    sample_dit(second, steps=2)
+    sample_dit(first, steps=2)
+    nbytes = copies_bytes(first_session, second_session)
+    assert nbytes == copies_bytes(first_session) > 0   # one set, routed by both
+    records = holder_records(first, second)
+    assert len(records) == 1 and records[0].model_memory() == records[0].model_loaded_memory() == nbytes
+
+    # the clone whose holder ComfyUI holds now dropped (freed by reference counting alone): its record moves up
+    # the holders' parent chain, never left "dead", and the copies stay counted for the second clone
+    dropped = weakref.ref(first)
+    gc.disable()
+    try:
+        del first, first_session
+        assert dropped() is None
+    finally:
+        gc.enable()
+    collect()
+    assert not [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+    sample_dit(second, steps=2)
+    records = holder_records(second)
+    assert len(records) == 1 and records[0].model_memory() == copies_bytes(second_session) == nbytes
+    mm.unload_all_models()
+
+
 def test_comfyui_is_asked_for_room_before_new_copies_are_made(pack, monkeypatch):
     import comfy.model_management as mm
 
@@ -135,9 +208,11 @@ def test_comfyui_is_asked_for_room_before_new_copies_are_made(pack, monkeypatch)
     assert len(ours) == 1
     needed, device, kept = ours[0]
     assert needed == session.fp8.store.nbytes + mm.minimum_inference_memory() and device == torch.device("cpu")
-    # what this sampling loaded stays loaded: the model sampling now and the sampler's other models
+    # what this sampling loaded stays loaded: the model sampling now, the copies' holder, the sampler's other models
+    holder = session.fp8.store.residency.module
     assert any(patcher.model is model.model for patcher in kept) and any(patcher is helper for patcher in kept)
-    assert all(patcher.model is model.model or patcher is helper for patcher in kept)
+    assert any(patcher.model is holder for patcher in kept)
+    assert all(patcher.model is model.model or patcher is helper or patcher.model is holder for patcher in kept)
     sample_dit(accelerated, steps=2)
     assert len([a for a in asked if a[0] > mm.minimum_inference_memory() and a[2]]) == 1   # no new copies
 
