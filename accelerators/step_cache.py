@@ -179,7 +179,9 @@ class CacheEntry:
             self.full.pop()
             self.rates = [r for r in self.rates if r[0] != self.full_calls - 1]
             self.full_calls -= 1
-        if measure and self.full and sigma is not None and self.full[-1][1] is not None:
+        previous_sigma = self.full[-1][1] if self.full else None
+        # a rate needs sigma travelled: two full calls at one sigma (the WebUI's Heun) give none, k keeps its value
+        if measure and sigma is not None and previous_sigma is not None and previous_sigma != sigma:
             previous_d = self.full[-1][2]
             if previous_d.shape == d.shape:
                 self.rates.append((self.full_calls, abs(self.full[-1][1] - sigma), LaggedScalars(torch.stack(

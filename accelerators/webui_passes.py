@@ -55,6 +55,35 @@ def pass_sigmas(p, host_setup_img2img_steps: Callable) -> list[float]:
     return [float(s) for s in p.sampler.get_sigmas(p, p.steps)]
 
 
+def pass_timesteps(p, host_setup_img2img_steps: Callable) -> list[float]:
+    """The discrete timesteps a CompVis-sampler pass (DDIM, PLMS, UniPC) samples, ascending (host floats), from the
+    sampler's own `get_timesteps`: img2img and the hires pass keep the first `t_enc` of them, as A1111's
+    `sample_img2img` does."""
+    hires = getattr(p, "is_hr_pass", False)
+    if hires or hasattr(p, "init_images"):
+        steps, t_enc = host_setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires else None)
+        return host_floats(p.sampler.get_timesteps(p, steps))[:t_enc]
+    return host_floats(p.sampler.get_timesteps(p, p.steps))
+
+
+def host_floats(values) -> list[float]:
+    """A tensor (or sequence) as host floats: one copy to the CPU, not one read per element."""
+    return [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def compvis_call_timesteps(timesteps: list[float], sampler: str) -> list[float] | None:
+    """The timestep of each UNet call of a pass sampling `timesteps` (ascending), in call order, for the samplers
+    whose calls A1111 v1.10 makes from them one by one: DDIM (and DDIM CFG++) call the model at every timestep but
+    the first, from the last down; PLMS does too, calling it a second time on its first step (at the next
+    timestep down, its pseudo improved Euler start). None for another sampler (UniPC: continuous times of its own)."""
+    calls = timesteps[:0:-1]
+    if sampler in ("ddim", "ddim_cfgpp"):
+        return calls
+    if sampler == "plms":
+        return [timesteps[-1], timesteps[max(len(timesteps) - 2, 0)], *calls[1:]] if calls else []
+    return None
+
+
 def cutoff_step(sigmas: list[float], percent: float) -> tuple[float, int]:
     """(s_min_uncond, the first step it skips) for a pass sampling `sigmas`."""
     threshold = cfg_cutoff_sigma(sigmas, percent)

@@ -14,7 +14,8 @@ What reaches the WebUI's sampling, each through its official hook:
 - CFG cutoff: the WebUI's own uncond skip (NGMS): `p.s_min_uncond` = the sigma of the cutoff step of the schedule
   the pass really samples (img2img and hires through the WebUI's `setup_img2img_steps`; accelerators/webui_passes.py);
 - Step Cache: the same SdUnet skips whole UNet calls (accelerators/webui_step_cache.py, the step-cache rule of
-  the ComfyUI node), told the pass's sigma schedule and A1111's denoiser call count (`on_cfg_denoiser`);
+  the ComfyUI node), told the pass's sigma schedule (adaptive: also the model's ᾱ and DDIM/PLMS's timesteps) and
+  A1111's denoiser call count (`on_cfg_denoiser`);
 - TAESD: the WebUI's `sd_vae_decode_method`/`sd_vae_encode_method` when its TAESD files are in models/VAE-taesd;
   otherwise the job runs with the full VAE and says which files are missing where;
 - per-job settings overrides are made restorable: A1111 restores only keys already in `opts.data`
@@ -36,7 +37,8 @@ from accelerators.base import AcceleratorInputError, BackendUnavailable  # noqa:
 from accelerators.webui_job import JobState, restorable_override  # noqa: E402
 from accelerators.webui_mapping import (PANEL_BACKENDS, PANEL_ORDER, AccelPlan, PanelValues,  # noqa: E402
                                         infotext_to_panel, panel_to_plan)
-from accelerators.webui_passes import cutoff_step, pass_sigmas, taesd_overrides  # noqa: E402
+from accelerators.webui_passes import (compvis_call_timesteps, cutoff_step, host_floats, pass_sigmas,  # noqa: E402
+                                       pass_timesteps, taesd_overrides)
 from accelerators.webui_runners import RunnerCache, apply_layer_weights  # noqa: E402
 from accelerators.webui_settings import SETTING_KEYS, WebUISettings  # noqa: E402
 from accelerators.webui_step_cache import UNetStepCache  # noqa: E402
@@ -161,6 +163,23 @@ def _pass_sigmas(p) -> list[float]:
     return pass_sigmas(p, sd_samplers_common.setup_img2img_steps)
 
 
+def _begin_step_cache_pass(p, cache: UNetStepCache) -> None:
+    """The pass's sigma schedule (k-diffusion samplers); for adaptive also the model's ᾱ and, for DDIM/PLMS, the
+    timestep of each call from the sampler's own `get_timesteps` (host lists, read once per pass)."""
+    from modules import sd_samplers_common
+
+    schedule = _pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None
+    if cache.config.cache_mode != "adaptive":
+        cache.begin_pass(schedule)
+        return
+    alphas = getattr(shared.sd_model, "alphas_cumprod", None)
+    calls = None
+    if hasattr(p.sampler, "get_timesteps"):
+        sampler = getattr(p.sampler.funcname, "__name__", str(p.sampler.funcname))
+        calls = compvis_call_timesteps(pass_timesteps(p, sd_samplers_common.setup_img2img_steps), sampler)
+    cache.begin_pass(schedule, host_floats(alphas) if alphas is not None else None, calls)
+
+
 def _bounds(option_range) -> dict:
     """A slider's bounds: the option's one range (accelerators/options.py)."""
     return {"minimum": option_range.low, "maximum": option_range.high}
@@ -259,8 +278,8 @@ if IN_WEBUI:
                 sd_unet.apply_unet(UNET_LABEL)   # this pass only: the next job's apply_unet() switches back
             if state.runner is not None:
                 state.runner.begin_pass()
-            if state.step_cache is not None:   # the pass's sigmas (none: adaptive skips nothing)
-                state.step_cache.begin_pass(_pass_sigmas(p) if hasattr(p.sampler, "get_sigmas") else None)
+            if state.step_cache is not None:
+                _begin_step_cache_pass(p, state.step_cache)
             step = state.plan.step("cfg_cutoff")
             if step is None:
                 return

@@ -120,3 +120,124 @@ def test_panel_plan_infotext_and_paste(pack):
         with pytest.raises(AcceleratorInputError, match=field):
             plan(step_cache=True, **bad)
     assert plan(step_cache=False, step_cache_mode="teacache").step("step_cache") is None
+
+
+# ---- the adaptive rule on samplers whose calls are not the schedule's steps (controlled outputs) -----------------
+RATE = 0.05   # the controlled UNet output changes by exactly this share of its mean per unit of sigma
+
+
+def sd_alphas_cumprod():
+    """SD's ᾱ: scaled-linear betas (sqrt-linear from 0.00085 to 0.012 over 1000 steps), float64."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, 0)
+
+
+def sigma_at(t: float, alphas) -> float:
+    """The test's own sigma of timestep t: log sigma linear between integer timesteps."""
+    log_sigmas = 0.5 * torch.log((1.0 - alphas) / alphas)
+    low = min(int(t), len(alphas) - 2)
+    weight = t - low
+    return float(torch.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[low + 1]))
+
+
+def controlled_pass(cache, carried, call_sigmas, total, **begin):
+    """One pass where the UNet output at sigma s is [1 + RATE·s | 1 - RATE·s] (mean 1, so its relative change per
+    unit sigma is exactly RATE); each call carries its timestep (`carried`). Returns the calls the UNet ran."""
+    ran = []
+    cache.begin_pass(**begin)
+    for call, (t, sigma) in enumerate(zip(carried, call_sigmas)):
+        cache.at_call(call, total)
+        half = torch.ones(1, 4, 4, 4)
+        cache(lambda x, timesteps, context, c=call, s=sigma: ran.append(c) or torch.cat(
+            [half * (1 + RATE * s), half * (1 - RATE * s)]), torch.zeros(2, 4, 4, 4), torch.full((2,), float(t)),
+            torch.zeros(2, 77, 8))
+    return ran
+
+
+def rule_skips(sigmas, threshold, max_consecutive):
+    """The adaptive rule restated: a call skips when RATE·|sigma of the last full call - sigma| < threshold, once the
+    rate is known (read lagged: a full call after the first pair of full calls at two different sigmas), at most
+    `max_consecutive` in a row. Refuses a comparison within 0.1 % of the threshold (float rounding could flip it)."""
+    skips, fulls, pairs, consecutive = [], [], [], 0
+    for sigma in sigmas:
+        known = bool(fulls) and any(j < len(fulls) - 1 for j in pairs)
+        if known:
+            assert abs(RATE * abs(fulls[-1] - sigma) - threshold) > 1e-3 * threshold
+        skip = known and consecutive < max_consecutive and RATE * abs(fulls[-1] - sigma) < threshold
+        consecutive = consecutive + 1 if skip else 0
+        if not skip:
+            if fulls and fulls[-1] != sigma:
+                pairs.append(len(fulls))
+            fulls.append(sigma)
+        skips.append(skip)
+    return skips
+
+
+def ddim_calls(steps: int = 20):
+    """The timestep of each UNet call of A1111's DDIM at `steps` (its get_timesteps: every 1000//steps, +1)."""
+    from accelerators.webui_passes import compvis_call_timesteps
+
+    return compvis_call_timesteps([float(min(t + 1, 999)) for t in range(0, 1000, 1000 // steps)], "ddim")
+
+
+def test_sigma_of_timestep_follows_the_alphas():
+    from accelerators.webui_step_cache import sigma_of_timestep
+
+    alphas = sd_alphas_cumprod()
+    table = alphas.tolist()
+    for t in (0, 1, 500, 999):
+        assert sigma_of_timestep(t, table) == pytest.approx(float(((1 - alphas[t]) / alphas[t]).sqrt()), rel=1e-12)
+    between = sigma_of_timestep(400.5, table)   # log-linear: the geometric mean of its neighbours
+    assert between == pytest.approx((sigma_of_timestep(400, table) * sigma_of_timestep(401, table)) ** 0.5)
+    assert sigma_of_timestep(1500, table) == sigma_of_timestep(999, table) > sigma_of_timestep(998.7, table)
+
+
+def test_adaptive_decides_ddim_calls_on_the_host_timesteps():
+    """DDIM (no sigma schedule): every call's sigma comes from the sampler's timesteps and ᾱ, no device read; the
+    calls skipped are exactly those the rule picks."""
+    alphas, calls = sd_alphas_cumprod(), ddim_calls(20)
+    sigmas = [sigma_at(t, alphas) for t in calls]
+    cache = UNetStepCache(StepCacheConfig(threshold=0.05, start=0.0, end=1.0, max_consecutive=3))
+    ran = controlled_pass(cache, calls, sigmas, 20, schedule=None, alphas_cumprod=alphas.tolist(),
+                          call_timesteps=calls)
+    expected = rule_skips(sigmas, 0.05, 3)
+    assert 0 < sum(expected) < len(calls) - 3 and not expected[4]   # the threshold, not only the count, decides
+    assert [c for c, skip in enumerate(expected) if not skip] == ran
+    run = cache.summary()
+    assert run["sigma_sources"] == {"schedule": 0, "timesteps": len(calls), "read": 0} and not cache.notes
+    assert run["decided"] == len(calls) and f"{len(calls)} decided on their sigma" in run["line"]
+
+
+def test_adaptive_decides_heun_calls_on_their_own_sigmas():
+    """Heun: two calls a step (the second at the next sigma, the last step one), so the schedule does not match the
+    calls; each call's sigma comes from the timestep it carries (one read per call). Calls at the sigma of the
+    last full call add no change; rates come from full calls at two sigmas."""
+    alphas = sd_alphas_cumprod()
+    steps = 8
+    step_t = [999 - i * 999 / steps for i in range(steps)]   # fractional timesteps, as k-diffusion's
+    schedule = [sigma_at(t, alphas) for t in step_t] + [0.0]
+    calls = [step_t[0]] + [t for t in step_t[1:] for _ in (0, 1)]   # σ0, σ1, σ1, σ2, σ2, ..., σ7, σ7 (2n - 1)
+    sigmas = [sigma_at(t, alphas) for t in calls]
+    cache = UNetStepCache(StepCacheConfig(threshold=0.03, start=0.0, end=1.0, max_consecutive=3))
+    ran = controlled_pass(cache, calls, sigmas, 2 * steps, schedule=schedule, alphas_cumprod=alphas.tolist())
+    expected = rule_skips(sigmas, 0.03, 3)
+    assert 0 < sum(expected) < len(calls) - 3 and not expected[3] and expected[4]   # call 4: at call 3's sigma
+    assert [c for c, skip in enumerate(expected) if not skip] == ran
+    run = cache.summary()
+    assert run["sigma_sources"] == {"schedule": 0, "timesteps": 0, "read": len(calls)} and not cache.notes
+    assert run["unit"] == "UNet calls" and run["steps"] == len(calls)
+
+
+def test_interval_and_taylor_ignore_the_sigmas():
+    """interval and taylor decide on the call count alone: given ᾱ and the timesteps, they run the same calls and
+    read nothing for a sigma."""
+    alphas, calls = sd_alphas_cumprod(), ddim_calls(12)
+    sigmas = [sigma_at(t, alphas) for t in calls]
+    for mode in ("interval", "taylor"):
+        config = StepCacheConfig(cache_mode=mode, interval=3, start=0.0, end=1.0)
+        plain, told = UNetStepCache(config), UNetStepCache(config)
+        plain_ran = controlled_pass(plain, calls, sigmas, 12, schedule=None)
+        told_ran = controlled_pass(told, calls, sigmas, 12, schedule=None, alphas_cumprod=alphas.tolist(),
+                                   call_timesteps=calls)
+        assert told_ran == plain_ran == list(range(0, len(calls), 3))   # a full call every 3rd
+        assert told.summary()["decided"] == 0 and "decided" not in told.summary()["line"]
