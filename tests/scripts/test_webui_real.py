@@ -137,6 +137,30 @@ def test_step_cache_runs_the_unet_on_the_scheduled_calls_and_the_next_job_is_pla
                                                           "skipped 1 of 6 steps")
 
 
+def test_step_cache_adaptive_decides_every_call_of_ddim_plms_and_heun(webui):
+    """adaptive has a sigma for every UNet call where the calls are not the schedule's steps: DDIM and PLMS (no sigma
+    schedule: the sampler's own timesteps, host floats) and Heun (two calls a step: each call's timestep, one read).
+    Random weights change too much per step to skip, so what is checked is what the decision had, and that the
+    summary and infotext count what ran (the middle block's runs, seen by the probe)."""
+    webui.post("/accel-probe/config", {"deep_hook": True})
+    try:
+        jobs = {sampler: webui.job(accel={"backend": "eager", "step_cache": True, "step_cache_mode": "adaptive"},
+                                   sampler_name=sampler) for sampler in ("DDIM", "PLMS", "Heun")}
+    finally:
+        webui.post("/accel-probe/config", {"deep_hook": False})
+    for sampler, calls, source in (("DDIM", 6, "timesteps"), ("PLMS", 7, "timesteps"), ("Heun", 11, "read")):
+        job = jobs[sampler]
+        assert job.ok, job.error
+        run = job.accel["step_cache"]
+        assert len(job.calls) == run["calls"] == calls == run["decided"] == run["sigma_sources"][source], sampler
+        ran = sum(bool(c["deep"]) for c in job.calls)
+        assert run["ran"] == ran and run["skipped_steps"] == calls - ran
+        fields = infotext_fields(job)
+        assert "skipped nothing" not in fields.get("Accel note", "") and "skipped nothing" not in str(job.accel)
+        assert fields["Accel Step Cache"] == ("adaptive, threshold 0.2, steps 0.15-0.95, max 3 in a row, "
+                                              f"skipped {calls - ran} of {calls} UNet calls")
+
+
 @pytest.mark.parametrize("accel, message", [
     ({"backend": "bogus"}, "unknown backend 'bogus'"),
     ({"cfg_cutoff": True, "cfg_cutoff_percent": 150}, "cfg_cutoff_percent must be between 0 and 100, got 150"),
