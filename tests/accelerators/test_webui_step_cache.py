@@ -75,7 +75,7 @@ def test_a_skipped_uncond_starts_its_own_entry_and_a_new_pass_starts_empty(runne
 
 def test_adaptive_reads_the_schedule_not_the_device_per_call(runner, monkeypatch):
     """On the pass's host sigmas the rule decides with one lagged read per full call; without a schedule of one
-    sigma per call (Heun, DDIM) it skips nothing and says so."""
+    sigma per call and without the model's ᾱ (no sigma at all) it skips nothing and says so."""
     from accelerators import step_cache
 
     reads, real = [], step_cache.read_host
