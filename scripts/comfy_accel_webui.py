@@ -172,7 +172,8 @@ def _begin_step_cache_pass(p, cache: UNetStepCache) -> None:
     if cache.config.cache_mode != "adaptive":
         cache.begin_pass(schedule)
         return
-    alphas = getattr(shared.sd_model, "alphas_cumprod", None)
+    # SD3's timestep is its flow sigma × 1000, no index into the table A1111 derives from it: no ᾱ, no sigma
+    alphas = None if getattr(shared.sd_model, "is_sd3", False) else getattr(shared.sd_model, "alphas_cumprod", None)
     calls = None
     if hasattr(p.sampler, "get_timesteps"):
         sampler = getattr(p.sampler.funcname, "__name__", str(p.sampler.funcname))

@@ -148,9 +148,14 @@ def test_step_cache_adaptive_decides_every_call_of_ddim_plms_and_heun(webui):
                                    sampler_name=sampler) for sampler in ("DDIM", "PLMS", "Heun")}
     finally:
         webui.post("/accel-probe/config", {"deep_hook": False})
+    from accelerators.webui_passes import compvis_call_timesteps
+
+    ddim_timesteps = [float(min(t + 1, 999)) for t in range(0, 1000, 1000 // 6)]   # A1111's get_timesteps, 6 steps
     for sampler, calls, source in (("DDIM", 6, "timesteps"), ("PLMS", 7, "timesteps"), ("Heun", 11, "read")):
         job = jobs[sampler]
         assert job.ok, job.error
+        if source == "timesteps":   # the host's timestep of each call is the one the sampler gave the UNet
+            assert [c["t"] for c in job.calls] == compvis_call_timesteps(ddim_timesteps, sampler.lower())
         run = job.accel["step_cache"]
         assert len(job.calls) == run["calls"] == calls == run["decided"] == run["sigma_sources"][source], sampler
         ran = sum(bool(c["deep"]) for c in job.calls)

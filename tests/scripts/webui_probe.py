@@ -7,7 +7,8 @@ the UNet did in each job, independently of comfy-accel's own report.
   on `diffusion_model.middle_block`): DeepCache's cached calls must not run it. Off by default, since a hook
   inside a compiled UNet would change what is compiled.
 
-GET /accel-probe/jobs → [{"calls": [{"batch": 2, "deep": true|null}, ...]}, ...]; POST /accel-probe/reset.
+GET /accel-probe/jobs → [{"calls": [{"batch": 2, "deep": true|null, "t": 999.0}, ...]}, ...] (t: the call's timestep);
+POST /accel-probe/reset.
 POST /accel-probe/tensorrt-export: the pack's TensorRT export of the loaded UNet in this process (see the route).
 POST /accel-probe/paste {"infotext": ...}: what the WebUI's own paste gives comfy-accel's accordion (its
 `infotext_fields`, fed the WebUI's own parse of the text), as {component label: value}.
@@ -27,8 +28,10 @@ def _install(sd_model) -> None:
 
     def before_unet(_module, args, kwargs=None):
         x = args[0] if args else (kwargs or {}).get("x")
+        t = args[1] if len(args) > 1 else (kwargs or {}).get("t")
         if JOBS:
-            JOBS[-1]["calls"].append({"batch": int(x.shape[0]), "deep": False if CONFIG["deep_hook"] else None})
+            JOBS[-1]["calls"].append({"batch": int(x.shape[0]), "deep": False if CONFIG["deep_hook"] else None,
+                                      "t": float(t.max()) if t is not None else None})
 
     _handles["unet"] = wrapper.register_forward_pre_hook(before_unet)
     _middle_hook(sd_model)
