@@ -20,7 +20,7 @@
 #                                     #   fp8), the fp8 kernel split, the LoRA change with fp8 (PROFILE_PARTS, DIT_MODEL)
 #   bash tools/gpu_runs.sh gemm       # issue 17: Flux's GEMM shapes, bf16 vs fp8 row-wise (tools.probe_fp8_gemm, ≈1 min)
 #   bash tools/gpu_runs.sh fp8-sdxl   # issue 17: SDXL 1024² bf16 vs fp8, compiled + graphs (a call of its own: fp8's
-#                                     #   cold compile of the whole UNet took over 230 s)
+#                                     #   cold compile of the whole UNet took over 200 s)
 set -u
 runs="tests | package | kernels | warm | sd15 | sdxl | precompile | dit | dit-warm | fp8 | stepcache | stepcache-wan | stepcache-sdxl | timeline | gemm | fp8-sdxl"
 what=${1:?"$runs"}
