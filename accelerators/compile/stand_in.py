@@ -16,6 +16,7 @@ The compile lane's stand-in, `CompiledUNet`, decides per call:
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,8 +155,6 @@ def attach_stand_in(model, key: str, make_stand_in: Callable, session=None):
     """A clone of `model` (never mutated) whose apply_model runs through `swap_wrapper(make_stand_in(base_model,
     unet, clone))` under `key`; `session` is kept on the wrapper for `session_of`."""
     from comfy.patcher_extension import WrappersMP
-
-    import weakref
 
     patched = compile_clone(model)
     # the clone holds the wrapper: a weak reference back, so that a dropped clone is freed at once rather than by

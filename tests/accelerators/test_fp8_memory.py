@@ -9,7 +9,6 @@ sample a full garbage collection)."""
 import gc
 import weakref
 
-import pytest
 import torch
 
 from tests.accelerators.test_compile_dit import captures, rel
@@ -41,6 +40,25 @@ def holder_records(*clones) -> list:
 
     holders = [h for clone in clones for h in clone.get_additional_models_with_key(RESIDENCY_KEY)]
     return [loaded for loaded in mm.current_loaded_models if any(loaded.model is h for h in holders)]
+
+
+def dropped_at_once(held: list) -> bool:
+    """Drops `held`'s references (the caller's only ones) with the garbage collector off: whether its first object
+    was freed by reference counting alone."""
+    watched = weakref.ref(held[0])
+    gc.disable()
+    try:
+        held.clear()
+        return watched() is None
+    finally:
+        gc.enable()
+
+
+def dead_records() -> list:
+    """ComfyUI's records of loaded clones that are gone while their model lives (a full gc before every load)."""
+    import comfy.model_management as mm
+
+    return [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
 
 
 def collect():
@@ -173,15 +191,11 @@ def test_two_sessions_on_one_model_count_its_copies_once_and_dropping_one_leaves
 
     # the clone whose holder ComfyUI holds now dropped (freed by reference counting alone): its record moves up
     # the holders' parent chain, never left "dead", and the copies stay counted for the second clone
-    dropped = weakref.ref(first)
-    gc.disable()
-    try:
-        del first, first_session
-        assert dropped() is None
-    finally:
-        gc.enable()
+    held = [first, first_session]
+    del first, first_session
+    assert dropped_at_once(held)
     collect()
-    assert not [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+    assert not dead_records()
     sample_dit(second, steps=2)
     records = holder_records(second)
     assert len(records) == 1 and records[0].model_memory() == copies_bytes(second_session) == nbytes
@@ -225,23 +239,17 @@ def test_a_dropped_chain_of_clones_is_freed_at_once_and_later_samples_run_no_ful
     every later sample ("memory leak with model Flux"). Freed link by link, the record moves up to the base model."""
     import logging
 
-    import comfy.model_management as mm
-
     from comfy_accel.accelerators.step_cache import StepCacheConfig, apply
 
     model = build_dit("tiny-flux-dev", seed=4)
     chain, session = fp8_lane(apply(model, StepCacheConfig(cache_mode="interval", interval=2)), "fp8-chain",
                               graphs=True)
     sample_dit(chain, steps=2)
-    dropped = weakref.ref(chain)
-    gc.disable()   # freed by reference counting alone, not by a collection
-    try:
-        del chain, session
-        assert dropped() is None
-    finally:
-        gc.enable()
+    held = [chain, session]
+    del chain, session
+    assert dropped_at_once(held)   # freed by reference counting alone, not by a collection
     collect()
-    assert not [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+    assert not dead_records()
     with caplog.at_level(logging.WARNING):
         sample_dit(model, steps=2)
     assert "memory leak" not in caplog.text
