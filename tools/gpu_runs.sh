@@ -14,11 +14,12 @@
 #   bash tools/gpu_runs.sh dit-warm   # issue 16: a DiT cold then warm process, inductor+cudagraphs, 1024²
 #   bash tools/gpu_runs.sh fp8        # issue 17: precision fp8 GPU test, FLUX.1-dev bf16 vs fp8 (DIT_MODEL, FP8_STACKS)
 #   bash tools/gpu_runs.sh stepcache  # issue 18: Step Cache GPU tests, FLUX.1-dev step-cache stacks (SC_STACKS,
-#                                     #   SC_EASYCACHE_SWEEP); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
+#                                     #   SC_EASYCACHE_SWEEP; SC_TESTS=0 SC_LIMIT=560: the bench alone); stepcache-wan: Wan 2.1 1.3B 480x832, 33 frames;
 #                                     #   stepcache-sdxl: SDXL 1024² fastest stacks (DeepCache's and Step Cache's)
 #   bash tools/gpu_runs.sh timeline   # issues 17/18: where a graphed Flux sample's time goes beyond its kernels (bf16,
 #                                     #   fp8), the fp8 kernel split, the LoRA change with fp8 (PROFILE_PARTS, DIT_MODEL)
 #   bash tools/gpu_runs.sh gemm       # issue 17: Flux's GEMM shapes, bf16 vs fp8 row-wise (tools.probe_fp8_gemm, ≈1 min)
+# On a machine of two GPUs, two runs can go side by side, one per GPU: CUDA_VISIBLE_DEVICES=1 bash tools/gpu_runs.sh ...
 #   bash tools/gpu_runs.sh fp8-sdxl   # issue 17: SDXL 1024² bf16 vs fp8, compiled + graphs (a call of its own: fp8's
 #                                     #   cold compile of the whole UNet took over 200 s)
 set -u
@@ -29,7 +30,11 @@ case "$what" in tests|package|kernels|warm|sd15|sdxl|precompile|dit|dit-warm|fp8
 out=${OUT:-$PWD/gpu_out}
 mkdir -p "$out"
 if [ -d .gpu_carry/whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_carry/whl/*.whl || exit 1
+  # once per machine: two runs started side by side (one per GPU) must not reinstall under each other's imports
+  if [ ! -e /tmp/site/.carried ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu_carry/whl/*.whl || exit 1
+    touch /tmp/site/.carried
+  fi
   export PYTHONPATH=/tmp/site:$PWD/.gpu_carry/ComfyUI:$PWD COMFYUI_PATH=$PWD/.gpu_carry/ComfyUI
 fi
 export PYTHONUNBUFFERED=1
@@ -129,11 +134,13 @@ len(list(p.glob('*.pyc'))) if p.is_dir() else 'none')"
     # core's EasyCache at the threshold of the sweep (eager, one sample each) that skips as many steps as
     # step-cache-2; core's cold compile (65-79 s on Flux) needs most of a call: the default stacks fit one
     sc_stacks=${SC_STACKS:-eager,inductor+cudagraphs+step-cache-2,fp8+inductor+cudagraphs+step-cache-2,comfy-compile+easycache}
-    if [ "$what" = stepcache ]; then
+    if [ "$what" = stepcache ] && [ "${SC_TESTS:-1}" = 1 ]; then
       TORCHINDUCTOR_CACHE_DIR=$(fresh ind) timeout 150 python3 -m pytest -q -p no:cacheprovider -s --timeout 140 \
         --tb=short -rfEs -k "gpu" tests/accelerators/test_step_cache_graphs.py > "$out/stepcache-tests.log" 2>&1
       grep "^E \|passed\|failed\|SKIPPED\|FAILED" "$out/stepcache-tests.log" | tail -20
-      model=(--model flux-dev); limit=420
+    fi
+    if [ "$what" = stepcache ]; then
+      model=(--model flux-dev); limit=${SC_LIMIT:-420}
     else
       model=(--model wan21-1.3b --width 832 --height 480 --frames 9); limit=570
     fi
