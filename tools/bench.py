@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tools.bench_measure import fp8_run, image_fidelity, latent_fidelity, release, step_cache_run, sync
+from tools.bench_measure import (fp8_run, image_fidelity, latent_fidelity, release, steady_median, step_cache_run,
+                                 sync, timed_runs)
 from tools.bench_report import environment, format_table, format_vae_table, write_chart
 from tools.bench_stacks import UNET_STACKS as STACKS
 from tools.bench_stacks import Stack, default_stacks, stack_availability
@@ -63,17 +64,14 @@ def run_stack(stack: Stack, base, args, cuda: bool, ctx: dict) -> dict:
     latent = one_image()
     sync(cuda)
     row["first_run_s"] = time.perf_counter() - start
-    times = []
-    for _ in range(args.runs):
-        sync(cuda)
-        start = time.perf_counter()
-        latent = one_image()
-        sync(cuda)
-        times.append(time.perf_counter() - start)
+    times, steady, last = timed_runs(one_image, args.runs, cuda)
+    latent = last if times else latent
     row["times_s"] = times
-    row["median_s"] = statistics.median(times)
+    row["median_s"] = steady_median(times, steady) if times else row["first_run_s"]
+    if not all(steady):
+        row["recompiled_runs_s"] = [t for t, ok in zip(times, steady) if not ok]
     if sampling_times[1:]:  # the timed runs' sampling part, without the decode
-        row["sampling_median_s"] = statistics.median(sampling_times[1:])
+        row["sampling_median_s"] = steady_median(sampling_times[1:], steady)
     row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
     row.update(step_cache_run(model))
     row.update(fp8_run(model))

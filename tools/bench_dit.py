@@ -26,14 +26,13 @@ import datetime as dt
 import json
 import logging
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tools.bench_measure import fp8_run, latent_fidelity, release, step_cache_run, sync
+from tools.bench_measure import fp8_run, latent_fidelity, release, steady_median, step_cache_run, sync, timed_runs
 from tools.bench_stacks import DIT_STACKS, EASYCACHE_THRESHOLD, default_stacks, forced_skips, stack_named
 from tools.comfy_host import import_comfy, import_pack
 from tools.dit_factory import MODEL_ALIASES
@@ -89,15 +88,13 @@ def _run_stack(name: str, base, kwargs: dict, runs: int, cuda: bool, ctx: dict) 
     out = sample_dit(model, **kwargs)
     sync(cuda)
     first = time.perf_counter() - started
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        out = sample_dit(model, **kwargs)
-        sync(cuda)
-        times.append(time.perf_counter() - started)
-    median = statistics.median(times) if times else first
+    times, steady, last = timed_runs(lambda: sample_dit(model, **kwargs), runs, cuda)
+    out = last if times else out
+    median = steady_median(times, steady) if times else first
     row = {"stack": name, "first_s": round(first, 2), "median_s": round(median, 3),
            "compile_s": round(first - median, 1), "runs": [round(t, 3) for t in times]}
+    if not all(steady):
+        row["recompiled_runs_s"] = [round(t, 3) for t, ok in zip(times, steady) if not ok]
     if cuda:
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     row.update(step_cache_run(model))

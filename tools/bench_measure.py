@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
+import time
 
 import torch
 
@@ -65,3 +67,44 @@ def fp8_run(model) -> dict:
     session = session_of(model)
     fp8 = getattr(session, "fp8", None)
     return {"fp8_layers": len(fp8.routes), "fp8_calls": fp8.calls} if fp8 is not None else {}
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (ours, core's TorchCompileModel's)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def timed_runs(run, count: int, cuda: bool):
+    """Times `count` calls of run(). A call during which torch.compile compiled a graph (a guard failed, a recompile:
+    core's TorchCompileModel + EasyCache's second Flux sample took 142 s against 1.9 s) is not a steady-state time:
+    it is reported apart and left out of the median, unless every call compiled. Returns (times, steady, result):
+    steady[i] says whether call i compiled nothing."""
+    times, steady, result = [], [], None
+    for _ in range(count):
+        before = compiled_graphs()
+        sync(cuda)
+        started = time.perf_counter()
+        result = run()
+        sync(cuda)
+        times.append(time.perf_counter() - started)
+        steady.append(compiled_graphs() == before)
+    return times, steady, result
+
+
+def steady_median(times: list, steady: list) -> float:
+    kept = [t for t, ok in zip(times, steady) if ok] or times
+    return statistics.median(kept)
+
+
+def recompiled_note(row: dict) -> str:
+    """' (N timed runs recompiled: … s; left out of the median)' for a row whose timed runs compiled, else ''."""
+    slow = row.get("recompiled_runs_s")
+    if not slow:
+        return ""
+    every = len(slow) == len(row.get("runs", row.get("times_s", [])))
+    runs = "runs" if len(slow) > 1 else "run"
+    seconds = ", ".join(f"{t:.1f}" for t in slow)
+    where = "every run did: the median is of all" if every else "left out of the median"
+    return f" ({len(slow)} timed {runs} recompiled: {seconds} s; {where})"

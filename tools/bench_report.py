@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from tools.bench_measure import recompiled_note
 from tools.bench_stacks import UNET_STACKS, stack_named
 
 
@@ -40,6 +41,7 @@ def format_table(rows: list[dict], baseline: dict | None) -> str:
             extra += f" (sampling {row['sampling_median_s']:.3f} s + {stack_vae(row)} decode)"
         if "step_cache" in row:
             extra += f" ({row['step_cache']})"
+        extra += recompiled_note(row)
         if "lora_switch_s" in row:
             extra += f" (first sample after a LoRA change: {row['lora_switch_s']:.2f} s)"
         if "fidelity_vs_compiled" in row:

@@ -1,10 +1,12 @@
-"""How fast each of FLUX.1-dev's GEMM shapes (1024²: 4096 image, 512 text, 4608 joint tokens) runs on this GPU:
+"""How fast each of FLUX.1-dev's GEMM shapes (1024²: 4096 image, 512 text, 4608 joint tokens) or SDXL's (`--model
+sdxl`: 1024², the batch of 2 that CFG runs) runs on this GPU:
 bf16 `F.linear`; row-wise fp8 as the pack runs it (`fp8.fp8_linear`, the activation quantized per call) eager and
 compiled by inductor (default; `--max-autotune` adds inductor's GEMM templates, about a minute a shape); the
 bare `torch._scaled_mm` row-wise and per-tensor (what cuBLAS reaches without row scales). CUDA events, median of `--reps`; TFLOP/s per shape and the
 step's weighted total, so a change of GEMM kernel is judged on the shapes that carry the step's FLOPs.
 
     python -m tools.probe_fp8_gemm            # GPU with fp8 tensor cores
+    python -m tools.probe_fp8_gemm --model sdxl --only "bf16 linear,fp8 ours inductor,scaled_mm row-wise"
 """
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ FLUX_SHAPES = (("double img qkv", 4096, 3072, 9216, 19), ("double img proj", 409
                ("double img mlp.0", 4096, 3072, 12288, 19), ("double img mlp.2", 4096, 12288, 3072, 19),
                ("double txt qkv", 512, 3072, 9216, 19), ("double txt mlp.0", 512, 3072, 12288, 19),
                ("single linear1", 4608, 3072, 21504, 38), ("single linear2", 4608, 15360, 3072, 38))
+# (name, M, K, N, per UNet call): SDXL's transformer blocks at 1024², batch 2 (CFG); 10 blocks at 64² latent
+# tokens (640 channels), 60 at 32² (1280). "attn" is each block's six C×C layers (self q/k/v/out, cross q/out);
+# the cross-attention k/v (77 tokens) and proj_in/out (kept in the model's dtype) are left out: a few % of the FLOPs
+SDXL_SHAPES = (("64² attn", 8192, 640, 640, 60), ("64² ff in (GEGLU)", 8192, 640, 5120, 10),
+               ("64² ff out", 8192, 2560, 640, 10), ("32² attn", 2048, 1280, 1280, 360),
+               ("32² ff in (GEGLU)", 2048, 1280, 10240, 60), ("32² ff out", 2048, 5120, 1280, 60))
+SHAPES = {"flux": (FLUX_SHAPES, "the Flux step's linear layers"), "sdxl": (SDXL_SHAPES, "one SDXL UNet call's")}
 
 
 def median_ms(fn, reps: int) -> float:
@@ -60,6 +69,7 @@ def variants(x, weight, bias, max_autotune: bool):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="flux")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--max-autotune", action="store_true", help="also inductor's GEMM templates (slow)")
     parser.add_argument("--only", default="", help="comma-separated variant names to run (default all)")
@@ -68,7 +78,8 @@ def main(argv=None) -> int:
 
     import_pack()
     totals: dict = {}
-    for name, m, k, n, count in FLUX_SHAPES:
+    shapes, what = SHAPES[args.model]
+    for name, m, k, n, count in shapes:
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn((m, k), device="cuda", dtype=torch.bfloat16, generator=gen)
         weight = torch.randn((n, k), device="cuda", dtype=torch.bfloat16, generator=gen) / k ** 0.5
@@ -86,7 +97,7 @@ def main(argv=None) -> int:
             row[label] = {"ms": round(ms, 4), "tflops": round(flop / ms / 1e9, 1)}
             totals[label] = totals.get(label, 0.0) + ms * count
         print(f"[gemm] {json.dumps(row)}", flush=True)
-    print(f"[gemm] step total ms (the Flux step's linear layers): "
+    print(f"[gemm] total ms ({what}): "
           f"{json.dumps({k: round(v, 1) for k, v in totals.items()})}", flush=True)
     return 0
 
