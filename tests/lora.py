@@ -1,8 +1,9 @@
 """A real ComfyUI LoRA for the tiny SD1.5 model (kohya format, loaded by comfy.sd.load_lora_for_models)."""
 import torch
 
-TARGETS = {  # ComfyUI LoRA key → (UNet key, rank): a cross-attention Linear, a 1×1 conv and a 3×3 conv
+TARGETS = {  # ComfyUI LoRA key → UNet key: a cross-attention Linear, a feed-forward Linear, a 1×1 and a 3×3 conv
     "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+    "lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2": "diffusion_model.input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
     "lora_unet_input_blocks_1_1_proj_in": "diffusion_model.input_blocks.1.1.proj_in.weight",
     "lora_unet_output_blocks_0_0_in_layers_2": "diffusion_model.output_blocks.0.0.in_layers.2.weight",
 }

@@ -257,13 +257,19 @@ def build_vae(seed: int = 0, device=None):
     return comfy.sd.VAE(sd=state)
 
 
-def random_lora(patcher, layers: int = 16, rank: int = 8, seed: int = 11, scale: float = 0.3) -> dict:
+ATTENTION_PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight")
+FEED_FORWARDS = (".ff.net.0.proj.weight", ".ff.net.2.weight")
+
+
+def random_lora(patcher, layers: int = 16, rank: int = 8, seed: int = 11, scale: float = 0.3,
+                feed_forward: bool = False) -> dict:
     """A LoRA state dict in kohya format (ComfyUI's `load_lora_for_models` reads it) over the first `layers`
-    attention projections of the UNet: what the benchmark applies to time a LoRA change."""
+    attention projections of the UNet (what the benchmark applies to time a LoRA change) or, `feed_forward`, its
+    attention projections and feed-forward Linears (the layers precision fp8 routes in a UNet)."""
     gen = torch.Generator().manual_seed(seed)
     lora = {}
-    keys = [k for k, v in patcher.model.state_dict().items()
-            if k.endswith((".to_q.weight", ".to_k.weight", ".to_v.weight")) and v.dim() == 2][:layers]
+    suffixes = ATTENTION_PROJECTIONS + (FEED_FORWARDS if feed_forward else ())
+    keys = [k for k, v in patcher.model.state_dict().items() if k.endswith(suffixes) and v.dim() == 2][:layers]
     for key in keys:
         out_ch, in_ch = patcher.model.state_dict()[key].shape
         name = "lora_unet_" + key.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")

@@ -62,8 +62,13 @@ KEEP = {
     # SD1.x/2.x/SDXL UNets, compiled whole: time and class (ADM) embeddings and each residual block's
     # time-embedding projection (M = batch), and each spatial transformer's proj_in/proj_out (Linear in SDXL:
     # the entry and exit of its residual stream, the most sensitive layers measured, ~1% of its GEMM work). The
-    # UNet's first and last layers are convolutions, which stay as they are.
-    "sd-unet": (r"^time_embed\.", r"^label_emb\.", r"\.emb_layers\.", r"(^|\.)proj_(in|out)$"),
+    # UNet's first and last layers are convolutions, which stay as they are. And the attention projections
+    # (q, k, v, out; 420 of SDXL's 500 GEMMs a call): at the UNets' widths (320-1280) the fp8 GEMM is no faster
+    # than fp16 even bare, quantization aside (SDXL 1024²: 20.8 ms a call in fp16, 19.8 in fp8 for all the
+    # transformer Linears, all of the gain in the feed-forwards; `tools.probe_fp8_gemm --model sdxl`), so fp8
+    # there only adds error.
+    "sd-unet": (r"^time_embed\.", r"^label_emb\.", r"\.emb_layers\.", r"(^|\.)proj_(in|out)$",
+                r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
     # Flux, Flux2, Chroma (and HunyuanVideo, whose names are Flux's): inputs, outputs, embeddings, modulation
     "flux": (r"^(img_in|txt_in|time_in|vector_in|guidance_in|final_layer|distilled_guidance_layer)\b",
              r"(^|\.)(img_mod|txt_mod|modulation|double_stream_modulation_img|double_stream_modulation_txt|"

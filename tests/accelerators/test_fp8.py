@@ -73,10 +73,10 @@ def test_the_keep_lists_route_the_heavy_layers_and_keep_first_last_embedding_and
                                     "final_layer.adaLN_modulation.1", "guidance_in.out_layer"} & whole
     sdxl = build_model("tiny-sdxl", seed=1)
     names = {n for n, _ in fp8.candidate_layers(sdxl.model.diffusion_model, None)}
-    assert "input_blocks.1.1.transformer_blocks.0.attn1.to_q" in names
-    assert "output_blocks.0.1.transformer_blocks.0.ff.net.2" in names
-    assert not [n for n in names if n.startswith(("time_embed", "label_emb")) or "emb_layers" in n
-                or n.endswith(("proj_in", "proj_out"))]
+    assert {"output_blocks.0.1.transformer_blocks.0.ff.net.2", "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj"} \
+        <= names
+    # only the feed-forwards: the attention projections are too narrow for fp8 to be faster (fp8.py KEEP)
+    assert names and all(".ff.net." in n for n in names)
     wan = build_dit("tiny-wan21", seed=1)
     names = {n for n, _ in fp8.candidate_layers(wan.model.diffusion_model, None)}
     assert "blocks.0.self_attn.q" in names and "blocks.1.ffn.2" in names
@@ -168,7 +168,7 @@ def test_fp8_on_the_whole_compiled_sd15_unet_with_a_lora_after_the_node(pack):
     accelerated, session = fp8_lane(model, "fp8-sd15", graphs=False)
     out = sample(accelerated, steps=2)
     routed = sorted(session.fp8.routes)
-    assert len(routed) > 20 and not [n for n in routed if "time_embed" in n or "emb_layers" in n]
+    assert len(routed) >= 10 and all(".ff.net." in n for n in routed)   # the feed-forwards (fp8.py KEEP)
     reference = fp8_by_hooks(build_model("tiny-sd15", seed=8, check_alive=False), routed)
     # the lane runs the host's SDPA attention where the CPU default is its chunked one (stand_in.py); the tiny
     # random UNet turns that last-bit difference into 9% once fp8 rounds it, so the reference runs the same
@@ -178,8 +178,9 @@ def test_fp8_on_the_whole_compiled_sd15_unet_with_a_lora_after_the_node(pack):
     assert 1e-4 < rel(out, sample(build_model("tiny-sd15", seed=8, check_alive=False), steps=2)) < 0.3
     assert session.calls["compiled"] == 2 and session.calls["eager"] == 0
     compiled = len(session.compiler.compile_events)
-    lora = make_lora(model, list(TARGETS))   # includes a routed Linear (attn2.to_k), a conv and a bias
-    assert "input_blocks.1.1.transformer_blocks.0.attn2.to_k" in routed
+    lora = make_lora(model, list(TARGETS))   # a routed Linear (ff.net.2), a kept one (attn2.to_k), convs, a bias
+    assert "input_blocks.1.1.transformer_blocks.0.ff.net.2" in routed
+    assert "input_blocks.1.1.transformer_blocks.0.attn2.to_k" not in routed
     lora_out = sample(with_lora(accelerated, lora), steps=2)
     assert rel(lora_out, sample(with_lora(reference, lora), steps=2)) < 1e-5 and rel(lora_out, out) > 1e-3
     assert session.fp8.requantized >= 1 and len(session.compiler.compile_events) == compiled
