@@ -156,6 +156,14 @@ def import_comfy(cpu: bool | None = None) -> Path:
     return path
 
 
+def dead_records() -> list:
+    """ComfyUI's records of loaded clones that are gone while their base model lives ("dead": a full gc before every
+    later load, `comfy.model_management.cleanup_models_gc`)."""
+    import comfy.model_management as mm
+
+    return [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+
+
 def forget_dropped_models() -> int:
     """Removes ComfyUI's records of loaded clones that are gone while their base model lives; returns how many.
 
@@ -172,7 +180,7 @@ def forget_dropped_models() -> int:
     frees nothing and moves none."""
     import comfy.model_management as mm
 
-    dead = [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
+    dead = dead_records()
     for loaded in dead:
         mm.current_loaded_models.remove(loaded)
     return len(dead)

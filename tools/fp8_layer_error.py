@@ -66,17 +66,32 @@ def layer_errors(patcher, run) -> dict[str, float]:
     return dict(worst)
 
 
+def fp8_from_live_weights(patcher, names) -> list:
+    """An independent eager reference: the named Linears' outputs replaced by fp8 of their live (patched) weights,
+    quantized again at every call (no cached copies, no routing). Returns the hooks' handles."""
+    from comfy_accel.accelerators.compile.fp8 import fp8_linear, quantize_rows
+
+    def hook(module, args, output):
+        w8, scale = quantize_rows(module.weight.detach())
+        return fp8_linear(args[0], w8, scale.reshape(1, -1), module.bias)
+
+    dm = patcher.model.diffusion_model
+    return [dm.get_submodule(name).register_forward_hook(hook) for name in names]
+
+
 def role_of(name: str) -> str:
     return re.sub(r"\.\d+\.", ".N.", f".{name}.").strip(".")
 
 
-def _all_routes(patcher):
+def _routes(patcher, keep: dict | None = None):
+    """The model's fp8 routing on the CPU (every Linear of the model eligible, not only the blocks), under the KEEP
+    lists `keep` (None: nothing kept)."""
     from types import SimpleNamespace
 
     from comfy_accel.accelerators.compile import fp8
 
     saved = dict(fp8.KEEP)
-    fp8.KEEP.update({k: () for k in fp8.KEEP})
+    fp8.KEEP.update(keep if keep is not None else {k: () for k in fp8.KEEP})
     try:
         session = SimpleNamespace(served=None, graphs=None, notice=lambda *a, **k: None)
         weights = fp8.Fp8Weights(session, "cpu")
@@ -90,7 +105,7 @@ def role_sensitivity(name: str, steps: int = 4) -> dict[str, float]:
     """Role → the final latent's relative error against float32 when only that role's layers run in fp8."""
     patcher, run = _build(name)
     reference = run(patcher, steps)
-    weights = _all_routes(patcher)
+    weights = _routes(patcher)
     every = dict(weights.routes)
     out = {}
     for role in sorted({role_of(n) for n in every}):
@@ -104,24 +119,15 @@ def role_sensitivity(name: str, steps: int = 4) -> dict[str, float]:
 def end_to_end(name: str, steps: int = 4) -> dict:
     """Final latent's relative error against float32, every Linear of the model (not only the blocks) eligible:
     all of them in fp8, and with KEEP applied."""
-    from types import SimpleNamespace
-
     from comfy_accel.accelerators.compile import fp8
 
     out = {}
     patcher, run = _build(name)
     reference = run(patcher, steps)
-    for label, keep in (("all layers fp8", {k: () for k in fp8.KEEP}), ("KEEP applied", fp8.KEEP)):
-        saved = dict(fp8.KEEP)
-        fp8.KEEP.update(keep)
-        try:
-            session = SimpleNamespace(served=None, graphs=None, notice=lambda *a, **k: None)
-            weights = fp8.Fp8Weights(session, "cpu")
-            weights.refresh(patcher.model, patcher.model.diffusion_model, {})
-            with weights.routed():
-                latent = run(patcher, steps)
-        finally:
-            fp8.KEEP.update(saved)
+    for label, keep in (("all layers fp8", None), ("KEEP applied", dict(fp8.KEEP))):
+        weights = _routes(patcher, keep)
+        with weights.routed():
+            latent = run(patcher, steps)
         out[label] = (((latent - reference).norm() / reference.norm()).item(), len(weights.routes))
     return out
 
@@ -133,16 +139,9 @@ def lora_case(name: str) -> dict:
     from tests.lora import with_lora
     from tools.model_factory import build_model, random_lora, sample
 
-    def fp8_from_live_weights(patcher):
-        routed = dict(fp8.candidate_layers(patcher.model.diffusion_model, None))
-
-        def hook(module, args, output):
-            w8, scale = fp8.quantize_rows(module.weight.detach())
-            return fp8.fp8_linear(args[0], w8, scale.reshape(1, -1), module.bias)
-        return [m.register_forward_hook(hook) for m in routed.values()]
-
     plain, quantized = build_model(name, seed=4), build_model(name, seed=4, check_alive=False)
-    handles = fp8_from_live_weights(quantized)
+    handles = fp8_from_live_weights(quantized, [n for n, _ in fp8.candidate_layers(quantized.model.diffusion_model,
+                                                                                     None)])
     run = lambda m: sample(m, steps=4, width=128, height=128)   # noqa: E731
     lora = random_lora(plain, feed_forward=True)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()   # noqa: E731

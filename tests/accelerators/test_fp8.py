@@ -110,17 +110,10 @@ def fp8_lane(model, node_id, graphs: bool):
 
 
 def fp8_by_hooks(model, names):
-    """An independent eager reference: the named Linears' outputs replaced by fp8 of their live weights,
-    quantized again at every call (no cached copies, no routing)."""
-    from comfy_accel.accelerators.compile.fp8 import fp8_linear, quantize_rows
+    """`model` with the independent eager reference (tools.fp8_layer_error.fp8_from_live_weights) on `names`."""
+    from tools.fp8_layer_error import fp8_from_live_weights
 
-    def hook(module, args, output):
-        w8, ws = quantize_rows(module.weight.detach())
-        return fp8_linear(args[0], w8, ws.reshape(1, -1), module.bias)
-
-    dm = model.model.diffusion_model
-    for name in names:
-        dm.get_submodule(name).register_forward_hook(hook)
+    fp8_from_live_weights(model, names)
     return model
 
 

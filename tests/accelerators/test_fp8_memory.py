@@ -15,6 +15,7 @@ from tests.accelerators.test_compile_dit import captures, rel
 from tests.accelerators.test_fp8 import fp8_lane
 from tests.lora import with_lora
 from tools.dit_factory import build_dit, random_dit_lora, sample_dit
+from tools.comfy_host import dead_records
 
 
 def fp8_buffers(session) -> list:
@@ -52,13 +53,6 @@ def dropped_at_once(held: list) -> bool:
         return watched() is None
     finally:
         gc.enable()
-
-
-def dead_records() -> list:
-    """ComfyUI's records of loaded clones that are gone while their model lives (a full gc before every load)."""
-    import comfy.model_management as mm
-
-    return [loaded for loaded in mm.current_loaded_models if loaded.is_dead()]
 
 
 def collect():
